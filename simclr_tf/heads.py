@@ -1,0 +1,103 @@
+"""Heads on top of h: the projection head g (thrown away after pretraining) and the linear probe.
+
+The projection head follows SimCLR/SimCLRv2: `num_proj_layers` dense layers, each followed by BN;
+ReLU on all but the last; the last BN has no centring (no beta). Dense layers have no bias because
+a BN follows. It returns z and the list of intermediate outputs (index 0 is h itself), from which
+SimCLRv2 fine-tunes (`ft_proj_selector`).
+"""
+
+import keras
+import tensorflow as tf
+
+from simclr_tf.batchnorm import BatchNorm
+
+PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
+
+
+class ProjectionHead(keras.layers.Layer):
+    """g: h -> z.
+
+    Args:
+      mode: "none" (z = h), "linear" (one dense + BN) or "nonlinear" (an MLP).
+      num_layers: dense layers in "nonlinear" mode (2 = SimCLR, 3 = SimCLRv2).
+      out_dim: width of z (`proj_out_dim`, 128).
+      hidden_dim: width of the hidden layers; None = width of h.
+      global_bn: synchronise BN statistics across replicas.
+      bn_momentum, bn_epsilon: BN settings.
+    """
+
+    def __init__(self, mode="nonlinear", num_layers=2, out_dim=128, hidden_dim=None,
+                 global_bn=False, bn_momentum=0.9, bn_epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PROJ_HEAD_MODES:
+            raise ValueError(f"proj_head_mode must be one of {PROJ_HEAD_MODES}, got {mode!r}")
+        if mode == "nonlinear" and num_layers < 1:
+            raise ValueError(f"num_proj_layers must be >= 1, got {num_layers}")
+        if out_dim < 1:
+            raise ValueError(f"proj_out_dim must be positive, got {out_dim}")
+        self.mode = mode
+        self.num_layers = {"none": 0, "linear": 1, "nonlinear": num_layers}[mode]
+        self.out_dim = out_dim
+        self.hidden_dim = hidden_dim
+        self.global_bn = global_bn
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+        self.dense_layers = []
+        self.bn_layers = []
+
+    def build(self, input_shape):
+        hidden = self.hidden_dim or int(input_shape[-1])
+        for j in range(self.num_layers):
+            last = j == self.num_layers - 1
+            self.dense_layers.append(keras.layers.Dense(
+                self.out_dim if last else hidden, use_bias=False,
+                kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+                name=f"dense_{j}"))
+            self.bn_layers.append(BatchNorm(
+                self.bn_momentum, self.bn_epsilon, center=not last,
+                synchronized=self.global_bn, name=f"bn_{j}"))
+        width = int(input_shape[-1])
+        for dense, bn in zip(self.dense_layers, self.bn_layers):
+            dense.build((None, width))
+            width = dense.units
+            bn.build((None, width))
+
+    def call(self, h, training=False):
+        """Returns (z, hiddens): hiddens[0] is h, hiddens[j] the output of layer j."""
+        hiddens = [h]
+        x = h
+        for j, (dense, bn) in enumerate(zip(self.dense_layers, self.bn_layers)):
+            x = bn(dense(x), training=training)
+            if j != self.num_layers - 1:
+                x = tf.nn.relu(x)
+            hiddens.append(x)
+        return x, hiddens
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mode=self.mode, num_layers=self.num_layers, out_dim=self.out_dim,
+                      hidden_dim=self.hidden_dim, global_bn=self.global_bn,
+                      bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
+        return config
+
+
+class LinearProbe(keras.layers.Layer):
+    """A linear classifier on stop_gradient(h): labels never reach f or g through it."""
+
+    def __init__(self, num_classes, zero_init=False, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.dense = keras.layers.Dense(
+            num_classes, kernel_initializer="zeros" if zero_init else "glorot_uniform",
+            name="logits")
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+
+    def call(self, h):
+        return self.dense(tf.stop_gradient(h))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes)
+        return config

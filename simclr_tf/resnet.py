@@ -1,0 +1,191 @@
+"""The encoder f: ResNet v1 as SimCLR uses it (widths, selective kernels, SE, CIFAR stem).
+
+`resnet(...)` returns a functional Keras model images -> h (global average pool of the last block
+group). It also exposes the block-group feature maps as named endpoints through
+`feature_extractor(model)`. Layer names are stable (`stem_*`, `group{g}_block{b}_*`) so checkpoints
+and exports are predictable.
+
+Architecture notes (from the SimCLR / SimCLRv2 papers and their reference code):
+- depths 18/34 use basic blocks, 50/101/152/200 bottleneck blocks; the first block of every group
+  has a projection shortcut; the last BN of every block starts with gamma = 0.
+- strided convs pad explicitly ("fixed padding") so the output does not depend on the input size
+  parity, as in the TF reference ResNets.
+- `sk_ratio > 0` (SimCLRv2) replaces the 3x3 conv of bottleneck blocks by a two-path selective
+  kernel conv and uses the ResNet-D stem (three 3x3 convs) and avg-pool projection shortcuts.
+- `cifar_stem`: one 3x3 stride-1 conv and no max-pool, for 32 px images.
+"""
+
+import keras
+import tensorflow as tf
+
+from simclr_tf.batchnorm import BatchNorm
+
+DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+BLOCK_GROUP_ENDPOINTS = ("block_group1", "block_group2", "block_group3", "block_group4")
+
+
+class _Builder:
+    """Holds the per-network settings so the block functions stay short."""
+
+    def __init__(self, bn_momentum, bn_epsilon, global_bn, sk_ratio, se_ratio):
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+        self.global_bn = global_bn
+        self.sk_ratio = sk_ratio
+        self.se_ratio = se_ratio
+
+    def conv(self, x, filters, kernel_size, strides, name):
+        if strides > 1:
+            pad = kernel_size - 1
+            x = keras.layers.ZeroPadding2D(((pad // 2, pad - pad // 2),) * 2, name=f"{name}_pad")(x)
+        return keras.layers.Conv2D(
+            filters, kernel_size, strides=strides, use_bias=False,
+            padding="same" if strides == 1 else "valid",
+            kernel_initializer=keras.initializers.VarianceScaling(), name=name)(x)
+
+    def bn(self, x, name, relu=True, zero_init=False):
+        x = BatchNorm(self.bn_momentum, self.bn_epsilon, gamma_zero_init=zero_init,
+                      synchronized=self.global_bn, name=name)(x)
+        return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    def conv_bn(self, x, filters, kernel_size, strides, name, relu=True, zero_init=False):
+        x = self.conv(x, filters, kernel_size, strides, f"{name}_conv")
+        return self.bn(x, f"{name}_bn", relu=relu, zero_init=zero_init)
+
+    def stem(self, x, width_multiplier, cifar_stem):
+        base = 64 * width_multiplier
+        if cifar_stem:
+            return self.conv_bn(x, base, 3, 1, "stem")
+        if self.sk_ratio > 0:  # ResNet-D stem
+            x = self.conv_bn(x, base // 2, 3, 2, "stem1")
+            x = self.conv_bn(x, base // 2, 3, 1, "stem2")
+            x = self.conv_bn(x, base, 3, 1, "stem3")
+        else:
+            x = self.conv_bn(x, base, 7, 2, "stem")
+        return keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+
+    def shortcut(self, x, filters, strides, name):
+        if self.sk_ratio > 0 and strides > 1:  # ResNet-D: average-pool, then 1x1 conv
+            x = keras.layers.AveragePooling2D(2, 2, padding="same", name=f"{name}_pool")(x)
+            strides = 1
+        return self.conv_bn(x, filters, 1, strides, name, relu=False)
+
+    def selective_kernel(self, x, filters, strides, name, min_dim=32):
+        x = self.conv_bn(x, 2 * filters, 3, strides, name)
+        paths = keras.layers.Lambda(lambda t: tf.stack(tf.split(t, 2, axis=-1)),
+                                    name=f"{name}_paths")(x)
+        fused = keras.layers.Lambda(lambda t: tf.reduce_mean(tf.reduce_sum(t, 0), [1, 2],
+                                                             keepdims=True),
+                                    name=f"{name}_squeeze")(paths)
+        mid = max(int(filters * self.sk_ratio), min_dim)
+        fused = self.conv_bn(fused, mid, 1, 1, f"{name}_fc")
+        mix = keras.layers.Conv2D(2 * filters, 1, use_bias=False, name=f"{name}_mix")(fused)
+        return keras.layers.Lambda(_select_kernels, name=f"{name}_select")([paths, mix])
+
+    def squeeze_excite(self, x, name):
+        filters = x.shape[-1]
+        s = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(x)
+        s = keras.layers.Conv2D(max(1, int(filters * self.se_ratio)), 1, activation="relu",
+                                name=f"{name}_reduce")(s)
+        s = keras.layers.Conv2D(filters, 1, activation="sigmoid", name=f"{name}_expand")(s)
+        return keras.layers.Multiply(name=f"{name}_scale")([x, s])
+
+    def basic_block(self, x, filters, strides, projection, name):
+        shortcut = self.shortcut(x, filters, strides, f"{name}_proj") if projection else x
+        x = self.conv_bn(x, filters, 3, strides, f"{name}_1")
+        x = self.conv_bn(x, filters, 3, 1, f"{name}_2", relu=False, zero_init=True)
+        if self.se_ratio > 0:
+            x = self.squeeze_excite(x, f"{name}_se")
+        x = keras.layers.Add(name=f"{name}_add")([x, shortcut])
+        return keras.layers.ReLU(name=f"{name}_out")(x)
+
+    def bottleneck_block(self, x, filters, strides, projection, name):
+        shortcut = self.shortcut(x, 4 * filters, strides, f"{name}_proj") if projection else x
+        x = self.conv_bn(x, filters, 1, 1, f"{name}_1")
+        if self.sk_ratio > 0:
+            x = self.selective_kernel(x, filters, strides, f"{name}_2sk")
+        else:
+            x = self.conv_bn(x, filters, 3, strides, f"{name}_2")
+        x = self.conv_bn(x, 4 * filters, 1, 1, f"{name}_3", relu=False, zero_init=True)
+        if self.se_ratio > 0:
+            x = self.squeeze_excite(x, f"{name}_se")
+        x = keras.layers.Add(name=f"{name}_add")([x, shortcut])
+        return keras.layers.ReLU(name=f"{name}_out")(x)
+
+
+def _select_kernels(inputs):
+    paths, mix = inputs
+    weights = tf.nn.softmax(tf.stack(tf.split(mix, 2, axis=-1)), axis=0)
+    return tf.reduce_sum(paths * tf.cast(weights, paths.dtype), axis=0)
+
+
+def validate(depth, width_multiplier, sk_ratio, se_ratio):
+    """Raises a one-line ValueError for settings no ResNet here can take."""
+    if depth not in DEPTHS:
+        raise ValueError(f"resnet_depth must be one of {sorted(DEPTHS)}, got {depth}")
+    if not (isinstance(width_multiplier, int) and width_multiplier >= 1):
+        raise ValueError(f"width_multiplier must be a positive integer, got {width_multiplier}")
+    if not 0.0 <= sk_ratio < 1.0:
+        raise ValueError(f"sk_ratio must be in [0, 1), got {sk_ratio}")
+    if not 0.0 <= se_ratio < 1.0:
+        raise ValueError(f"se_ratio must be in [0, 1), got {se_ratio}")
+
+
+def min_image_size(cifar_stem):
+    """Smallest input side for which every block group keeps at least one pixel."""
+    return 8 if cifar_stem else 32
+
+
+def resnet(depth, width_multiplier=1, sk_ratio=0.0, se_ratio=0.0, cifar_stem=False,
+           image_size=None, global_bn=False, bn_momentum=0.9, bn_epsilon=1e-5, name=None):
+    """Builds the SimCLR ResNet v1 encoder f: images [B, H, W, 3] in [0, 1] -> h [B, D].
+
+    Args:
+      depth: 18, 34, 50, 101, 152 or 200.
+      width_multiplier: channel multiplier (1, 2, 3, 4 in the papers).
+      sk_ratio: selective-kernel reduction ratio (SimCLRv2 uses 0.0625); 0 disables SK.
+      se_ratio: squeeze-and-excitation ratio; 0 disables SE.
+      cifar_stem: 3x3 stride-1 stem without max-pool, for 32 px images.
+      image_size: static input side, or None for any size.
+      global_bn: synchronise batch-norm statistics across replicas.
+      bn_momentum, bn_epsilon: batch-norm decay and epsilon (0.9 and 1e-5 in SimCLR).
+      name: model name; default `resnet{depth}`.
+
+    Returns:
+      A `keras.Model` whose output is h, the global average pool of the last block group.
+    """
+    validate(depth, width_multiplier, sk_ratio, se_ratio)
+    kind, blocks_per_group = DEPTHS[depth]
+    builder = _Builder(bn_momentum, bn_epsilon, global_bn, sk_ratio, se_ratio)
+    block = builder.basic_block if kind == "basic" else builder.bottleneck_block
+
+    images = keras.Input((image_size, image_size, 3), name="images")
+    x = builder.stem(images, width_multiplier, cifar_stem)
+    for group, (num_blocks, strides) in enumerate(zip(blocks_per_group, (1, 2, 2, 2)), start=1):
+        filters = 64 * width_multiplier * 2 ** (group - 1)
+        for b in range(num_blocks):
+            x = block(x, filters, strides if b == 0 else 1, projection=(b == 0),
+                      name=f"group{group}_block{b + 1}")
+        x = keras.layers.Identity(name=f"block_group{group}")(x)
+    h = keras.layers.GlobalAveragePooling2D(name="final_avg_pool")(x)
+    return keras.Model(images, h, name=name or f"resnet{depth}")
+
+
+def feature_extractor(encoder):
+    """A model with the same weights returning {block_group1..4, final_avg_pool} endpoints."""
+    outputs = {name: encoder.get_layer(name).output for name in BLOCK_GROUP_ENDPOINTS}
+    outputs["final_avg_pool"] = encoder.output
+    return keras.Model(encoder.input, outputs, name=f"{encoder.name}_features")
+
+
+def output_dim(depth, width_multiplier):
+    """Width of h."""
+    kind, _ = DEPTHS[depth]
+    return 512 * width_multiplier * (4 if kind == "bottleneck" else 1)
