@@ -1,0 +1,259 @@
+"""SimCLR pretraining: the per-replica step, the compiled inner loop and the outer loop.
+
+Three pieces, as in TF Model Garden's orbit: `Pretrainer` owns the model parts, optimiser and the
+replica step; `Pretrainer.train_loop` runs `steps` replica steps inside one `tf.function` and returns
+the loop's mean metrics (no host sync or summary inside it); `run_pretraining` is the outer loop:
+logging, TensorBoard, checkpoints and resume.
+"""
+
+import dataclasses
+import math
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from simclr_tf import data as data_lib
+from simclr_tf import distribute
+from simclr_tf.heads import LinearProbe, ProjectionHead
+from simclr_tf.lars import LARS, is_bn_or_bias
+from simclr_tf.losses import nt_xent_with_metrics
+from simclr_tf.schedules import WarmupCosine, scaled_learning_rate
+
+METRICS = ("loss", "contrast_loss", "contrast_acc", "contrast_entropy", "probe_loss", "probe_acc",
+           "learning_rate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Step counts derived from the config and the dataset size."""
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+
+
+def make_schedule(train_config, optimizer_config, num_examples):
+    steps_per_epoch = max(num_examples // train_config.train_batch_size, 1)
+    total = train_config.train_steps or train_config.train_epochs * steps_per_epoch
+    warmup = int(round(optimizer_config.warmup_epochs * steps_per_epoch))
+    return Schedule(total_steps=int(total), warmup_steps=min(warmup, int(total)),
+                    steps_per_epoch=steps_per_epoch)
+
+
+def build_optimizer(optimizer_config, batch_size, schedule):
+    """The optimiser and its learning-rate schedule (peak LR scaled with the batch size)."""
+    peak = scaled_learning_rate(optimizer_config.learning_rate, batch_size,
+                                optimizer_config.learning_rate_scaling)
+    lr = WarmupCosine(peak, schedule.warmup_steps, schedule.total_steps)
+    name = optimizer_config.optimizer
+    if name == "lars":
+        return LARS(lr, momentum=optimizer_config.momentum,
+                    weight_decay=optimizer_config.weight_decay)
+    if name == "momentum":
+        return keras.optimizers.SGD(lr, momentum=optimizer_config.momentum, nesterov=True)
+    if name == "adam":
+        return keras.optimizers.Adam(lr)
+    raise ValueError(f"optimizer must be one of lars, momentum, adam; got {name!r}")
+
+
+class Pretrainer:
+    """Builds f, g, the linear probe and the optimiser under `strategy`, and runs replica steps."""
+
+    def __init__(self, config, strategy, schedule, num_classes=0):
+        self.config = config
+        self.strategy = strategy
+        self.schedule = schedule
+        multi_replica = strategy.num_replicas_in_sync > 1
+        with strategy.scope():
+            self.encoder = config.encoder.build(
+                config.data.image_size, global_bn=config.encoder.global_bn and multi_replica)
+            self.head = ProjectionHead(
+                config.head.proj_head_mode, config.head.num_proj_layers,
+                config.head.proj_out_dim, global_bn=config.encoder.global_bn and multi_replica,
+                bn_momentum=config.encoder.batch_norm_decay,
+                bn_epsilon=config.encoder.batch_norm_epsilon, name="projection_head")
+            self.head.build((None, config.encoder.output_dim))
+            self.probe = None
+            if num_classes and config.train.lineareval_while_pretraining:
+                self.probe = LinearProbe(num_classes, name="linear_probe")
+                self.probe.build((None, config.encoder.output_dim))
+            self.optimizer = build_optimizer(config.optimizer, config.train.train_batch_size,
+                                             schedule)
+            if config.train.precision == "float16":
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+            self.optimizer.build(self.trainable_variables)
+            self.checkpoint = tf.train.Checkpoint(
+                encoder=self.encoder, projection_head=self.head, optimizer=self.optimizer,
+                **({"linear_probe": self.probe} if self.probe else {}))
+        self._l2_variables = [v for v in self.trainable_variables if not is_bn_or_bias(v)]
+
+    @property
+    def trainable_variables(self):
+        parts = [self.encoder, self.head] + ([self.probe] if self.probe else [])
+        return [v for part in parts for v in part.trainable_variables]
+
+    @property
+    def step(self):
+        return self.optimizer.iterations
+
+    def _regularisation(self):
+        """Coupled L2 weight decay for momentum/adam (LARS applies it itself)."""
+        wd = self.config.optimizer.weight_decay
+        if self.config.optimizer.optimizer == "lars" or not wd:
+            return 0.0
+        return wd * tf.add_n([tf.nn.l2_loss(v) for v in self._l2_variables])
+
+    def replica_step(self, batch):
+        """One SimCLR step on this replica's batch; returns the replica's metrics."""
+        views = tf.concat([batch["view_a"], batch["view_b"]], axis=0)
+        with tf.GradientTape() as tape:
+            h = self.encoder(views, training=True)
+            z, _ = self.head(h, training=True)
+            z_a, z_b = tf.split(z, 2, axis=0)
+            contrast_loss, metrics = nt_xent_with_metrics(
+                z_a, z_b, self.config.loss.temperature, self.config.loss.hidden_norm)
+            loss = contrast_loss + self._regularisation()
+            probe_loss = probe_acc = tf.constant(0.0)
+            if self.probe is not None:
+                labels = tf.concat([batch["label"], batch["label"]], axis=0)
+                logits = tf.cast(self.probe(h), tf.float32)
+                probe_loss = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+                probe_acc = tf.reduce_mean(tf.cast(
+                    tf.equal(tf.argmax(logits, 1, output_type=labels.dtype), labels), tf.float32))
+                loss += probe_loss
+            # tf.distribute sums the replicas' gradients.
+            scaled_loss = loss / self.strategy.num_replicas_in_sync
+            if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                scaled_loss = self.optimizer.scale_loss(scaled_loss)
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return {"loss": loss, "contrast_loss": contrast_loss, "probe_loss": probe_loss,
+                "probe_acc": probe_acc, **metrics}
+
+    def make_train_loop(self):
+        """A compiled function running `steps` replica steps and returning their mean metrics."""
+        step_fn = tf.function(self.replica_step, jit_compile=True) \
+            if self.config.train.jit_compile else self.replica_step
+
+        keys = [k for k in METRICS if k != "learning_rate"]
+
+        @tf.function
+        def train_loop(iterator, steps):
+            totals = tf.zeros([len(keys)])
+            for _ in tf.range(steps):
+                per_replica = self.strategy.run(step_fn, args=(next(iterator),))
+                totals += tf.stack([self.strategy.reduce(
+                    tf.distribute.ReduceOp.MEAN, per_replica[k], axis=None) for k in keys])
+            means = dict(zip(keys, tf.unstack(totals / tf.cast(steps, tf.float32))))
+            means["learning_rate"] = self.optimizer.learning_rate
+            return means
+
+        return train_loop
+
+
+def make_dataset_fn(config, seed):
+    """The per-input-pipeline dataset function for `distribute_datasets_from_function`."""
+    def dataset_fn(input_context):
+        batch = input_context.get_per_replica_batch_size(config.train.train_batch_size)
+        return data_lib.pretrain_dataset(
+            config.data.dataset, config.data.train_split, batch, config.data.image_size,
+            data_dir=config.data.data_dir, input_context=input_context,
+            color_jitter_strength=config.augment.color_jitter_strength,
+            use_blur=config.augment.use_blur, seed=seed, cache=config.data.cache_dataset)
+    return dataset_fn
+
+
+def _log_view_pairs(dataset, count):
+    batch = next(iter(dataset))
+    pairs = tf.concat([batch["view_a"][:count], batch["view_b"][:count]], axis=2)
+    tf.summary.image("augmented_view_pairs", pairs, step=0, max_outputs=count)
+
+
+def _format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def run_pretraining(config, strategy, on_checkpoint=None):
+    """Pretrains until `total_steps`, resuming from the latest checkpoint in model_dir.
+
+    Args:
+      config: a validated `RunConfig`.
+      strategy: the tf.distribute strategy to run under.
+      on_checkpoint: optional callable(pretrainer, checkpoint_path) run after each save.
+
+    Returns:
+      (pretrainer, last metrics dict as Python floats).
+    """
+    info = data_lib.dataset_info(config.data.dataset, config.data.train_split,
+                                 config.data.data_dir)
+    schedule = make_schedule(config.train, config.optimizer, info.num_examples)
+    trainer = Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
+    model_dir = config.train.model_dir
+    out_dir = distribute.write_dir(model_dir, strategy)
+    manager = tf.train.CheckpointManager(
+        trainer.checkpoint, out_dir, max_to_keep=config.train.keep_checkpoint_max,
+        step_counter=trainer.step)
+    restore_from = tf.train.latest_checkpoint(model_dir)
+    if restore_from:
+        trainer.checkpoint.restore(restore_from).assert_existing_objects_matched()
+        logging.info("Resumed from %s at step %d", restore_from, int(trainer.step.numpy()))
+    start = int(trainer.step.numpy())
+    total = schedule.total_steps
+    # A resumed run continues the augmentation stream instead of replaying its first batches.
+    dataset = strategy.distribute_datasets_from_function(
+        make_dataset_fn(config, seed=config.train.seed * 1_000_003 + start))
+    writer = tf.summary.create_file_writer(out_dir)
+    if start == 0 and config.train.summary_images:
+        with writer.as_default():
+            local = make_dataset_fn(config, config.train.seed)(tf.distribute.InputContext())
+            _log_view_pairs(local, config.train.summary_images)
+    train_loop = trainer.make_train_loop()
+    iterator = iter(dataset)
+    metrics = {}
+    step = start
+    logging.info("Training %s from step %d to %d (%d steps/epoch, global batch %d, %d replicas)",
+                 f"resnet{config.encoder.resnet_depth}x{config.encoder.width_multiplier}",
+                 start, total, schedule.steps_per_epoch, config.train.train_batch_size,
+                 strategy.num_replicas_in_sync)
+    last_saved = start
+    t_start = time.time()
+    while step < total:
+        next_checkpoint = (step // config.train.checkpoint_steps + 1) * config.train.checkpoint_steps
+        steps = min(config.train.steps_per_loop, total - step, next_checkpoint - step)
+        t0 = time.time()
+        out = train_loop(iterator, tf.constant(steps, tf.int32))
+        metrics = {k: float(v) for k, v in out.items()}
+        step = int(trainer.step.numpy())
+        elapsed = time.time() - t0
+        images_per_sec = steps * config.train.train_batch_size / max(elapsed, 1e-9)
+        done = step - start
+        eta = (time.time() - t_start) / max(done, 1) * (total - step)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(
+                f"loss is {metrics['loss']} at step {step}: stopping without saving; the last "
+                f"good checkpoint is {manager.latest_checkpoint}")
+        logging.info(
+            "step %d/%d  loss %.4f  contrast_acc %.3f  entropy %.3f  probe_acc %.3f  lr %.4g  "
+            "%.1f images/s  ETA %s", step, total, metrics["loss"], metrics["contrast_acc"],
+            metrics["contrast_entropy"], metrics["probe_acc"], metrics["learning_rate"],
+            images_per_sec, _format_eta(eta))
+        with writer.as_default(step=step):
+            for k, v in metrics.items():
+                tf.summary.scalar(f"train/{k}", v)
+            tf.summary.scalar("train/images_per_sec", images_per_sec)
+        if step % config.train.checkpoint_steps == 0 or step >= total:
+            path = manager.save(checkpoint_number=step)
+            last_saved = step
+            logging.info("Saved checkpoint %s", path)
+            if on_checkpoint is not None:
+                on_checkpoint(trainer, path)
+    if last_saved != step or not manager.latest_checkpoint:
+        manager.save(checkpoint_number=step)
+    writer.flush()
+    if out_dir != model_dir:
+        distribute.remove_worker_dir(out_dir, model_dir)
+    return trainer, metrics

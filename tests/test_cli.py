@@ -1,0 +1,80 @@
+"""The CLI: flags map onto the config, and bad values get one-line errors naming the flag."""
+
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from simclr_tf import config as cfg
+from simclr_tf import run
+
+BAD_FLAGS = [
+    (["--resnet_depth=42"], 1, "resnet_depth must be one of"),
+    (["--width_multiplier=0"], 1, "width_multiplier must be a positive integer"),
+    (["--sk_ratio=1.5"], 1, "sk_ratio must be in"),
+    (["--train_batch_size=0"], 1, "train_batch_size must be positive"),
+    (["--train_batch_size=30"], 4, "not divisible by the 4 replicas"),
+    (["--image_size=4"], 1, "image_size=4 is too small for the CIFAR stem"),
+    (["--image_size=16", "--cifar_stem=false"], 1, "too small for the ImageNet stem"),
+    (["--optimizer=sgdw"], 1, "optimizer must be one of"),
+    (["--learning_rate_scaling=cubic"], 1, "learning_rate_scaling must be one of"),
+    (["--learning_rate=-1"], 1, "learning_rate must be positive"),
+    (["--temperature=0"], 1, "temperature must be positive"),
+    (["--num_proj_layers=0"], 1, "num_proj_layers must be >= 1"),
+    (["--precision=float8"], 1, "precision must be one of"),
+    (["--steps_per_loop=0"], 1, "steps_per_loop must be positive"),
+    (["--train_epochs=0", "--train_steps=0"], 1, "set train_epochs or train_steps"),
+]
+
+
+@pytest.fixture
+def parsed_flags():
+    saved = flags.FLAGS.flag_values_dict()
+
+    def parse(argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["simclr_tf.run"] + argv)
+        return run.config_from_flags()
+
+    yield parse
+    flags.FLAGS.unparse_flags()
+    for name, value in saved.items():
+        setattr(flags.FLAGS, name, value)
+
+
+@pytest.mark.parametrize("argv,replicas,message", BAD_FLAGS)
+def test_bad_flags_raise_one_line_config_errors(parsed_flags, argv, replicas, message):
+    config = parsed_flags(argv)
+    with pytest.raises(cfg.ConfigError) as error:
+        cfg.validate(config, replicas)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_flags_map_onto_config_with_small_image_defaults(parsed_flags):
+    config = parsed_flags(["--image_size=32", "--resnet_depth=18", "--temperature=0.5"])
+    assert config.encoder.cifar_stem and not config.augment.use_blur
+    assert config.encoder.resnet_depth == 18 and config.loss.temperature == 0.5
+    big = parsed_flags(["--image_size=224"])
+    assert not big.encoder.cifar_stem and big.augment.use_blur
+    cfg.validate(big)
+
+
+def test_config_json_round_trip(tmp_path):
+    config = cfg.RunConfig(encoder=cfg.EncoderConfig(resnet_depth=152, width_multiplier=3,
+                                                     sk_ratio=0.0625))
+    cfg.save(config, str(tmp_path))
+    assert cfg.load(str(tmp_path)) == config
+    with pytest.raises(cfg.ConfigError, match="config.json not found"):
+        cfg.load(str(tmp_path / "missing"))
+
+
+def test_cli_prints_one_line_error_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_tf.run", "--resnet_depth=42",
+         f"--model_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: resnet_depth must be one of [18, 34, 50, 101, 152, 200], got 42")
