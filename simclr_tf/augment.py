@@ -1,0 +1,620 @@
+"""SimCLR's view augmentations (Chen et al. 2020, appendix A), batched and graph-only.
+
+This module owns the transforms that turn a batch of images into augmented views: random resized
+crop (+ resize), horizontal flip, colour jitter in a random order, random grayscale, Gaussian blur,
+and the evaluation centre crop. Every transform
+
+* works on a whole batch [B, H, W, 3] with per-image random parameters, vectorised (no per-image
+  loop, no `tf.map_fn`), with graph ops only, so it runs inside `tf.data` `map` and inside
+  `tf.function(jit_compile=True)`;
+* takes one stateless seed (int32/int64 tensor of shape [2]); sub-seeds are derived with
+  `tf.random.experimental.stateless_split`, so the same seed reproduces the same views;
+* returns float32 in [0, 1] (uint8 input is read directly by the crop/resize and scaled there).
+
+Reproducibility note: `tf.random.stateless_uniform` returns the same integer bits with and without
+XLA but converts them to floats differently, so uniforms are built here from integer bits
+(`_uniform`) and a seed gives the same views in both modes (up to float rounding of the image math).
+"""
+import math
+
+import tensorflow as tf
+
+_RNG_ALG = tf.random.Algorithm.PHILOX
+_UNIFORM_BITS = 24  # a float32 mantissa holds 24 bits, so every draw is exactly representable
+
+# Factors of the paper's colour jitter, multiplied by the strength s (appendix A, pseudo-code).
+_BRIGHTNESS = 0.8
+_CONTRAST = 0.8
+_SATURATION = 0.8
+_HUE = 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness and small helpers.
+
+def _as_seed(seed):
+    """Validates a seed and casts it to int64.
+
+    stateless_split draws sub-seeds in the seed's own dtype, so without the cast an int32 and an
+    int64 seed holding the same values would give different views.
+    """
+    seed = tf.convert_to_tensor(seed)
+    if seed.dtype not in (tf.int32, tf.int64):
+        raise ValueError(f"seed must be int32 or int64, got {seed.dtype}")
+    if seed.shape.rank is not None and seed.shape != [2]:
+        raise ValueError(f"seed must have shape [2], got {seed.shape}")
+    return tf.cast(seed, tf.int64)
+
+
+def _split_seed(seed, num):
+    return tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), num, alg=_RNG_ALG))
+
+
+def _uniform(seed, batch_size, *dims):
+    """float32 [batch_size, *dims] uniform in [0, 1), the same with and without XLA.
+
+    Each transform draws all its per-image numbers in one call: every stateless RNG op costs a
+    few tenths of a second of XLA compile time, and a kernel launch per batch without XLA.
+    """
+    shape = tf.stack([batch_size, *dims])
+    bits = tf.random.stateless_uniform(shape, _as_seed(seed), minval=None, maxval=None,
+                                       dtype=tf.int32, alg=_RNG_ALG)
+    low_bits = tf.bitwise.bitwise_and(bits, (1 << _UNIFORM_BITS) - 1)
+    return tf.cast(low_bits, tf.float32) * (2.0 ** -_UNIFORM_BITS)
+
+
+def _in_range(unit, low, high):
+    """Maps uniforms in [0, 1) to [low, high)."""
+    return low + (high - low) * unit
+
+
+def _select_per_image(mask, if_true, if_false):
+    """Per image, `if_true` where mask[b] else `if_false` (both finite, so the blend is exact).
+
+    An arithmetic blend, because tf.where with a [B, 1, 1, 1] condition broadcasts slowly on CPU
+    (about 3x the time of this blend at 32 x 224 x 224 x 3).
+    """
+    weight = tf.cast(mask, if_true.dtype)[:, None, None, None]
+    return weight * if_true + (1.0 - weight) * if_false
+
+
+def _dim(images, axis):
+    """The static size of `axis` if known, else the dynamic one (an int32 scalar tensor)."""
+    static = images.shape[axis]
+    return static if static is not None else tf.shape(images)[axis]
+
+
+def _check_images(images):
+    if images.shape.rank is not None and images.shape.rank != 4:
+        raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+    if images.dtype != tf.uint8 and not images.dtype.is_floating:
+        raise ValueError(f"images must be uint8 or float, got {images.dtype}")
+
+
+def _check_probability(name, p):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {p}")
+
+
+def to_float(images):
+    """Converts images to float32 in [0, 1].
+
+    Args:
+      images: uint8 tensor in [0, 255], or a float tensor already in [0, 1].
+
+    Returns:
+      float32 tensor of the same shape: uint8 divided by 255, floats only cast.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.dtype == tf.uint8:
+        return tf.cast(images, tf.float32) / 255.0
+    if images.dtype.is_floating:
+        return tf.cast(images, tf.float32)
+    raise ValueError(f"images must be uint8 or float, got {images.dtype}")
+
+
+def _scale_to_unit(resized, source_dtype):
+    """Resized values come out as float32 in the source's range; uint8 ranges are rescaled."""
+    if source_dtype == tf.uint8:
+        return resized / 255.0
+    return resized
+
+
+# --------------------------------------------------------------------------------------------
+# Crop and resize.
+
+def _fallback_crop_size(height, width, aspect_ratio_range):
+    """Largest full-height or full-width box with aspect clamped into the range (torchvision)."""
+    min_ratio, max_ratio = aspect_ratio_range
+    image_ratio = width / height
+    too_tall = image_ratio < min_ratio
+    too_wide = image_ratio > max_ratio
+    crop_h = tf.where(too_tall, tf.round(width / min_ratio), height)
+    crop_w = tf.where(too_wide, tf.round(height * max_ratio), width)
+    return tf.clip_by_value(crop_h, 1.0, height), tf.clip_by_value(crop_w, 1.0, width)
+
+
+def _sample_crop_boxes(seed, batch_size, height, width, area_range, aspect_ratio_range,
+                       max_attempts):
+    """Samples one random-resized-crop box per image, as int32 [B, 4] rows (top, left, h, w).
+
+    Per image, `max_attempts` candidates (area fraction uniform in `area_range`, log aspect ratio
+    uniform in log(`aspect_ratio_range`), sides rounded to pixels) are drawn at once and the first
+    that fits inside the image is placed uniformly at random. If none fits, the box is the centred
+    largest box whose aspect ratio is clamped into the range (torchvision's fallback).
+    """
+    height = tf.cast(height, tf.float32)
+    width = tf.cast(width, tf.float32)
+    # Per image: (area, log-ratio) draws for each attempt, then one (top, left) placement draw.
+    draws = _uniform(seed, batch_size, max_attempts + 1, 2)
+    area_draws, ratio_draws = tf.unstack(draws[:, :-1], axis=2)
+    u_top, u_left = tf.unstack(draws[:, -1], axis=1)
+
+    target_area = height * width * _in_range(area_draws, *area_range)
+    ratio = tf.exp(_in_range(ratio_draws, math.log(aspect_ratio_range[0]),
+                             math.log(aspect_ratio_range[1])))
+    crop_w = tf.round(tf.sqrt(target_area * ratio))
+    crop_h = tf.round(tf.sqrt(target_area / ratio))
+    fits = (crop_w >= 1.0) & (crop_w <= width) & (crop_h >= 1.0) & (crop_h <= height)
+
+    first_fit = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    found = tf.reduce_any(fits, axis=1)
+    fallback_h, fallback_w = _fallback_crop_size(height, width, aspect_ratio_range)
+    crop_h = tf.where(found, tf.gather(crop_h, first_fit, axis=1, batch_dims=1), fallback_h)
+    crop_w = tf.where(found, tf.gather(crop_w, first_fit, axis=1, batch_dims=1), fallback_w)
+
+    # The minimum guards against float rounding of u * n up to n for u just below 1.
+    random_top = tf.minimum(tf.floor(u_top * (height - crop_h + 1.0)), height - crop_h)
+    random_left = tf.minimum(tf.floor(u_left * (width - crop_w + 1.0)), width - crop_w)
+    top = tf.where(found, random_top, tf.floor((height - crop_h) / 2.0))
+    left = tf.where(found, random_left, tf.floor((width - crop_w) / 2.0))
+    return tf.cast(tf.stack([top, left, crop_h, crop_w], axis=1), tf.int32)
+
+
+def _bilinear_taps(start, length, size):
+    """Source indices and weights to resize pixels [start, start + length) to `size` pixels.
+
+    Half-pixel centres with edge clamping inside the crop, as `tf.image.resize` on the cropped
+    image, so neighbouring pixels outside the crop never leak in.
+    """
+    scale = tf.cast(length, tf.float32) / float(size)
+    source = (tf.range(size, dtype=tf.float32) + 0.5) * scale[:, None] - 0.5
+    lower = tf.floor(source)
+    weight = source - lower
+    lower = tf.cast(lower, tf.int32)
+    last = length[:, None] - 1
+    low_index = tf.clip_by_value(lower, 0, last) + start[:, None]
+    high_index = tf.clip_by_value(lower + 1, 0, last) + start[:, None]
+    return low_index, high_index, weight
+
+
+def _gather_lerp(images, low_index, high_index, weight, axis):
+    low = tf.cast(tf.gather(images, low_index, axis=axis, batch_dims=1), tf.float32)
+    high = tf.cast(tf.gather(images, high_index, axis=axis, batch_dims=1), tf.float32)
+    return low + (high - low) * weight
+
+
+def _crop_and_resize(images, boxes, size):
+    """Crops each image to its box and resizes it bilinearly to [size, size].
+
+    A batched, XLA-compilable equivalent of `tf.image.resize(image[top:top+h, left:left+w],
+    [size, size])` per image (`tf.image.crop_and_resize` has no XLA kernel and uses align-corners
+    sampling). Reads any dtype; returns float32 in the input's value range.
+
+    Args:
+      images: [B, H, W, C] tensor.
+      boxes: int32 [B, 4] rows (top, left, height, width) in pixels.
+      size: output side, a Python int.
+
+    Returns:
+      float32 [B, size, size, C].
+    """
+    top, left, crop_h, crop_w = tf.unstack(boxes, axis=1)
+    y_low, y_high, y_weight = _bilinear_taps(top, crop_h, size)
+    x_low, x_high, x_weight = _bilinear_taps(left, crop_w, size)
+    # Rows first: the row gather copies whole contiguous rows and shrinks H before the columns.
+    rows = _gather_lerp(images, y_low, y_high, y_weight[:, :, None, None], axis=1)
+    return _gather_lerp(rows, x_low, x_high, x_weight[:, None, :, None], axis=2)
+
+
+def _whole_image_boxes(images):
+    batch_size = _dim(images, 0)
+    box = tf.stack([0, 0, tf.shape(images)[1], tf.shape(images)[2]])
+    return tf.tile(box[None], tf.stack([batch_size, 1]))
+
+
+def _resize(images, size):
+    """Bilinear resize of whole images to float32 [B, size, size, C] in [0, 1]."""
+    images = tf.convert_to_tensor(images)
+    resized = _crop_and_resize(images, _whole_image_boxes(images), size)
+    return _scale_to_unit(resized, images.dtype)
+
+
+def random_resized_crop(images, seed, size, area_range=(0.08, 1.0),
+                        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=100):
+    """Inception-style random crop, resized bilinearly to a square, with its own box per image.
+
+    Args:
+      images: [B, H, W, C] uint8 or float images (H, W may be dynamic).
+      seed: int32/int64 tensor of shape [2].
+      size: output side in pixels.
+      area_range: range of the crop area as a fraction of the image area.
+      aspect_ratio_range: range of the crop's width / height.
+      max_attempts: candidates drawn per image before falling back to a centre crop of the
+        largest box with its aspect ratio clamped into `aspect_ratio_range`.
+
+    Returns:
+      float32 [B, size, size, C] in [0, 1].
+    """
+    images = tf.convert_to_tensor(images)
+    _check_images(images)
+    if size < 1 or max_attempts < 1:
+        raise ValueError(f"size and max_attempts must be >= 1, got {size}, {max_attempts}")
+    if not 0.0 < area_range[0] <= area_range[1]:
+        raise ValueError(f"area_range must satisfy 0 < low <= high, got {area_range}")
+    if not 0.0 < aspect_ratio_range[0] <= aspect_ratio_range[1]:
+        raise ValueError(f"aspect_ratio_range must satisfy 0 < low <= high, got "
+                         f"{aspect_ratio_range}")
+    boxes = _sample_crop_boxes(seed, _dim(images, 0), tf.shape(images)[1], tf.shape(images)[2],
+                               area_range, aspect_ratio_range, max_attempts)
+    return _scale_to_unit(_crop_and_resize(images, boxes, size), images.dtype)
+
+
+def _centre_square_box(height, width, crop_proportion):
+    """(top, left, side, side) of the centred square of `crop_proportion` of the shorter side."""
+    shorter = tf.cast(tf.minimum(height, width), tf.float32)
+    side = tf.maximum(tf.cast(tf.round(crop_proportion * shorter), tf.int32), 1)
+    # Offsets round up, as the original SimCLR centre crop.
+    return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+
+
+def preprocess_for_eval(images, image_size, crop=True, crop_proportion=0.875):
+    """Evaluation preprocessing: centre crop, then bilinear resize.
+
+    Args:
+      images: [B, H, W, C] uint8 or float images (H, W may be dynamic).
+      image_size: output side in pixels.
+      crop: if True, take the centred square of `crop_proportion` of the shorter side first;
+        if False (e.g. 32 px images), just resize the whole image.
+      crop_proportion: side of the centre crop as a fraction of the shorter image side.
+
+    Returns:
+      float32 [B, image_size, image_size, C] in [0, 1].
+    """
+    images = tf.convert_to_tensor(images)
+    _check_images(images)
+    if not crop:
+        return _resize(images, image_size)
+    if not 0.0 < crop_proportion <= 1.0:
+        raise ValueError(f"crop_proportion must be in (0, 1], got {crop_proportion}")
+    box = _centre_square_box(tf.shape(images)[1], tf.shape(images)[2], crop_proportion)
+    boxes = tf.tile(box[None], tf.stack([_dim(images, 0), 1]))
+    return _scale_to_unit(_crop_and_resize(images, boxes, image_size), images.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Flip.
+
+def random_flip_left_right(images, seed, p=0.5):
+    """Flips each image horizontally with probability p.
+
+    Args:
+      images: [B, H, W, C] uint8 or float images.
+      seed: int32/int64 tensor of shape [2].
+      p: probability that an image is flipped.
+
+    Returns:
+      float32 [B, H, W, C] in [0, 1].
+    """
+    _check_probability("p", p)
+    images = to_float(images)
+    _check_images(images)
+    width = tf.shape(images)[2]
+    flip = _uniform(seed, _dim(images, 0)) < p
+    columns = tf.range(width)
+    # One gather of per-image column orders reads the images once; reverse + select reads twice.
+    source_columns = tf.where(flip[:, None], (width - 1 - columns)[None], columns[None])
+    return tf.gather(images, source_columns, axis=2, batch_dims=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Colour.
+
+# Op indices of the colour jitter. Brightness, contrast and saturation are all the "linear" op
+#   clip(a * x + b * luma(x) + c * mean(luma(x)))  with, for a factor f,
+#   brightness (a, b, c) = (f, 0, 0), contrast (f, 0, 1 - f), saturation (f, 1 - f, 0),
+# and (1, 0, 0) is the identity, which is what lets one evaluation serve every image's op.
+_BRIGHTNESS_OP, _CONTRAST_OP, _SATURATION_OP, _HUE_OP = range(4)
+_NUM_JITTER_OPS = 4
+_NUM_LINEAR_OPS = 3
+
+
+def _luma(images):
+    """[B, H, W, 1] luma with tf.image.rgb_to_grayscale's weights (0.2989, 0.5870, 0.1140)."""
+    return tf.image.rgb_to_grayscale(images)
+
+
+def to_grayscale(images):
+    """Converts RGB images to grayscale (luma), kept as 3 equal channels.
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images.
+
+    Returns:
+      float32 [B, H, W, 3] in [0, 1].
+    """
+    return tf.tile(_luma(to_float(images)), [1, 1, 1, 3])
+
+
+def _clip_unit(images):
+    return tf.clip_by_value(images, 0.0, 1.0)
+
+
+def _per_image(values):
+    return values[:, None, None, None]
+
+
+def _linear_colour_op(images, factor, luma_weight, mean_luma_weight):
+    """clip(factor * x + luma_weight * luma(x) + mean_luma_weight * mean(luma(x))) per image.
+
+    With the zero weights exactly zero, this equals the single op bit for bit (the zero terms add
+    exact zeros), so the identity and brightness leave no rounding behind.
+    """
+    luma = _luma(images)
+    mean_luma = tf.reduce_mean(luma, axis=[1, 2, 3], keepdims=True)
+    # The luma terms are summed on one channel before broadcasting to three.
+    offset = _per_image(luma_weight) * luma + _per_image(mean_luma_weight) * mean_luma
+    return _clip_unit(_per_image(factor) * images + offset)
+
+
+def _adjust_hue(images, delta):
+    """Rotates the hue by `delta` (a fraction of the colour circle) per image."""
+    hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+    hue = hue + delta[:, None, None]
+    hue = hue - tf.floor(hue)
+    return _clip_unit(tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1)))
+
+
+def _sample_jitter_params(seed, batch_size, strength, random_order):
+    """Per-image jitter parameters: factors [B] for brightness/contrast/saturation, hue shift [B]
+    and the op order [B, 4] (a permutation of the _*_OP indices)."""
+    draws = _uniform(seed, batch_size, 4 + _NUM_JITTER_OPS)
+    brightness, contrast, saturation, hue = tf.unstack(draws[:, :4], axis=1)
+
+    def factor(unit, spread):
+        return _in_range(unit, max(0.0, 1.0 - spread), 1.0 + spread)
+
+    if random_order:
+        # The argsort of i.i.d. keys is a uniformly random permutation.
+        order = tf.argsort(draws[:, 4:], axis=1)
+    else:
+        order = tf.tile(tf.range(_NUM_JITTER_OPS)[None], tf.stack([batch_size, 1]))
+    return dict(
+        brightness=factor(brightness, _BRIGHTNESS * strength),
+        contrast=factor(contrast, _CONTRAST * strength),
+        saturation=factor(saturation, _SATURATION * strength),
+        hue=_in_range(hue, -_HUE * strength, _HUE * strength),
+        order=order)
+
+
+def _apply_linear_slot(images, op, active, params):
+    """Applies, per image, linear op `op` [B] where `active` [B], else the identity."""
+    # Stacked in _*_OP index order, so `op` indexes it directly.
+    factors = tf.stack([params["brightness"], params["contrast"], params["saturation"]], axis=1)
+    factor = tf.where(active, tf.gather(factors, op, axis=1, batch_dims=1), 1.0)
+    luma_weight = tf.where(tf.equal(op, _SATURATION_OP), 1.0 - factor, 0.0)
+    mean_luma_weight = tf.where(tf.equal(op, _CONTRAST_OP), 1.0 - factor, 0.0)
+    return _linear_colour_op(images, factor, luma_weight, mean_luma_weight)
+
+
+def _jitter_with_params(images, params):
+    """Applies the four jitter ops in each image's own order, vectorised over the batch.
+
+    Every image has the hue op exactly once, preceded by k and followed by 3 - k linear ops.
+    So the batch runs 3 linear slots (slot j active where j < k), hue once, and 3 linear slots
+    (active where j >= k): 6 cheap linear passes and 1 hue pass, instead of every op at every
+    stage (16 passes, 4 of them hue; about 4x slower at 32 x 224 x 224 on CPU).
+    """
+    order = params["order"]
+    hue_position = tf.argmax(tf.cast(tf.equal(order, _HUE_OP), tf.int32), axis=1,
+                             output_type=tf.int32)
+    slots = tf.range(_NUM_LINEAR_OPS)[None]
+    after_hue = slots >= hue_position[:, None]
+    linear_ops = tf.gather(order, slots + tf.cast(after_hue, tf.int32), axis=1, batch_dims=1)
+    for slot in range(_NUM_LINEAR_OPS):
+        images = _apply_linear_slot(images, linear_ops[:, slot], ~after_hue[:, slot], params)
+    images = _adjust_hue(images, params["hue"])
+    for slot in range(_NUM_LINEAR_OPS):
+        images = _apply_linear_slot(images, linear_ops[:, slot], after_hue[:, slot], params)
+    return images
+
+
+def color_jitter(images, seed, strength, random_order=True):
+    """Colour jitter of the paper (torchvision ColorJitter semantics) with per-image factors.
+
+    Brightness multiplies by U[max(0, 1 - 0.8s), 1 + 0.8s]; contrast blends with the image's mean
+    luma by a factor U[max(0, 1 - 0.8s), 1 + 0.8s]; saturation blends with the per-pixel luma by
+    the same range; hue shifts by U[-0.2s, 0.2s] of the colour circle. Values are clipped to
+    [0, 1] after each op.
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images.
+      seed: int32/int64 tensor of shape [2].
+      strength: the colour-distortion strength s.
+      random_order: apply the four ops in a random order drawn per image; if False, in the order
+        brightness, contrast, saturation, hue.
+
+    Returns:
+      float32 [B, H, W, 3] in [0, 1].
+    """
+    images = to_float(images)
+    _check_images(images)
+    params = _sample_jitter_params(seed, _dim(images, 0), strength, random_order)
+    return _jitter_with_params(images, params)
+
+
+def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
+    """The paper's colour distortion: jitter with p_jitter, then grayscale with p_grayscale.
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images.
+      seed: int32/int64 tensor of shape [2].
+      strength: the colour-distortion strength s passed to `color_jitter`.
+      p_jitter: per-image probability of colour jitter.
+      p_grayscale: per-image probability of conversion to grayscale (after the jitter).
+
+    Returns:
+      float32 [B, H, W, 3] in [0, 1].
+    """
+    _check_probability("p_jitter", p_jitter)
+    _check_probability("p_grayscale", p_grayscale)
+    images = to_float(images)
+    batch_size = _dim(images, 0)
+    jitter_seed, choice_seed = _split_seed(seed, 2)
+    jitter_draw, grayscale_draw = tf.unstack(_uniform(choice_seed, batch_size, 2), axis=1)
+    jittered = color_jitter(images, jitter_seed, strength)
+    images = _select_per_image(jitter_draw < p_jitter, jittered, images)
+    return _select_per_image(grayscale_draw < p_grayscale, to_grayscale(images), images)
+
+
+# --------------------------------------------------------------------------------------------
+# Blur.
+
+def _gaussian_kernels(sigma, radius):
+    """Normalised 1-D Gaussian kernels, float32 [B, 2 * radius + 1], one per sigma in [B]."""
+    offsets = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    kernels = tf.exp(-tf.square(offsets) / (2.0 * tf.square(sigma[:, None])))
+    return kernels / tf.reduce_sum(kernels, axis=1, keepdims=True)
+
+
+def _banded_blur_matrices(kernels, size):
+    """[B, size, size] matrices M with (M x)[i] = sum_j kernel[j - i + radius] x[j].
+
+    Rows that would read outside the image simply have fewer taps, which is SAME zero padding.
+    """
+    radius = (tf.shape(kernels)[1] - 1) // 2
+    positions = tf.range(size)
+    tap = positions[None, :] - positions[:, None] + radius
+    in_band = (tap >= 0) & (tap <= 2 * radius)
+    taps = tf.gather(kernels, tf.clip_by_value(tap, 0, 2 * radius), axis=1)
+    return taps * tf.cast(in_band, tf.float32)[None]
+
+
+def _blur_rows(images, matrices):
+    """Blurs along axis 1 of [B, H, W, C] with per-image [B, H, H] matrices."""
+    shape = tf.shape(images)
+    flat = tf.reshape(images, tf.stack([shape[0], shape[1], shape[2] * shape[3]]))
+    return tf.reshape(tf.matmul(matrices, flat), shape)
+
+
+def _blur_with_kernels(images, kernels):
+    """Separable blur of each image with its own 1-D kernel, SAME zero padding.
+
+    Each 1-D pass is one batched matmul with a banded matrix per image. Although most of each
+    matrix is zeros, at 32 x 224 x 224 on CPU this was as fast as a depthwise convolution with the
+    batch folded into the channels without XLA, and about 20x faster under XLA (whose CPU
+    depthwise convolution over 96 channels took seconds).
+
+    Args:
+      images: float32 [B, H, W, C].
+      kernels: float32 [B, K] with K odd.
+
+    Returns:
+      float32 [B, H, W, C].
+    """
+    vertical = _blur_rows(images, _banded_blur_matrices(kernels, tf.shape(images)[1]))
+    transposed = tf.transpose(vertical, [0, 2, 1, 3])
+    horizontal = _blur_rows(transposed, _banded_blur_matrices(kernels, tf.shape(images)[2]))
+    return tf.ensure_shape(tf.transpose(horizontal, [0, 2, 1, 3]), images.shape)
+
+
+def random_gaussian_blur(images, seed, p=0.5, sigma_range=(0.1, 2.0)):
+    """Gaussian blur with a per-image sigma, applied to each image with probability p.
+
+    The kernel spans 10% of the image height: radius = height // 20, size 2 * radius + 1 (images
+    under 20 px get a 1-tap kernel, i.e. no blur). As in the original SimCLR, the separable
+    convolution pads with zeros (SAME), which darkens a border of `radius` pixels.
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images.
+      seed: int32/int64 tensor of shape [2].
+      p: per-image probability of blurring.
+      sigma_range: sigma is drawn uniformly from this range, in pixels.
+
+    Returns:
+      float32 [B, H, W, 3] in [0, 1].
+    """
+    _check_probability("p", p)
+    images = to_float(images)
+    _check_images(images)
+    batch_size = _dim(images, 0)
+    sigma_draw, apply_draw = tf.unstack(_uniform(seed, batch_size, 2), axis=1)
+    sigma = _in_range(sigma_draw, *sigma_range)
+    kernels = _gaussian_kernels(sigma, _dim(images, 1) // 20)
+    blurred = _clip_unit(_blur_with_kernels(images, kernels))
+    return _select_per_image(apply_draw < p, blurred, images)
+
+
+# --------------------------------------------------------------------------------------------
+# Views.
+
+def train_view(images, seed, image_size, color_jitter_strength=1.0, use_blur=True, crop=True,
+               flip=True):
+    """One SimCLR training view per image: crop + resize, flip, colour distortion, blur.
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images (H, W may be dynamic).
+      seed: int32/int64 tensor of shape [2]; the same seed gives the same view.
+      image_size: output side S in pixels.
+      color_jitter_strength: the colour-distortion strength s.
+      use_blur: apply Gaussian blur with p=0.5 (the paper uses it on ImageNet, not CIFAR-10).
+      crop: random resized crop; if False the whole image is only resized to S.
+      flip: random horizontal flip with p=0.5.
+
+    Returns:
+      float32 [B, S, S, 3] in [0, 1].
+    """
+    crop_seed, flip_seed, color_seed, blur_seed = _split_seed(seed, 4)
+    if crop:
+        views = random_resized_crop(images, crop_seed, image_size)
+    else:
+        views = _resize(images, image_size)
+    if flip:
+        views = random_flip_left_right(views, flip_seed)
+    views = random_color_jitter(views, color_seed, color_jitter_strength)
+    if use_blur:
+        views = random_gaussian_blur(views, blur_seed)
+    return _clip_unit(views)
+
+
+def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True, crop=True,
+              flip=True):
+    """Two independently augmented views of each image (the positive pair).
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images (H, W may be dynamic).
+      seed: int32/int64 tensor of shape [2]; each view gets its own seed split from it.
+      image_size, color_jitter_strength, use_blur, crop, flip: as in `train_view`.
+
+    Returns:
+      (view_a, view_b), each float32 [B, S, S, 3] in [0, 1].
+    """
+    seed_a, seed_b = _split_seed(seed, 2)
+    options = dict(image_size=image_size, color_jitter_strength=color_jitter_strength,
+                   use_blur=use_blur, crop=crop, flip=flip)
+    return train_view(images, seed_a, **options), train_view(images, seed_b, **options)
+
+
+def preprocess_for_train_single(image, seed, image_size, **kwargs):
+    """The augmentation function for one image: `train_view` on a batch of one.
+
+    Args:
+      image: [H, W, 3] uint8 or float image (H, W may be dynamic).
+      seed: int32/int64 tensor of shape [2].
+      image_size: output side S in pixels.
+      **kwargs: the remaining `train_view` options.
+
+    Returns:
+      float32 [S, S, 3] in [0, 1].
+    """
+    return train_view(tf.convert_to_tensor(image)[None], seed, image_size, **kwargs)[0]

@@ -1,0 +1,383 @@
+"""Tests for simclr_tf.augment: shapes and reproducibility, each transform against numpy (or an
+independent TensorFlow kernel), and the full views inside tf.data and under XLA."""
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import augment
+
+SEED = tf.constant([7, 11], tf.int32)
+LUMA_WEIGHTS = np.array([0.2989, 0.5870, 0.1140])
+
+
+def random_uint8(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def random_unit(shape, seed=0):
+    return np.random.default_rng(seed).uniform(size=shape).astype(np.float32)
+
+
+def assert_unit_range(images):
+    images = np.asarray(images)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Dtypes, shapes, seeds.
+
+def test_to_float_scales_uint8_and_casts_floats():
+    pixels = np.array([[0, 128, 255]], np.uint8)
+    np.testing.assert_allclose(augment.to_float(pixels), pixels / 255.0, atol=1e-7)
+    converted = augment.to_float(np.array([0.25], np.float64))
+    assert converted.dtype == tf.float32 and float(converted[0]) == 0.25
+    with pytest.raises(ValueError, match="uint8 or float"):
+        augment.to_float(np.array([1], np.int32))
+
+
+@pytest.mark.parametrize("make_images", [random_uint8, random_unit], ids=["uint8", "float32"])
+@pytest.mark.parametrize("options", [dict(), dict(use_blur=False, crop=False, flip=False)],
+                         ids=["all", "colour_only"])
+def test_two_views_shape_dtype_range(make_images, options):
+    images = make_images([3, 40, 48, 3])
+    view_a, view_b = augment.two_views(images, SEED, 24, **options)
+    for view in (view_a, view_b):
+        assert view.shape == (3, 24, 24, 3) and view.dtype == tf.float32
+        assert_unit_range(view)
+
+
+def test_dynamic_height_width_give_static_output_shape():
+    spec = tf.TensorSpec([1, None, None, 3], tf.uint8)
+
+    @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
+    def views_and_eval(images, seed):
+        view_a, view_b = augment.two_views(images, seed, 16)
+        return view_a, view_b, augment.preprocess_for_eval(images, 16)
+
+    for output in views_and_eval.get_concrete_function().structured_outputs:
+        assert output.shape == (1, 16, 16, 3)
+    for height, width in [(37, 53), (64, 20)]:
+        for output in views_and_eval(random_uint8([1, height, width, 3]), SEED):
+            assert output.shape == (1, 16, 16, 3)
+            assert_unit_range(output)
+
+
+def test_preprocess_for_train_single_is_train_view_on_a_batch_of_one():
+    image = random_uint8([30, 26, 3])
+    single = augment.preprocess_for_train_single(image, SEED, 20, use_blur=False)
+    batched = augment.train_view(image[None], SEED, 20, use_blur=False)
+    assert single.shape == (20, 20, 3)
+    np.testing.assert_array_equal(single, batched[0])
+
+
+def test_seed_reproduces_views_and_views_differ():
+    images = random_uint8([4, 32, 32, 3])
+    first = augment.two_views(images, SEED, 32)
+    again = augment.two_views(images, tf.constant([7, 11], tf.int64), 32)
+    other = augment.two_views(images, tf.constant([7, 12]), 32)
+    for view, same in zip(first, again):
+        np.testing.assert_array_equal(view, same)
+    assert not np.allclose(first[0], other[0])
+    assert not np.allclose(first[0], first[1])
+    # Each image in the batch gets its own randomness, not one draw for the whole batch.
+    identical = np.repeat(images[:1], 4, axis=0)
+    view = augment.train_view(identical, SEED, 32).numpy()
+    assert not np.allclose(view[0], view[1])
+
+
+def test_bad_arguments_raise():
+    images = random_uint8([2, 8, 8, 3])
+    with pytest.raises(ValueError, match="shape \\[2\\]"):
+        augment.train_view(images, tf.constant([1, 2, 3]), 8)
+    with pytest.raises(ValueError, match="area_range"):
+        augment.random_resized_crop(images, SEED, 8, area_range=(0.5, 0.1))
+    with pytest.raises(ValueError, match="p must be in"):
+        augment.random_flip_left_right(images, SEED, p=1.5)
+    with pytest.raises(ValueError, match="\\[B, H, W, C\\]"):
+        augment.random_resized_crop(images[0], SEED, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# Random resized crop.
+
+def numpy_crop_area_fractions(rng, num, area_range, ratio_range, attempts, side):
+    """torchvision's RandomResizedCrop sampling on a square image, written independently."""
+    area = side * side * rng.uniform(*area_range, size=(num, attempts))
+    ratio = np.exp(rng.uniform(np.log(ratio_range[0]), np.log(ratio_range[1]),
+                               size=(num, attempts)))
+    width = np.round(np.sqrt(area * ratio))
+    height = np.round(np.sqrt(area / ratio))
+    fits = (width >= 1) & (width <= side) & (height >= 1) & (height <= side)
+    first = np.argmax(fits, axis=1)
+    rows = np.arange(num)
+    fraction = height[rows, first] * width[rows, first] / side ** 2
+    return np.where(fits.any(axis=1), fraction, 1.0)
+
+
+def test_crop_boxes_fit_and_follow_the_area_and_aspect_distribution():
+    side, count = 512, 4096
+    boxes = augment._sample_crop_boxes(SEED, count, side, side, (0.08, 1.0), (3 / 4, 4 / 3),
+                                       100).numpy()
+    top, left, height, width = boxes.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + height <= side).all() and (left + width <= side).all()
+    fraction = height * width / side ** 2
+    aspect = width / height
+    # Rounding the sides to whole pixels moves area and aspect by well under 1% at this size.
+    assert fraction.min() >= 0.08 * 0.99 and fraction.max() <= 1.0
+    assert aspect.min() >= 0.75 * 0.99 and aspect.max() <= 4 / 3 * 1.01
+    expected = numpy_crop_area_fractions(np.random.default_rng(0), 200_000, (0.08, 1.0),
+                                         (3 / 4, 4 / 3), 100, side).mean()
+    assert abs(fraction.mean() - expected) < 0.015  # ~4 standard errors of the mean
+    # Placement is uniform over the free range: its relative position averages 1/2.
+    free = side - height
+    relative_top = top[free > 0] / free[free > 0]
+    assert abs(relative_top.mean() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("height, width, expected", [
+    (32, 32, [0, 0, 32, 32]),   # aspect inside the range: the whole image
+    (20, 40, [0, 6, 20, 27]),   # too wide: full height, width 20 * 4/3 rounded, centred
+    (40, 20, [6, 0, 27, 20]),   # too tall: full width, height 20 / (3/4) rounded, centred
+])
+def test_crop_falls_back_to_a_centre_box_when_nothing_fits(height, width, expected):
+    boxes = augment._sample_crop_boxes(SEED, 5, height, width, (2.0, 2.0), (3 / 4, 4 / 3), 10)
+    np.testing.assert_array_equal(boxes, np.tile(expected, [5, 1]))
+
+
+def test_impossible_crop_resizes_the_whole_image():
+    images = random_uint8([2, 24, 24, 3])
+    cropped = augment.random_resized_crop(images, SEED, 16, area_range=(2.0, 2.0))
+    reference = tf.image.resize(images, [16, 16]) / 255.0
+    np.testing.assert_allclose(cropped, reference, atol=1e-5)
+
+
+def test_crop_and_resize_matches_tf_image_resize_of_the_crop():
+    images = random_uint8([4, 30, 40, 3])
+    boxes = np.array([[0, 0, 30, 40], [3, 5, 10, 7], [10, 2, 20, 38], [29, 39, 1, 1]], np.int32)
+    resized = augment._crop_and_resize(images, boxes, 16).numpy()
+    for image, (top, left, height, width), output in zip(images, boxes, resized):
+        crop = image[top:top + height, left:left + width]
+        np.testing.assert_allclose(output, tf.image.resize(crop, [16, 16]), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Flip.
+
+def test_flip_with_p_one_and_zero():
+    images = random_unit([3, 8, 10, 3])
+    np.testing.assert_array_equal(augment.random_flip_left_right(images, SEED, p=1.0),
+                                  tf.image.flip_left_right(images))
+    np.testing.assert_array_equal(augment.random_flip_left_right(images, SEED, p=0.0), images)
+
+
+def test_flip_chooses_per_image():
+    images = random_unit([64, 4, 6, 3])
+    flipped = augment.random_flip_left_right(images, SEED).numpy()
+    was_flipped = [np.array_equal(out, image[:, ::-1]) for out, image in zip(flipped, images)]
+    unchanged = [np.array_equal(out, image) for out, image in zip(flipped, images)]
+    assert all(f or u for f, u in zip(was_flipped, unchanged))
+    assert 16 <= sum(was_flipped) <= 48
+
+
+# --------------------------------------------------------------------------------------------
+# Colour.
+
+def numpy_luma(image):
+    return image @ LUMA_WEIGHTS
+
+
+def numpy_jitter_op(op, image, params, index):
+    """One jitter op on one image, torchvision semantics; hue through tf.image.adjust_hue."""
+    if op == augment._BRIGHTNESS_OP:
+        out = image * params["brightness"][index]
+    elif op == augment._CONTRAST_OP:
+        factor = params["contrast"][index]
+        out = factor * image + (1 - factor) * numpy_luma(image).mean()
+    elif op == augment._SATURATION_OP:
+        factor = params["saturation"][index]
+        out = factor * image + (1 - factor) * numpy_luma(image)[..., None]
+    else:
+        out = tf.image.adjust_hue(image.astype(np.float32), params["hue"][index]).numpy()
+    return np.clip(out, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("random_order", [True, False])
+def test_color_jitter_matches_per_image_numpy_reference(random_order):
+    images = random_unit([12, 6, 5, 3], seed=1)
+    params = {key: value.numpy() for key, value in
+              augment._sample_jitter_params(SEED, 12, 1.0, random_order).items()}
+    if not random_order:
+        np.testing.assert_array_equal(params["order"], np.tile(np.arange(4), [12, 1]))
+    jittered = augment.color_jitter(images, SEED, 1.0, random_order=random_order)
+    for index, image in enumerate(images.astype(np.float64)):
+        for op in params["order"][index]:
+            image = numpy_jitter_op(op, image, params, index)
+        np.testing.assert_allclose(jittered[index], image, atol=2e-5)
+
+
+def test_jitter_factors_follow_the_strength():
+    params = augment._sample_jitter_params(SEED, 2000, 0.5, True)
+    for key in ("brightness", "contrast", "saturation"):
+        assert 0.6 <= params[key].numpy().min() < 0.62
+        assert 1.38 < params[key].numpy().max() <= 1.4
+    assert -0.1 <= params["hue"].numpy().min() < -0.09 and 0.09 < params["hue"].numpy().max() <= 0.1
+    strong = augment._sample_jitter_params(SEED, 2000, 1.5, True)
+    assert 0.0 <= strong["brightness"].numpy().min() < 0.05  # lower bound max(0, 1 - 0.8 s)
+
+
+def test_op_order_is_a_uniform_random_permutation():
+    order = augment._sample_jitter_params(SEED, 2400, 1.0, True)["order"].numpy()
+    assert (np.sort(order, axis=1) == np.arange(4)).all()
+    counts = {perm: 0 for perm in itertools.permutations(range(4))}
+    for row in order:
+        counts[tuple(row)] += 1
+    assert min(counts.values()) > 60 and max(counts.values()) < 140  # 100 expected
+
+
+@pytest.mark.parametrize("random_order", [True, False])
+def test_color_jitter_with_strength_zero_is_identity(random_order):
+    images = random_unit([5, 7, 7, 3])
+    jittered = augment.color_jitter(images, SEED, 0.0, random_order=random_order)
+    np.testing.assert_allclose(jittered, images, atol=1e-5)
+
+
+def test_color_jitter_stays_in_unit_range():
+    images = random_unit([8, 9, 9, 3])
+    images[:, :3] = 0.0
+    images[:, -3:] = 1.0
+    assert_unit_range(augment.color_jitter(images, SEED, 1.5))
+    assert_unit_range(augment.random_color_jitter(random_uint8([8, 9, 9, 3]), SEED, 1.0))
+
+
+def test_grayscale_is_luma_on_three_equal_channels():
+    images = random_uint8([2, 5, 6, 3])
+    gray = augment.to_grayscale(images).numpy()
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+    np.testing.assert_allclose(gray[..., 0], numpy_luma(images / 255.0), atol=1e-6)
+
+
+def test_random_color_jitter_probabilities():
+    images = random_unit([6, 5, 5, 3])
+    untouched = augment.random_color_jitter(images, SEED, 1.0, p_jitter=0.0, p_grayscale=0.0)
+    np.testing.assert_array_equal(untouched, images)
+    gray = augment.random_color_jitter(images, SEED, 1.0, p_jitter=0.0, p_grayscale=1.0)
+    np.testing.assert_allclose(gray, augment.to_grayscale(images), atol=1e-7)
+    jittered = augment.random_color_jitter(images, SEED, 1.0, p_jitter=1.0, p_grayscale=0.0)
+    assert not np.allclose(jittered, images)
+
+
+# --------------------------------------------------------------------------------------------
+# Blur.
+
+def numpy_gaussian(sigma, radius):
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    return kernel / kernel.sum()
+
+
+def test_gaussian_kernels_match_numpy():
+    sigmas = np.array([0.1, 0.7, 2.0], np.float32)
+    kernels = augment._gaussian_kernels(tf.constant(sigmas), 4).numpy()
+    for sigma, kernel in zip(sigmas, kernels):
+        np.testing.assert_allclose(kernel, numpy_gaussian(float(sigma), 4), atol=1e-6)
+
+
+def test_blur_of_a_delta_is_the_normalised_gaussian():
+    delta = np.zeros([2, 15, 15, 3], np.float32)
+    delta[:, 7, 7, :] = 1.0
+    sigmas = np.array([0.8, 1.6], np.float32)
+    blurred = augment._blur_with_kernels(delta, augment._gaussian_kernels(sigmas, 3)).numpy()
+    for sigma, image in zip(sigmas, blurred):
+        kernel = numpy_gaussian(float(sigma), 3)
+        expected = np.zeros([15, 15])
+        expected[4:11, 4:11] = np.outer(kernel, kernel)
+        for channel in range(3):
+            np.testing.assert_allclose(image[..., channel], expected, atol=1e-6)
+        assert abs(image.sum() / 3 - 1.0) < 1e-5
+
+
+def test_blur_is_a_zero_padded_separable_convolution():
+    images = random_unit([2, 12, 10, 3])
+    sigmas = np.array([0.5, 1.5], np.float32)
+    blurred = augment._blur_with_kernels(images, augment._gaussian_kernels(sigmas, 2)).numpy()
+    for image, sigma, output in zip(images, sigmas, blurred):
+        kernel = numpy_gaussian(float(sigma), 2)
+        rows = np.apply_along_axis(np.convolve, 0, image, kernel, mode="same")
+        expected = np.apply_along_axis(np.convolve, 1, rows, kernel, mode="same")
+        np.testing.assert_allclose(output, expected, atol=1e-5)
+
+
+def test_random_blur_keeps_a_constant_interior_and_darkens_the_border():
+    constant = np.full([4, 64, 64, 3], 0.5, np.float32)
+    blurred = augment.random_gaussian_blur(constant, SEED, p=1.0).numpy()
+    radius = 64 // 20
+    np.testing.assert_allclose(blurred[:, radius:-radius, radius:-radius], 0.5, atol=1e-5)
+    assert (blurred[:, 0, 0] < 0.5).all()  # zero (SAME) padding, as the original SimCLR
+
+
+def test_random_blur_probabilities():
+    images = random_unit([6, 40, 40, 3])
+    np.testing.assert_array_equal(augment.random_gaussian_blur(images, SEED, p=0.0), images)
+    assert not np.allclose(augment.random_gaussian_blur(images, SEED, p=1.0), images)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation preprocessing.
+
+def test_preprocess_for_eval_centre_crop_matches_numpy_and_resize():
+    images = random_uint8([2, 40, 50, 3])
+    side = int(round(0.875 * 40))  # 35
+    top, left = (40 - side + 1) // 2, (50 - side + 1) // 2
+    crop = images[:, top:top + side, left:left + side]
+    expected = tf.image.resize(crop, [24, 24]) / 255.0
+    np.testing.assert_allclose(augment.preprocess_for_eval(images, 24), expected, atol=1e-5)
+
+
+def test_preprocess_for_eval_without_crop_only_resizes():
+    images = random_unit([2, 32, 32, 3])
+    np.testing.assert_allclose(augment.preprocess_for_eval(images, 32, crop=False), images,
+                               atol=1e-6)
+    np.testing.assert_allclose(augment.preprocess_for_eval(images, 20, crop=False),
+                               tf.image.resize(images, [20, 20]), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Inside tf.data and XLA.
+
+def test_two_views_inside_tf_data_map():
+    images = random_uint8([6, 32, 32, 3])
+
+    def augment_batch(index, batch):
+        return augment.two_views(batch, tf.random.experimental.stateless_fold_in(SEED, index), 32)
+
+    # A remainder batch keeps the batch dimension dynamic inside the map.
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(4).enumerate().map(augment_batch)
+    batches = list(dataset)
+    assert [view_a.shape[0] for view_a, _ in batches] == [4, 2]
+    for index, (view_a, view_b) in enumerate(batches):
+        batch = images[4 * index:4 * index + 4]
+        seed = tf.random.experimental.stateless_fold_in(SEED, tf.constant(index, tf.int64))
+        eager = augment.two_views(batch, seed, 32)
+        np.testing.assert_allclose(view_a, eager[0], atol=1e-6)
+        np.testing.assert_allclose(view_b, eager[1], atol=1e-6)
+
+
+def test_two_views_compiles_with_xla_and_matches_the_graph_version():
+    images = random_unit([4, 32, 32, 3])  # blur on: radius 32 // 20 = 1
+
+    def views(images, seed):
+        return augment.two_views(images, seed, 32)
+
+    # jit_compile=True raises if any op has no XLA kernel, so this call is the compile check.
+    compiled = tf.function(views, jit_compile=True)(images, SEED)
+    graph = tf.function(views)(images, SEED)
+    # The random draws are bit-identical (uniforms are built from integer bits); XLA fuses and
+    # reorders the float arithmetic, so the views agree to float rounding, not bit for bit.
+    for xla_view, graph_view in zip(compiled, graph):
+        assert xla_view.shape == (4, 32, 32, 3)
+        assert_unit_range(xla_view)
+        np.testing.assert_allclose(xla_view, graph_view, atol=1e-5)
