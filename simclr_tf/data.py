@@ -1,0 +1,573 @@
+"""Input pipelines: datasets → batches of two augmented views (+ label), and eval batches.
+
+Owns reading images (tensorflow-datasets builders, image folders, Debian's Fashion-MNIST prepared
+offline), splitting the reading between input pipelines, shuffling, batching with static shapes and
+the stateless seeds of the augmentations. The view transforms themselves live in `augment`.
+
+Dataset names:
+  * a tensorflow-datasets name (`cifar10`, `fashion_mnist`, `imagenet2012:5.1.0`): read from
+    `data_dir` (None = tfds's default, `~/tensorflow_datasets`). It must already be prepared there
+    (`tfds build NAME --data_dir=DIR` on a machine with internet); nothing is downloaded. The
+    exception is `fashion_mnist`, prepared from Debian's `dataset-fashion-mnist` files when missing.
+  * `folder:/path/to/images` for your own JPEG/PNG/GIF/BMP images. Sub-folders are classes
+    (sorted names → label ids 0, 1, ...; images inside them are found recursively); a flat folder
+    of images is unlabelled (label -1). If every sub-folder is named `train`, `validation` or
+    `test`, those are the splits and `split` picks one; otherwise the whole folder is every split.
+    Corrupt or unreadable image files are skipped with a logged warning (`Dataset.ignore_errors`),
+    so a folder's `DatasetInfo.num_examples` (the number of image files) counts them but the
+    pipelines do not yield them.
+
+Images stay uint8 through shuffling and batching; `augment` turns them into float32 views. Grayscale
+images become 3 channels (tiled) and RGBA images drop alpha.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import shutil
+import threading
+import uuid
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from simclr_tf import augment
+
+FOLDER_PREFIX = "folder:"
+FOLDER_SPLITS = ("train", "validation", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+
+FASHION_MNIST = "fashion_mnist"
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# The files tfds's fashion_mnist builder asks for, as Debian ships them (gzipped IDX).
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+# Keys of the dicts the pipelines yield.
+VIEW_A = "view_a"
+VIEW_B = "view_b"
+IMAGE = "image"
+LABEL = "label"
+MASK = "mask"
+
+UNLABELLED = -1
+
+_AUTOTUNE = tf.data.AUTOTUNE
+_prepare_lock = threading.Lock()
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be read; the message says what to install or which flag to set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a pipeline needs to know about a split.
+
+    Attributes:
+      name: the dataset name as given.
+      num_examples: examples in the split over all input pipelines (image files for folders).
+      num_classes: number of label ids, 0 if unlabelled.
+      image_shape: (H, W, 3) of the images `load_images` yields, None if their sizes vary.
+    """
+    name: str
+    num_examples: int
+    num_classes: int
+    image_shape: tuple | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def dataset_info(dataset: str, split: str, data_dir: str | None = None) -> DatasetInfo:
+    """Size, classes and image shape of `split` (prepares Fashion-MNIST offline if needed)."""
+    if dataset.startswith(FOLDER_PREFIX):
+        return _folder_info(dataset, _list_folder(dataset, split))
+    builder = _prepared_builder(dataset, data_dir)
+    return _tfds_info(dataset, builder, split)
+
+
+def load_images(dataset: str, split: str, data_dir: str | None = None,
+                input_context: tf.distribute.InputContext | None = None,
+                shuffle_files: bool = False, seed: int | None = None):
+    """Reads this input pipeline's share of a split as decoded images.
+
+    Args:
+      dataset: a tensorflow-datasets name or `folder:/path` (see the module docstring).
+      split: split name (tfds slicing such as `train[:10%]` works for tfds datasets).
+      data_dir: tensorflow-datasets directory; None = tfds's default.
+      input_context: the `tf.distribute.InputContext` of this pipeline; None = read everything.
+      shuffle_files: shuffle the order of files (tfds shards; every image for folders), per epoch.
+      seed: seed of that shuffle (None = not reproducible).
+
+    Returns:
+      (dataset of (image uint8 [H, W, 3], label int32, -1 if unlabelled), DatasetInfo).
+    """
+    if dataset.startswith(FOLDER_PREFIX):
+        listing = _list_folder(dataset, split)
+        images = _folder_images(listing, input_context, shuffle_files, seed)
+        return images, _folder_info(dataset, listing)
+    builder = _prepared_builder(dataset, data_dir)
+    info = _tfds_info(dataset, builder, split)
+    return _tfds_images(dataset, builder, split, input_context, shuffle_files, seed), info
+
+
+def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,
+                     data_dir: str | None = None,
+                     input_context: tf.distribute.InputContext | None = None,
+                     color_jitter_strength: float = 1.0, use_blur: bool = True, crop: bool = True,
+                     seed: int = 0, shuffle_buffer: int = 10000,
+                     cache: bool = False) -> tf.data.Dataset:
+    """Endless, shuffled batches of two augmented views per image, for one input pipeline.
+
+    The views of a batch come from a stateless seed derived from (`seed`, input pipeline id, batch
+    number), so the same arguments give the same stream. Fixed-size datasets are augmented a batch
+    at a time; folders (varying sizes) one image at a time before batching. For folders the file
+    order is already fully shuffled every epoch, so a small `shuffle_buffer` suffices (the buffer
+    holds decoded images).
+
+    Args:
+      batch_size: examples per batch of THIS pipeline (the per-replica batch).
+      image_size: side S of the square views.
+      color_jitter_strength, use_blur, crop: passed to `augment.two_views` (the random resized
+        crop is part of SimCLR; crop=False exists for ablations).
+      cache: keep the decoded uint8 images in memory after the first epoch.
+      Others: as in `load_images`.
+
+    Returns:
+      tf.data.Dataset of {view_a, view_b: float32 [batch_size, S, S, 3] in [0, 1];
+      label: int32 [batch_size]}.
+    """
+    _check_positive(batch_size=batch_size, image_size=image_size, shuffle_buffer=shuffle_buffer)
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    images, info = load_images(dataset, split, data_dir, input_context,
+                               shuffle_files=True, seed=seed + pipeline_id)
+    _check_enough_examples(info, input_context)
+    if cache:
+        images = images.cache()
+    images = images.shuffle(shuffle_buffer, seed=seed + pipeline_id, reshuffle_each_iteration=True)
+    images = images.repeat()
+
+    base_seed = tf.constant([seed, pipeline_id], tf.int64)
+
+    def views(step, image, label, view_shape):
+        step_seed = tf.random.experimental.stateless_fold_in(base_seed, step)
+        view_a, view_b = augment.two_views(
+            image, step_seed, image_size, color_jitter_strength=color_jitter_strength,
+            use_blur=use_blur, crop=crop)
+        return {VIEW_A: tf.ensure_shape(view_a, view_shape),
+                VIEW_B: tf.ensure_shape(view_b, view_shape),
+                LABEL: tf.ensure_shape(label, view_shape[:1])}
+
+    if info.image_shape is None:
+        # Sizes vary, so no batch can be formed before the crop: augment each image as a batch of 1.
+        def one_image(step, example):
+            image, label = example
+            return views(step, image[tf.newaxis], label[tf.newaxis], [1, image_size, image_size, 3])
+
+        batches = _with_counter(images).map(one_image, num_parallel_calls=_AUTOTUNE,
+                                            deterministic=True)
+        batches = batches.unbatch().batch(batch_size, drop_remainder=True)
+    else:
+        def whole_batch(step, example):
+            return views(step, *example, [batch_size, image_size, image_size, 3])
+
+        batches = _with_counter(images.batch(batch_size, drop_remainder=True)).map(
+            whole_batch, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    return batches.prefetch(_AUTOTUNE)
+
+
+def eval_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,
+                 data_dir: str | None = None,
+                 input_context: tf.distribute.InputContext | None = None,
+                 crop: bool = True) -> tf.data.Dataset:
+    """One pass over this pipeline's share of a split, in full batches with a mask.
+
+    The last partial batch is padded with zero images, label 0 (a valid class id, so a loss on a
+    padded row stays finite) and mask 0: shapes stay static and summing `mask`-weighted values
+    counts every example exactly once.
+
+    Args:
+      crop: centre-crop 87.5% before resizing (pass False for images of 32 px or less).
+      Others: as in `pretrain_dataset`.
+
+    Returns:
+      tf.data.Dataset of {image: float32 [batch_size, S, S, 3]; label: int32 [batch_size];
+      mask: float32 [batch_size]}.
+    """
+    _check_positive(batch_size=batch_size, image_size=image_size)
+    images, info = load_images(dataset, split, data_dir, input_context, shuffle_files=False)
+
+    def preprocess(image):
+        return augment.preprocess_for_eval(image, image_size, crop=crop)
+
+    if info.image_shape is None:
+        batches = images.map(lambda image, label: (preprocess(image[tf.newaxis])[0], label),
+                             num_parallel_calls=_AUTOTUNE, deterministic=True)
+        batches = batches.batch(batch_size)
+    else:
+        batches = images.batch(batch_size).map(lambda image, label: (preprocess(image), label),
+                                               num_parallel_calls=_AUTOTUNE, deterministic=True)
+    batches = batches.map(lambda image, label: _pad_batch(image, label, batch_size, image_size))
+    return batches.prefetch(_AUTOTUNE)
+
+
+def prepare_fashion_mnist_offline(data_dir: str | None,
+                                  source_dir: str = DEBIAN_FASHION_MNIST_DIR) -> None:
+    """Prepares tfds's `fashion_mnist` in `data_dir` from Debian's IDX files, without network.
+
+    Runs the real tfds builder, handing it the decompressed Debian files instead of downloads
+    (their .gz were recompressed, so tfds's registered checksums do not match them). Does nothing
+    if the dataset is already prepared. tfds writes into a temporary folder and renames it, so a
+    reader never sees a half-written dataset; the decompressed files are cached in
+    `<data_dir>/downloads/debian_fashion_mnist/`.
+    """
+    with _prepare_lock:
+        builder = tfds.builder(FASHION_MNIST, data_dir=data_dir)
+        if builder.is_prepared():
+            return
+        root = os.fspath(builder.data_dir_root)
+        sources = [os.path.join(source_dir, name) for name in FASHION_MNIST_FILES]
+        if not all(os.path.isfile(path) for path in sources):
+            raise DatasetError(
+                f"Fashion-MNIST is not prepared in {root} and Debian's dataset-fashion-mnist "
+                f"package is not installed (no IDX files in {source_dir}): run 'apt-get install "
+                f"dataset-fashion-mnist' or point --data_dir at a prepared tensorflow-datasets "
+                f"directory")
+        cache_dir = os.path.join(root, "downloads", "debian_fashion_mnist")
+        local_files = {os.path.basename(path): _gunzip_once(path, cache_dir) for path in sources}
+        try:
+            _download_and_prepare_from_local_files(builder, local_files)
+        except Exception as err:  # pylint: disable=broad-except
+            # Another process may have prepared it meanwhile (then tfds's final rename fails here).
+            if tfds.builder(FASHION_MNIST, data_dir=data_dir).is_prepared():
+                return
+            raise DatasetError(f"preparing Fashion-MNIST in {root} from {source_dir} failed: "
+                               f"{_first_line(err)}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# tensorflow-datasets
+
+
+def _prepared_builder(name: str, data_dir: str | None):
+    """The tfds builder of `name`, prepared in data_dir (Fashion-MNIST offline if needed)."""
+    builder = _tfds_builder(name, data_dir)
+    if not builder.is_prepared() and _base_name(name) == FASHION_MNIST:
+        prepare_fashion_mnist_offline(data_dir)
+        builder = _tfds_builder(name, data_dir)
+    if not builder.is_prepared():
+        root = os.fspath(builder.data_dir_root)
+        raise DatasetError(
+            f"tensorflow-datasets dataset {name!r} is not prepared in {root}: run 'tfds build "
+            f"{name} --data_dir=DIR' on a machine with internet and pass that directory as "
+            f"--data_dir")
+    return builder
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        raise DatasetError(
+            f"unknown dataset {name!r}: give a tensorflow-datasets name (e.g. 'cifar10', "
+            f"'fashion_mnist') or '{FOLDER_PREFIX}/path/to/images' for a folder of your own images"
+        ) from None
+    except Exception as err:  # pylint: disable=broad-except  (bad version or config, ...)
+        raise DatasetError(f"cannot open tensorflow-datasets dataset {name!r}: "
+                           f"{_first_line(err)}") from err
+
+
+def _base_name(name: str) -> str:
+    """'fashion_mnist/config:3.0.1' → 'fashion_mnist'."""
+    return name.split(":")[0].split("/")[0]
+
+
+def _tfds_keys(name: str, builder) -> tuple[str, str | None]:
+    """(image feature, label feature or None): the supervised keys, else the feature 'image'."""
+    features = builder.info.features
+    keys = builder.info.supervised_keys
+    if keys and all(isinstance(key, str) for key in keys[:2]):
+        image_key, label_key = keys[0], keys[1]
+    else:
+        image_key, label_key = IMAGE, None
+    if image_key not in features.keys() or not isinstance(features[image_key], tfds.features.Image):
+        raise DatasetError(f"tensorflow-datasets dataset {name!r} has no image feature to train on")
+    if label_key is not None and not isinstance(features[label_key], tfds.features.ClassLabel):
+        label_key = None
+    return image_key, label_key
+
+
+def _tfds_split(name: str, builder, split: str):
+    try:
+        return builder.info.splits[split]
+    except (KeyError, ValueError, AssertionError):
+        raise DatasetError(f"dataset {name!r} has no split {split!r}: choose one of "
+                           f"{sorted(builder.info.splits)}") from None
+
+
+def _tfds_info(name: str, builder, split: str) -> DatasetInfo:
+    image_key, label_key = _tfds_keys(name, builder)
+    features = builder.info.features
+    height, width = features[image_key].shape[:2]
+    return DatasetInfo(
+        name=name,
+        num_examples=int(_tfds_split(name, builder, split).num_examples),
+        num_classes=int(features[label_key].num_classes) if label_key else 0,
+        image_shape=(height, width, 3) if height and width else None)
+
+
+def _tfds_images(name, builder, split, input_context, shuffle_files, seed) -> tf.data.Dataset:
+    image_key, label_key = _tfds_keys(name, builder)
+    my_split, file_context = _tfds_read_plan(builder.info.splits[split], split, input_context)
+    read_config = tfds.ReadConfig(input_context=file_context, shuffle_seed=seed)
+    if builder.info.splits[my_split].num_examples:
+        examples = builder.as_dataset(split=my_split, shuffle_files=shuffle_files,
+                                      read_config=read_config)
+    else:  # more input pipelines than examples: tfds refuses an empty sub-split
+        examples = builder.as_dataset(split=split).take(0)
+
+    def image_and_label(example):
+        label = (tf.cast(example[label_key], tf.int32) if label_key
+                 else tf.constant(UNLABELLED, tf.int32))
+        return _to_rgb(example[image_key]), label
+
+    return examples.map(image_and_label, num_parallel_calls=_AUTOTUNE, deterministic=True)
+
+
+def _tfds_read_plan(split_info, split: str, input_context):
+    """(split to read, input context for tfds.ReadConfig) for this input pipeline.
+
+    tfds shards by file when every pipeline gets at least one file; with fewer files than
+    pipelines (small datasets are a single file) it refuses, so use its even sub-splits instead.
+    """
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return split, None
+    if len(split_info.file_instructions) >= input_context.num_input_pipelines:
+        return split, input_context
+    sub_splits = tfds.even_splits(split, n=input_context.num_input_pipelines)
+    return sub_splits[input_context.input_pipeline_id], None
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [H, W, C] with C in {1, 3, 4} → uint8 [H, W, 3]."""
+    channels = image.shape[-1]
+    if channels == 1:
+        return tf.tile(image, [1, 1, 3])
+    if channels == 4:
+        return image[..., :3]
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline Fashion-MNIST download manager
+
+
+class _LocalFilesDownloadManager(tfds.download.DownloadManager):
+    """Serves already-extracted local files instead of downloading: URL basename → local file.
+
+    A request for any other URL is an error, so a change in the builder shows up as a clear failure
+    rather than as a network download.
+    """
+
+    def __init__(self, local_files: dict[str, str], **kwargs):
+        super().__init__(**kwargs)
+        self._local_files = dict(local_files)
+
+    def _local_path(self, url):
+        name = os.path.basename(str(getattr(url, "url", url)))
+        if name not in self._local_files:
+            raise DatasetError(f"offline preparation has no local file for {url}")
+        return tfds.core.Path(self._local_files[name])
+
+    def download_and_extract(self, url_or_urls):
+        return tf.nest.map_structure(self._local_path, url_or_urls)
+
+    def download(self, url_or_urls):
+        return self.download_and_extract(url_or_urls)
+
+
+def _download_and_prepare_from_local_files(builder, local_files: dict[str, str]) -> None:
+    """Runs builder.download_and_prepare with a download manager that serves `local_files`.
+
+    tfds has no public way to hand a builder files whose checksums differ from the registered
+    ones (its manual_dir path still validates them). The builder makes its download manager in
+    the private `_make_download_manager`, so this replaces that method on this one instance; all
+    of tfds's own preparation (split generation, atomic write, dataset_info.json) runs unchanged.
+    """
+    if not callable(getattr(builder, "_make_download_manager", None)):
+        raise DatasetError("this tensorflow-datasets version has no DatasetBuilder."
+                           "_make_download_manager to hand the Debian files to: install "
+                           "tensorflow-datasets 4.9.x or prepare fashion_mnist in --data_dir")
+    manager = _LocalFilesDownloadManager(
+        local_files, download_dir=os.path.join(os.fspath(builder.data_dir_root), "downloads"),
+        dataset_name=builder.name)
+    # pylint: disable-next=protected-access
+    builder._make_download_manager = lambda *args, **kwargs: manager
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+def _gunzip_once(gz_path: str, out_dir: str) -> str:
+    """Decompresses gz_path into out_dir (atomically, once) and returns the decompressed file."""
+    out_path = os.path.join(out_dir, os.path.basename(gz_path)[:-len(".gz")])
+    if tf.io.gfile.exists(out_path):
+        return out_path
+    tf.io.gfile.makedirs(out_dir)
+    tmp_path = f"{out_path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with gzip.open(gz_path, "rb") as src, tf.io.gfile.GFile(tmp_path, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+        tf.io.gfile.rename(tmp_path, out_path, overwrite=True)
+    finally:
+        if tf.io.gfile.exists(tmp_path):
+            tf.io.gfile.remove(tmp_path)
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+
+
+@dataclasses.dataclass(frozen=True)
+class _FolderListing:
+    root: str
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+
+
+def _list_folder(dataset: str, split: str) -> _FolderListing:
+    """Finds the image files of a `folder:` dataset and their labels (sorted, so reproducible)."""
+    root = os.path.expanduser(dataset[len(FOLDER_PREFIX):]).rstrip("/") or "/"
+    if not tf.io.gfile.isdir(root):
+        raise DatasetError(f"image folder {root!r} of dataset {dataset!r} does not exist")
+    root = _folder_split_dir(root, split)
+    subdirs, top_images = _entries(root)
+    if subdirs and top_images:
+        raise DatasetError(f"image folder {root!r} has both images and sub-folders: put every "
+                           f"image in a class sub-folder (labelled) or none (unlabelled)")
+    if subdirs:
+        per_class = [_images_below(_join(root, name)) for name in subdirs]
+        paths = tuple(path for files in per_class for path in files)
+        labels = tuple(label for label, files in enumerate(per_class) for _ in files)
+    else:
+        paths = tuple(_join(root, name) for name in top_images)
+        labels = (UNLABELLED,) * len(paths)
+    if not paths:
+        raise DatasetError(f"image folder {root!r} has no images (looked for "
+                           f"{', '.join(IMAGE_EXTENSIONS)} files)")
+    return _FolderListing(root, paths, labels, tuple(subdirs))
+
+
+def _folder_split_dir(root: str, split: str) -> str:
+    """root/split if root holds only split sub-folders (train/validation/test), else root."""
+    subdirs, _ = _entries(root)
+    if not subdirs or any(name not in FOLDER_SPLITS for name in subdirs):
+        return root
+    if split not in subdirs:
+        raise DatasetError(f"image folder {root!r} has split sub-folders {subdirs} but no "
+                           f"{split!r}: pass one of them as the split")
+    return _join(root, split)
+
+
+def _entries(folder: str) -> tuple[list[str], list[str]]:
+    """(sub-folder names, image file names) of folder, sorted; hidden entries are skipped.
+
+    Names with an image extension are taken to be files without asking the file system, so a
+    folder of a million images costs one listing, not a million stats (slow on GCS).
+    """
+    subdirs, images = [], []
+    for name in tf.io.gfile.listdir(folder):
+        name = name.rstrip("/")  # gfile lists directories on GCS with a trailing '/'
+        if not name or name.startswith("."):
+            continue
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            images.append(name)
+        elif tf.io.gfile.isdir(_join(folder, name)):
+            subdirs.append(name)
+    return sorted(subdirs), sorted(images)
+
+
+def _images_below(folder: str) -> list[str]:
+    """Paths of every image under folder, recursively, in sorted order."""
+    subdirs, images = _entries(folder)
+    paths = [_join(folder, name) for name in images]
+    for name in subdirs:
+        paths += _images_below(_join(folder, name))
+    return sorted(paths)
+
+
+def _join(folder: str, name: str) -> str:
+    return folder.rstrip("/") + "/" + name
+
+
+def _folder_info(dataset: str, listing: _FolderListing) -> DatasetInfo:
+    return DatasetInfo(name=dataset, num_examples=len(listing.paths),
+                       num_classes=len(listing.class_names), image_shape=None)
+
+
+def _folder_images(listing: _FolderListing, input_context, shuffle_files: bool,
+                   seed: int | None) -> tf.data.Dataset:
+    files = tf.data.Dataset.from_tensor_slices(
+        (list(listing.paths), np.asarray(listing.labels, np.int32)))
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if shuffle_files:
+        files = files.shuffle(len(listing.paths), seed=seed, reshuffle_each_iteration=True)
+    images = files.map(_read_image, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    # Policy for corrupt/unreadable files: skip them, logging a warning for each.
+    return images.ignore_errors(log_warning=True)
+
+
+def _read_image(path: tf.Tensor, label: tf.Tensor):
+    """Decodes JPEG/PNG/GIF (first frame)/BMP into uint8 [H, W, 3] (gray → RGB, alpha dropped)."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image, label
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _with_counter(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """(step, element): step counts elements from 0, the input of the stateless seeds."""
+    return tf.data.Dataset.zip(tf.data.Dataset.counter(), dataset)
+
+
+def _pad_batch(image, label, batch_size: int, image_size: int) -> dict:
+    count = tf.shape(label)[0]
+    padding = batch_size - count
+    image = tf.pad(image, [[0, padding], [0, 0], [0, 0], [0, 0]])
+    return {
+        IMAGE: tf.ensure_shape(image, [batch_size, image_size, image_size, 3]),
+        LABEL: tf.ensure_shape(tf.pad(label, [[0, padding]]), [batch_size]),
+        MASK: tf.ensure_shape(tf.pad(tf.ones([count], tf.float32), [[0, padding]]), [batch_size]),
+    }
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _check_enough_examples(info: DatasetInfo, input_context) -> None:
+    """An input pipeline with no examples would end the endless pretraining stream at once."""
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    if info.num_examples < pipelines:
+        raise DatasetError(f"dataset {info.name!r} has {info.num_examples} examples, fewer than "
+                           f"the {pipelines} input pipelines reading it")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
