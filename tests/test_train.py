@@ -82,3 +82,48 @@ def test_replica_step_compiles_with_xla():
     out = step(batch)
     assert np.isfinite(out["loss"].numpy())
     assert int(trainer.step.numpy()) == 1
+
+
+def _image_folder(root, per_class=8, size=20):
+    rng = np.random.default_rng(0)
+    for label in ("cats", "dogs"):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+            tf.io.write_file(str(root / label / f"{i}.png"), tf.io.encode_png(pixels))
+    return f"folder:{root}"
+
+
+def test_training_runs_checkpoints_and_resumes_at_the_same_step(tmp_path):
+    dataset = _image_folder(tmp_path / "images")
+    model_dir = tmp_path / "run"
+    config = tiny_config(model_dir, train_steps=4, summary_images=2)
+    config = cfg.RunConfig(**{**config.__dict__,
+                              "data": cfg.DataConfig(dataset=dataset, image_size=16)})
+    trainer, metrics = train.run_pretraining(config, tf.distribute.get_strategy())
+    assert int(trainer.step.numpy()) == 4
+    assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["contrast_acc"] <= 1.0
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
+    assert any(p.name.startswith("events.out.tfevents") for p in model_dir.iterdir())
+    saved = {v.path: v.numpy() for v in trainer.encoder.variables}
+    saved_velocities = [v.numpy() for v in trainer.optimizer.velocities]
+
+    # The same command with a longer schedule resumes from step 4 with the same weights...
+    longer = cfg.RunConfig(**{**config.__dict__,
+                              "train": cfg.TrainConfig(**{**config.train.__dict__,
+                                                          "train_steps": 6})})
+    restored = train.Pretrainer(longer, tf.distribute.get_strategy(),
+                                train.make_schedule(longer.train, longer.optimizer, 16), 2)
+    restored.checkpoint.restore(tf.train.latest_checkpoint(str(model_dir)))
+    assert int(restored.step.numpy()) == 4
+    for v in restored.encoder.variables:
+        np.testing.assert_array_equal(v.numpy(), saved[v.path])
+    assert any(np.any(v != 0) for v in saved_velocities)
+    for v, expected in zip(restored.optimizer.velocities, saved_velocities):
+        np.testing.assert_array_equal(v.numpy(), expected)
+    # ...and stops at the new total; a third run with nothing left to do keeps the step.
+    trainer, _ = train.run_pretraining(longer, tf.distribute.get_strategy())
+    assert int(trainer.step.numpy()) == 6
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-6")
+    trainer, _ = train.run_pretraining(longer, tf.distribute.get_strategy())
+    assert int(trainer.step.numpy()) == 6
