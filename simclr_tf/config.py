@@ -101,6 +101,8 @@ class TrainConfig:
     jit_compile: bool = False
     precision: str = "float32"
     summary_images: int = 4
+    export_every: int = 0
+    keep_export_max: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +176,8 @@ def validate(config, num_replicas=1):
            "set train_epochs or train_steps to a positive number")
     _check(train.train_steps >= 0, f"train_steps must be >= 0, got {train.train_steps}")
     _check(train.train_epochs >= 0, f"train_epochs must be >= 0, got {train.train_epochs}")
-    for name in ("steps_per_loop", "checkpoint_steps", "keep_checkpoint_max"):
+    _check(train.export_every >= 0, f"export_every must be >= 0, got {train.export_every}")
+    for name in ("steps_per_loop", "checkpoint_steps", "keep_checkpoint_max", "keep_export_max"):
         _check(getattr(train, name) > 0, f"{name} must be positive, got {getattr(train, name)}")
     _check(train.precision in PRECISIONS,
            f"precision must be one of {PRECISIONS}, got {train.precision!r}")

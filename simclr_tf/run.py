@@ -58,6 +58,9 @@ flags.DEFINE_integer("train_steps", 0, "Total steps; overrides train_epochs when
 flags.DEFINE_integer("steps_per_loop", 10, "Steps per compiled loop call (and per log line).")
 flags.DEFINE_integer("checkpoint_steps", 500, "Checkpoint every this many steps.")
 flags.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints kept.")
+flags.DEFINE_integer("export_every", 0,
+                     "Also export f every this many checkpoints (0: only at the end).")
+flags.DEFINE_integer("keep_export_max", 5, "Exports kept in <model_dir>/export.")
 flags.DEFINE_boolean("lineareval_while_pretraining", True,
                      "Train a linear probe on stop_gradient(h) when the dataset has labels.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and augmentations.")
@@ -92,7 +95,8 @@ def config_from_flags():
         train=cfg.TrainConfig(
             FLAGS.model_dir, FLAGS.train_batch_size, FLAGS.train_epochs, FLAGS.train_steps,
             FLAGS.steps_per_loop, FLAGS.checkpoint_steps, FLAGS.keep_checkpoint_max,
-            FLAGS.lineareval_while_pretraining, FLAGS.seed, FLAGS.jit_compile, FLAGS.precision),
+            FLAGS.lineareval_while_pretraining, FLAGS.seed, FLAGS.jit_compile, FLAGS.precision,
+            export_every=FLAGS.export_every, keep_export_max=FLAGS.keep_export_max),
     )
 
 
@@ -127,11 +131,12 @@ def main(argv):
     import tensorflow as tf
     from simclr_tf import train
 
-    keras.utils.set_random_seed(config.train.seed)
-    if config.train.precision != "float32":
-        keras.mixed_precision.set_dtype_policy(f"mixed_{config.train.precision}")
     try:
+        # Before any other TF op: MultiWorkerMirroredStrategy must be created at start-up.
         strategy = distribute.build_strategy(FLAGS.strategy, FLAGS.num_cpu_replicas, FLAGS.tpu)
+        keras.utils.set_random_seed(config.train.seed)
+        if config.train.precision != "float32":
+            keras.mixed_precision.set_dtype_policy(f"mixed_{config.train.precision}")
         cfg.validate(config, strategy.num_replicas_in_sync)
         if distribute.is_chief(strategy):
             cfg.save(config, config.train.model_dir)

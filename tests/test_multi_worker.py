@@ -1,0 +1,101 @@
+"""MultiWorkerMirroredStrategy with two local worker processes: same step as one worker, and a CLI
+run where only the chief writes and which resumes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import train
+from test_train import _batch, _image_folder, tiny_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+pytestmark = pytest.mark.slow
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _run_workers(args_for, timeout=600):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+        procs.append(subprocess.Popen(args_for(index), env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def test_two_workers_give_the_same_step_as_one_worker(tmp_path):
+    config = tiny_config()
+    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    reference = train.Pretrainer(config, tf.distribute.get_strategy(), schedule, num_classes=10)
+    parts = (reference.encoder, reference.head, reference.probe)
+    np.savez(tmp_path / "weights.npz", **{f"{p}_{i}": w for p, part in enumerate(parts)
+                                          for i, w in enumerate(part.get_weights())})
+    batch = _batch()
+    np.savez(tmp_path / "batch.npz", **batch)
+
+    _run_workers(lambda i: [sys.executable, os.path.join(HERE, "multi_worker_step.py"),
+                            str(tmp_path / "weights.npz"), str(tmp_path / "batch.npz"),
+                            str(tmp_path / "out.json")])
+    with open(tmp_path / "out.json") as f:
+        two_workers = json.load(f)
+
+    @tf.function
+    def step():
+        return reference.replica_step({k: tf.constant(v) for k, v in batch.items()})
+
+    one_worker = {k: float(v) for k, v in step().items()}
+    for key in ("contrast_loss", "probe_loss", "contrast_acc"):
+        assert two_workers[key] == pytest.approx(one_worker[key], rel=1e-4, abs=1e-6), key
+    encoder_sum = float(sum(np.sum(v.numpy()) for v in reference.encoder.variables))
+    assert two_workers["encoder_sum"] == pytest.approx(encoder_sum, rel=1e-4)
+
+
+def test_cli_run_on_two_workers_writes_from_the_chief_and_resumes(tmp_path):
+    dataset = _image_folder(tmp_path / "images")
+    model_dir = tmp_path / "run"
+
+    def command(steps):
+        return lambda i: [
+            sys.executable, "-m", "simclr_tf.run", "--strategy=multi_worker",
+            f"--dataset={dataset}", f"--model_dir={model_dir}", "--resnet_depth=18",
+            "--image_size=16", "--train_batch_size=8", f"--train_steps={steps}",
+            "--steps_per_loop=2", "--checkpoint_steps=2", "--proj_out_dim=16",
+            "--warmup_epochs=0"]
+
+    _run_workers(command(2))
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
+    assert os.listdir(model_dir / "export") == ["2"]
+    assert not os.path.exists(model_dir / ".workers") or not os.listdir(model_dir / ".workers")
+    outputs = _run_workers(command(4))
+    assert "Resumed from" in outputs[0] and "at step 2" in outputs[0]
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
+    assert sorted(os.listdir(model_dir / "export")) == ["2", "4"]
