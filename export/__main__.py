@@ -1,0 +1,54 @@
+"""Exports the encoder f of a simclr_tf run as a versioned SavedModel.
+
+    python -m export --model_dir=RUN [--export_dir=OUT] [--checkpoint=ckpt-N|N] \
+        [--include_feature_maps]
+
+The encoder is rebuilt from `RUN/config.json` and restored from the latest checkpoint (or the one
+named); the SavedModel is written to `OUT/<global_step>/` (default OUT: `RUN/export`). Prints the
+version directory. On failure prints `error: <message>` to stderr and exits with status 1.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_dir", None, "The training run's directory (config.json, checkpoints).")
+flags.DEFINE_string("export_dir", None, "Where version directories go; default <model_dir>/export.")
+flags.DEFINE_string("checkpoint", None,
+                    "Checkpoint to export: a prefix path, a name in model_dir (ckpt-500) or a "
+                    "step (500); default the latest.")
+flags.DEFINE_boolean("include_feature_maps", False,
+                     "Also export the feature_maps signature (block_group1..4 for dense tasks).")
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+    if not FLAGS.model_dir:
+        _fail("--model_dir is required: the directory of the training run to export")
+    import tensorflow as tf
+    from simclr_tf import export
+
+    export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
+    try:
+        path = export.export_checkpoint(FLAGS.model_dir, export_dir, FLAGS.checkpoint,
+                                        include_feature_maps=FLAGS.include_feature_maps)
+    except export.ExportError as e:
+        _fail(str(e))
+    except tf.errors.OpError as e:
+        _fail(f"{type(e).__name__}: {e.message.strip().splitlines()[0]}")
+    print(path)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)

@@ -1,0 +1,112 @@
+"""Sends image files to a running TF Serving and prints their embeddings (REST, `serving_bytes`).
+
+    python -m export.serving_client --model=simclr [--host=localhost --port=8501] a.jpg b.png
+
+Each file goes base64-encoded as `{"image_bytes": {"b64": ...}}` (TF Serving decodes inputs whose
+name ends in `_bytes`); the server decodes, centre-crops and resizes it exactly as the model was
+evaluated. Prints one line per file: the path, then the embedding. Standard library and numpy only.
+"""
+
+import argparse
+import base64
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+SIGNATURE = "serving_bytes"
+INPUT_NAME = "image_bytes"
+OUTPUT_NAME = "embedding"
+
+
+def predict_url(host, port, model, version=None):
+    """The REST predict endpoint of `model` (latest version unless `version`)."""
+    version_part = f"/versions/{int(version)}" if version is not None else ""
+    return f"http://{host}:{port}/v1/models/{model}{version_part}:predict"
+
+
+def build_request(images, signature_name=SIGNATURE, input_name=INPUT_NAME):
+    """The JSON body (a dict) of a row-format predict request for encoded image files.
+
+    Args:
+      images: list of bytes, each a whole JPEG/PNG file.
+      signature_name: the bytes signature of the export.
+      input_name: its input; must end in `_bytes` for TF Serving to base64-decode it.
+    """
+    if not input_name.endswith("_bytes"):
+        raise ValueError(f"input_name must end in '_bytes' for base64 inputs, got {input_name!r}")
+    instances = [{input_name: {"b64": base64.b64encode(data).decode("ascii")}} for data in images]
+    return {"signature_name": signature_name, "instances": instances}
+
+
+def parse_response(body, output_name=OUTPUT_NAME):
+    """float32 [batch, D] embeddings from a predict response (dict or JSON text)."""
+    if isinstance(body, (str, bytes)):
+        body = json.loads(body)
+    if "error" in body:
+        raise RuntimeError(f"TF Serving: {body['error']}")
+    predictions = body["predictions"]
+    # One output -> a list of vectors; several outputs -> a list of {name: value} objects.
+    rows = [p[output_name] if isinstance(p, dict) else p for p in predictions]
+    return np.asarray(rows, dtype=np.float32)
+
+
+def post_json(url, body, timeout=60.0):
+    """POSTs `body` as JSON and returns the decoded JSON reply (TF Serving errors included)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            return json.loads(text)  # TF Serving explains failures as {"error": ...}
+        except ValueError:
+            return {"error": f"HTTP {e.code}: {text[:200]}"}
+
+
+def embed_files(paths, url, batch_size=32, post=post_json):
+    """[len(paths), D] embeddings, sending `batch_size` files per request."""
+    chunks = []
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for path in paths[start:start + batch_size]:
+            with open(path, "rb") as f:
+                images.append(f.read())
+        chunks.append(parse_response(post(url, build_request(images))))
+    return np.concatenate(chunks) if chunks else np.zeros([0, 0], np.float32)
+
+
+def format_embedding(path, embedding, precision=6):
+    values = " ".join(f"{v:.{precision}g}" for v in embedding)
+    return f"{path}\t{values}"
+
+
+def main(argv=None, post=post_json):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, GIF or BMP)")
+    parser.add_argument("--host", default="localhost")
+    parser.add_argument("--port", type=int, default=8501, help="TF Serving's REST port")
+    parser.add_argument("--model", default="simclr", help="model name given to TF Serving")
+    parser.add_argument("--version", type=int, default=None, help="model version; default latest")
+    parser.add_argument("--batch_size", type=int, default=32, help="files per request")
+    parser.add_argument("--save", default=None, help="also write the embeddings to this .npy")
+    args = parser.parse_args(argv)
+    url = predict_url(args.host, args.port, args.model, args.version)
+    try:
+        embeddings = embed_files(args.images, url, args.batch_size, post=post)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path, embedding in zip(args.images, embeddings):
+        print(format_embedding(path, embedding))
+    if args.save:
+        np.save(args.save, embeddings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

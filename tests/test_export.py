@@ -1,0 +1,575 @@
+"""Encoder-only export: the SavedModel's contents, signatures, loaders, fine-tuning and failures.
+
+One fake run serves the whole file: a `Pretrainer` built under a 2-replica MirroredStrategy with
+global BN (so its BN layers are the cross-replica kind), its BN statistics updated by global-BN
+forward passes, its weights perturbed, and two training checkpoints (steps 5 and 7) written through
+a `CheckpointManager`, as `run_pretraining` writes them. A distributed SimCLR step is not run: its
+first trace takes about a minute here, and the checkpoint layout does not depend on it.
+"""
+
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
+
+from export import serving_client
+from simclr_tf import config as config_lib
+from simclr_tf import export
+from simclr_tf.augment import preprocess_for_eval
+from simclr_tf.train import Pretrainer, make_schedule
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_SIZE = 16
+STEPS = (5, 7)
+ATOL = 1e-5
+
+
+def _run_config(model_dir):
+    return config_lib.RunConfig(
+        data=config_lib.DataConfig(image_size=IMAGE_SIZE),
+        encoder=config_lib.EncoderConfig(resnet_depth=18, cifar_stem=True, global_bn=True),
+        optimizer=config_lib.OptimizerConfig(optimizer="momentum", learning_rate=0.1,
+                                             warmup_epochs=0),
+        train=config_lib.TrainConfig(model_dir=str(model_dir), train_batch_size=8,
+                                     train_steps=10))
+
+
+def _images(n, seed=0, size=IMAGE_SIZE):
+    return np.random.default_rng(seed).random((n, size, size, 3), dtype=np.float32)
+
+
+def _perturb_weights(encoder, rng):
+    """Moves every weight off its initial value (gamma starts at 0 in residual branches)."""
+    for v in encoder.trainable_variables:
+        v.assign(v.numpy() + 0.05 * rng.standard_normal(v.shape).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("run"))
+    run_config = _run_config(model_dir)
+    config_lib.save(run_config, model_dir)
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
+    schedule = make_schedule(run_config.train, run_config.optimizer, num_examples=80)
+    trainer = Pretrainer(run_config, strategy, schedule, num_classes=10)
+    manager = tf.train.CheckpointManager(trainer.checkpoint, model_dir, max_to_keep=5,
+                                         step_counter=trainer.step)
+
+    @tf.function
+    def global_bn_forward(images):
+        return strategy.run(lambda x: trainer.encoder(x, training=True), args=(images,))
+
+    rng = np.random.default_rng(0)
+    batches = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(_images(8 * len(STEPS), seed=1)).batch(8))
+    for step, batch in zip(STEPS, batches):
+        _perturb_weights(trainer.encoder, rng)
+        global_bn_forward(batch)  # moving statistics from all-reduced (global) moments
+        trainer.optimizer.iterations.assign(step)
+        manager.save(checkpoint_number=step)
+    return types.SimpleNamespace(model_dir=model_dir, config=run_config, strategy=strategy,
+                                 trainer=trainer, checkpoints=manager.checkpoints)
+
+
+@pytest.fixture(scope="module")
+def version_dir(run, tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("export"))
+    return export.export_checkpoint(run.model_dir, base, include_feature_maps=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(version_dir):
+    return tf.saved_model.load(version_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(run):
+    """h from the trainer's own encoder (distributed variables, global-BN layers), inference."""
+    def embed(images):
+        return run.trainer.encoder(tf.constant(images), training=False).numpy()
+    return embed
+
+
+def _encode(fn, array):
+    return fn(tf.constant(array)).numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Layout and contents.
+
+def test_version_directory_is_the_global_step_with_metadata(run, version_dir):
+    base = os.path.dirname(version_dir)
+    assert os.path.basename(version_dir) == str(STEPS[-1])
+    assert sorted(os.listdir(base)) == [str(STEPS[-1])]  # no temporary directory left behind
+    assert tf.saved_model.contains_saved_model(version_dir)
+    meta = export.load_metadata(version_dir)
+    assert meta["global_step"] == STEPS[-1]
+    assert meta["image_size"] == IMAGE_SIZE
+    assert meta["input"]["value_range"] == [0.0, 1.0]
+    assert meta["input"]["dtype"] == "float32"
+    assert meta["embedding_size"] == run.config.encoder.output_dim == 512
+    assert meta["encoder"] == {**vars(run.config.encoder)}
+    assert meta["fingerprint"].startswith("sha256:")
+    assert meta["source_checkpoint"] == run.checkpoints[-1]
+    assert meta["preprocessing"]["center_crop"] is False  # 16 px: resize only
+    assert set(meta["signatures"]) == {"serving_default", "serving_bytes", "feature_maps"}
+    assert meta["num_variables"] == len(run.trainer.encoder.variables)
+    assert export.metadata_path(version_dir) == os.path.join(version_dir, "assets",
+                                                             "simclr_export.json")
+
+
+def test_savedmodel_holds_only_the_encoder_variables(run, version_dir, loaded):
+    encoder = run.trainer.encoder
+    names = [v.name.split(":")[0] for v in loaded.variables]
+    assert names == [v.path for v in encoder.variables]
+    assert [v.name.split(":")[0] for v in loaded.trainable_variables] == \
+        [v.path for v in encoder.trainable_variables]
+    assert len(loaded.variables) == len(encoder.variables) == 105
+    assert len(loaded.trainable_variables) == len(encoder.trainable_variables) == 63
+    assert list(loaded.regularization_losses) == []
+    # The variables checkpoint inside the SavedModel: f's values and nothing else
+    # (no projection head, linear probe, optimiser slots or save counter).
+    keys = [k for k, _ in tf.train.list_variables(os.path.join(version_dir, "variables",
+                                                                "variables"))]
+    values = [k for k in keys if k.endswith(".ATTRIBUTES/VARIABLE_VALUE")]
+    assert len(values) == len(encoder.variables)
+    for banned in ("projection_head", "linear_probe", "optimizer", "save_counter"):
+        assert not [k for k in keys if banned in k]
+    for v, saved in zip(encoder.variables, loaded.variables):
+        np.testing.assert_array_equal(v.numpy(), saved.numpy())
+
+
+def test_savedmodel_holds_no_cross_replica_ops(version_dir):
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    graph = proto.meta_graphs[0].graph_def
+    ops = {n.op for n in graph.node}
+    ops |= {n.op for fn in graph.library.function for n in fn.node_def}
+    assert "FusedBatchNormV3" in ops  # the training-mode path of __call__ is there
+    assert not [op for op in ops if any(s in op for s in ("Collective", "Nccl", "AllReduce"))]
+
+
+# --------------------------------------------------------------------------------------------
+# The same embedding on every path.
+
+def test_call_and_signatures_match_the_in_process_encoder(reference, loaded):
+    images = _images(4, seed=2)
+    expected = reference(images)
+    assert expected.shape == (4, 512) and np.abs(expected).max() > 0
+    np.testing.assert_allclose(_encode(loaded, images), expected, atol=ATOL)
+    np.testing.assert_allclose(loaded(tf.constant(images), training=False).numpy(), expected,
+                               atol=ATOL)
+    default = loaded.signatures["serving_default"](images=tf.constant(images))
+    assert list(default) == ["embedding"]
+    np.testing.assert_allclose(default["embedding"].numpy(), expected, atol=ATOL)
+    maps = loaded.signatures["feature_maps"](images=tf.constant(images))
+    np.testing.assert_allclose(maps["embedding"].numpy(), expected, atol=ATOL)
+    assert maps["block_group1"].shape == (4, 16, 16, 64)
+    assert maps["block_group4"].shape == (4, 2, 2, 512)
+
+
+def _png(array):
+    return tf.io.encode_png(tf.constant(array)).numpy()
+
+
+def _bytes_embedding(loaded, files):
+    out = loaded.signatures["serving_bytes"](image_bytes=tf.constant(files))
+    return out["embedding"].numpy()
+
+
+def _eval_embedding(reference, uint8_images):
+    return reference(preprocess_for_eval(tf.constant(uint8_images), IMAGE_SIZE,
+                                         crop=IMAGE_SIZE > 32).numpy())
+
+
+def test_bytes_signature_decodes_and_preprocesses_like_eval(reference, loaded):
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)  # not the training size
+    same_size = (_images(1, seed=4)[0] * 255).astype(np.uint8)
+    gray = rng.integers(0, 256, (20, 24, 1), dtype=np.uint8)
+    rgba = np.concatenate([rgb, rng.integers(0, 256, (20, 24, 1), dtype=np.uint8)], axis=-1)
+    jpeg = tf.io.encode_jpeg(tf.constant(rgb), quality=95).numpy()
+    files = [_png(rgb), _png(same_size), _png(gray), _png(rgba), jpeg]
+    got = _bytes_embedding(loaded, files)
+    expected = np.concatenate([
+        _eval_embedding(reference, rgb[None]),
+        _eval_embedding(reference, same_size[None]),
+        _eval_embedding(reference, np.repeat(gray, 3, axis=-1)[None]),
+        _eval_embedding(reference, rgb[None]),  # alpha dropped
+        _eval_embedding(reference, tf.io.decode_jpeg(jpeg, channels=3).numpy()[None]),
+    ])
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+    # An image already at the training size goes through unchanged: same h as the float path.
+    np.testing.assert_allclose(got[1], reference(same_size[None] / np.float32(255))[0], atol=ATOL)
+
+
+def test_hub_keras_layer_in_a_tf_keras_model(reference, version_dir):
+    import tensorflow_hub as hub
+    import tf_keras
+
+    inputs = tf_keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    model = tf_keras.Model(inputs, hub.KerasLayer(version_dir)(inputs))
+    images = _images(3, seed=5)
+    np.testing.assert_allclose(model.predict(images, verbose=0), reference(images), atol=ATOL)
+
+
+def test_tfsm_layer_in_a_keras3_model(reference, version_dir):
+    import keras
+
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    layer = keras.layers.TFSMLayer(version_dir, call_endpoint="serving_default")
+    model = keras.Model(inputs, layer(inputs))
+    images = _images(3, seed=6)
+    np.testing.assert_allclose(model.predict(images, verbose=0)["embedding"], reference(images),
+                               atol=ATOL)
+
+
+def test_load_encoder_gives_a_keras3_encoder(reference, version_dir):
+    encoder = export.load_encoder(version_dir)
+    images = _images(3, seed=7)
+    np.testing.assert_allclose(encoder(images, training=False).numpy(), reference(images),
+                               atol=ATOL)
+
+
+def test_saved_model_cli_shows_and_runs_the_signatures(reference, version_dir, tmp_path):
+    show = subprocess.run(["saved_model_cli", "show", "--dir", version_dir, "--all"],
+                          capture_output=True, text=True, check=True).stdout
+    default = show[show.index("signature_def['serving_default']"):]
+    assert "inputs['images'] tensor_info:\n        dtype: DT_FLOAT\n        shape: unknown_rank" \
+        in default
+    assert "outputs['embedding'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 512)" \
+        in default
+    bytes_sig = show[show.index("signature_def['serving_bytes']"):]
+    assert "inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" \
+        in bytes_sig
+    assert "signature_def['feature_maps']" in show
+    assert "Function Name: '__call__'" in show
+
+    images = _images(2, seed=8)
+    np.save(tmp_path / "images.npy", images)
+    subprocess.run(["saved_model_cli", "run", "--dir", version_dir, "--tag_set", "serve",
+                    "--signature_def", "serving_default",
+                    "--inputs", f"images={tmp_path / 'images.npy'}",
+                    "--outdir", str(tmp_path / "out"), "--overwrite"],
+                   capture_output=True, text=True, check=True)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "embedding.npy"), reference(images),
+                               atol=ATOL)
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning.
+
+def _labelled_set():
+    """Dark images are class 0, bright ones class 1."""
+    images = _images(16, seed=9)
+    labels = np.arange(16) % 2
+    images = np.where(labels[:, None, None, None] == 1, 0.5 + 0.5 * images, 0.5 * images)
+    return images.astype(np.float32), labels
+
+
+def _moving_statistics(variables):
+    return [v.numpy().copy() for v in variables if "moving_" in v.name]
+
+
+def test_hub_fine_tuning_trains_f_and_updates_batch_norm(version_dir):
+    import tensorflow_hub as hub
+    import tf_keras
+
+    images, labels = _labelled_set()
+    layer = hub.KerasLayer(version_dir, trainable=True)
+    model = tf_keras.Sequential([tf_keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)), layer,
+                                 tf_keras.layers.Dense(2)])
+    loss_fn = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(tf_keras.optimizers.SGD(0.05), loss_fn)
+    assert len(layer.trainable_weights) == 63
+
+    with tf.GradientTape() as tape:
+        loss = loss_fn(labels, model(images, training=True))
+    grads = tape.gradient(loss, layer.trainable_weights)
+    assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+    before = [v.numpy().copy() for v in layer.trainable_weights]
+    stats_before = _moving_statistics(layer.non_trainable_weights)
+    history = model.fit(images, labels, epochs=3, batch_size=16, verbose=0).history["loss"]
+    assert history[-1] < history[0]
+    changed = [not np.allclose(b, v.numpy()) for b, v in zip(before, layer.trainable_weights)]
+    assert sum(changed) > 0.8 * len(changed)
+    stats_after = _moving_statistics(layer.non_trainable_weights)
+    assert len(stats_after) == len(layer.non_trainable_weights) == 42  # 21 BN layers
+    assert all(not np.allclose(b, a) for b, a in zip(stats_before, stats_after))
+
+
+def test_keras3_fine_tuning_through_load_encoder(version_dir):
+    import keras
+
+    images, labels = _labelled_set()
+    encoder = export.load_encoder(version_dir)
+    model = keras.Sequential([keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3)), encoder,
+                              keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=False)
+    stats_before = _moving_statistics(encoder.non_trainable_weights)
+    history = model.fit(images, labels, epochs=3, batch_size=16, verbose=0).history["loss"]
+    assert history[-1] < history[0]
+    assert all(not np.allclose(b, a) for b, a in
+               zip(stats_before, _moving_statistics(encoder.non_trainable_weights)))
+
+
+def test_tfsm_layer_weights_are_copies_that_get_no_gradient(version_dir):
+    """Why the README sends Keras 3 fine-tuning to load_encoder: TFSMLayer is inference-only."""
+    import keras
+
+    layer = keras.layers.TFSMLayer(version_dir, call_endpoint="serving_default")
+    with tf.GradientTape() as tape:
+        out = layer(tf.constant(_images(2, seed=10)), training=True)["embedding"]
+    grads = tape.gradient(tf.reduce_sum(out), layer.trainable_weights)
+    assert layer.trainable_weights and all(g is None for g in grads)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input.
+
+def test_bad_images_give_invalid_argument_saying_what_is_expected(loaded):
+    serve = loaded.signatures["serving_default"]
+    expected = "images must be float32 [batch, height, width, 3] with values in [0, 1]"
+    cases = [
+        (np.zeros([2, IMAGE_SIZE, IMAGE_SIZE], np.float32), "got shape] [2 16 16]"),
+        (np.zeros([2, IMAGE_SIZE, IMAGE_SIZE, 4], np.float32), "got shape] [2 16 16 4]"),
+        (np.full([1, IMAGE_SIZE, IMAGE_SIZE, 3], 255.0, np.float32), "divide uint8 pixels by 255"),
+    ]
+    for images, detail in cases:
+        with pytest.raises(tf.errors.InvalidArgumentError) as info:
+            serve(images=tf.constant(images))
+        assert expected in info.value.message and detail in info.value.message
+    # The signature itself rejects another dtype.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a float tensor"):
+        serve(images=tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.int32))
+
+
+def test_undecodable_bytes_give_invalid_argument(loaded):
+    serve = loaded.signatures["serving_bytes"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Unknown image file format"):
+        serve(image_bytes=tf.constant([b"not an image"]))
+    truncated = _png(np.zeros([8, 8, 3], np.uint8))[:30]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="PNG"):
+        serve(image_bytes=tf.constant([truncated]))
+
+
+# --------------------------------------------------------------------------------------------
+# Versions: re-export, refusal, the in-memory path, pruning.
+
+def _snapshot(directory):
+    return {os.path.relpath(os.path.join(d, f), directory): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(directory) for f in files}
+
+
+def test_reexport_is_a_noop_and_a_different_model_is_refused(run, version_dir):
+    base = os.path.dirname(version_dir)
+    before = _snapshot(version_dir)
+    assert export.export_checkpoint(run.model_dir, base, include_feature_maps=True) == version_dir
+    # The distributed, global-BN encoder in memory is the same model: same fingerprint.
+    assert export.export_encoder(run.trainer.encoder, base, run.trainer.step, run.config,
+                                 include_feature_maps=True) == version_dir
+    other = run.config.encoder.build(IMAGE_SIZE, global_bn=False)  # fresh weights
+    with pytest.raises(export.ExportError, match="already holds a different model"):
+        export.export_encoder(other, base, STEPS[-1], run.config, include_feature_maps=True)
+    with pytest.raises(export.ExportError, match="include_feature_maps"):
+        export.export_checkpoint(run.model_dir, base, include_feature_maps=False)
+    assert _snapshot(version_dir) == before
+    assert sorted(os.listdir(base)) == [str(STEPS[-1])]
+
+
+def test_export_encoder_refuses_to_run_inside_a_strategy_scope(run, tmp_path):
+    with run.strategy.scope():
+        with pytest.raises(export.ExportError, match="strategy.scope"):
+            export.export_encoder(run.trainer.encoder, str(tmp_path), 1, run.config)
+    with pytest.raises(export.ExportError, match="non-negative integer"):
+        export.export_encoder(run.trainer.encoder, str(tmp_path), -1, run.config)
+
+
+def test_prune_exports_keeps_the_newest_integer_versions(tmp_path):
+    for name in ("1", "5", "10", "40", ".tmp-50-123", "notes"):
+        (tmp_path / name).mkdir()
+    removed = export.prune_exports(str(tmp_path), keep_max=2)
+    assert sorted(os.path.basename(p) for p in removed) == ["1", "5"]
+    assert sorted(os.listdir(tmp_path)) == [".tmp-50-123", "10", "40", "notes"]
+    assert [s for s, _ in export.list_versions(str(tmp_path))] == [10, 40]
+    with pytest.raises(export.ExportError):
+        export.prune_exports(str(tmp_path), keep_max=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: which one, and only a complete encoder.
+
+def test_resolve_checkpoint_by_name_step_and_latest(run):
+    first, last = run.checkpoints
+    assert export.resolve_checkpoint(run.model_dir) == last
+    assert export.resolve_checkpoint(run.model_dir, "5") == first
+    assert export.resolve_checkpoint(run.model_dir, "ckpt-5") == first
+    assert export.resolve_checkpoint(run.model_dir, first) == first
+    with pytest.raises(export.ExportError, match="available: ckpt-5, ckpt-7"):
+        export.resolve_checkpoint(run.model_dir, "ckpt-6")
+    assert export.checkpoint_step(first) == 5
+
+
+def test_missing_or_empty_model_dir_is_a_one_line_error(tmp_path):
+    with pytest.raises(export.ExportError, match="does not exist"):
+        export.export_checkpoint(str(tmp_path / "nope"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(export.ExportError, match="no checkpoint in") as info:
+        export.export_checkpoint(str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _object_graph(reader):
+    return trackable_object_graph_pb2.TrackableObjectGraph.FromString(
+        reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+
+
+def _first_encoder_variable_node(graph):
+    encoder = next(c.node_id for c in graph.nodes[0].children if c.local_name == "encoder")
+    todo = [encoder]
+    while todo:
+        node = graph.nodes[todo.pop(0)]
+        if any(a.name == "VARIABLE_VALUE" for a in node.attributes):
+            return node
+        todo.extend(c.node_id for c in node.children)
+    raise AssertionError("no encoder variable in the checkpoint")
+
+
+def _copy_checkpoint_without_one_encoder_variable(src, dst, keep_in_graph):
+    """Writes a copy of checkpoint `src` whose encoder misses one variable's value."""
+    reader = tf.train.load_checkpoint(src)
+    graph = _object_graph(reader)
+    node = _first_encoder_variable_node(graph)
+    dropped = next(a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE")
+    if not keep_in_graph:
+        del node.attributes[:]
+    names = [k for k in reader.get_variable_to_shape_map()
+             if k not in (dropped, "_CHECKPOINTABLE_OBJECT_GRAPH")]
+    tf.raw_ops.SaveV2(
+        prefix=dst, tensor_names=names + ["_CHECKPOINTABLE_OBJECT_GRAPH"],
+        shape_and_slices=[""] * (len(names) + 1),
+        tensors=[reader.get_tensor(k) for k in names] + [graph.SerializeToString()])
+    return dst
+
+
+@pytest.mark.parametrize("keep_in_graph,message", [
+    # A variable node without a value: `assert_existing_objects_matched` passes on it (checked
+    # here), so only restore_encoder's count of the checkpoint's encoder values catches it.
+    (False, "holds 104 encoder variables but the run's config.json builds 105"),
+    (True, "misses the values of 1 encoder variable"),
+])
+def test_a_missing_encoder_variable_is_an_error(run, tmp_path, keep_in_graph, message):
+    path = _copy_checkpoint_without_one_encoder_variable(
+        run.checkpoints[-1], str(tmp_path / "ckpt-7"), keep_in_graph)
+    encoder = run.config.encoder.build(IMAGE_SIZE, global_bn=False)
+    if not keep_in_graph:
+        status = tf.train.Checkpoint(encoder=encoder).read(path)
+        status.expect_partial()
+        status.assert_existing_objects_matched()  # does not notice
+    with pytest.raises(export.ExportError, match=message):
+        export.restore_encoder(encoder, path)
+
+
+def test_checkpoint_without_encoder_or_of_another_encoder_is_an_error(run, tmp_path):
+    import keras
+
+    head = keras.layers.Dense(3)
+    head.build((None, 4))
+    path = tf.train.Checkpoint(projection_head=head).write(str(tmp_path / "ckpt-1"))
+    encoder = run.config.encoder.build(IMAGE_SIZE, global_bn=False)
+    with pytest.raises(export.ExportError, match="no 'encoder' entry"):
+        export.restore_encoder(encoder, path)
+    wider = config_lib.EncoderConfig(resnet_depth=18, width_multiplier=2, cifar_stem=True)
+    with pytest.raises(export.ExportError, match="does not hold this encoder"):
+        export.restore_encoder(wider.build(IMAGE_SIZE), run.checkpoints[-1])
+    deeper = config_lib.EncoderConfig(resnet_depth=34, cifar_stem=True)
+    with pytest.raises(export.ExportError, match="config and checkpoint disagree"):
+        export.restore_encoder(deeper.build(IMAGE_SIZE), run.checkpoints[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# The command.
+
+def _python_m_export(*flags):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, "-m", "export", *flags], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+
+
+def test_command_exports_a_named_checkpoint(run, reference, tmp_path):
+    out = str(tmp_path / "out")
+    result = _python_m_export(f"--model_dir={run.model_dir}", f"--export_dir={out}",
+                              "--checkpoint=ckpt-5")
+    assert result.returncode == 0, result.stderr
+    version = os.path.join(out, "5")
+    assert result.stdout.strip() == version
+    assert export.load_metadata(version)["global_step"] == 5
+    images = _images(2, seed=11)
+    h5 = tf.saved_model.load(version)(tf.constant(images)).numpy()
+    assert not np.allclose(h5, reference(images), atol=1e-3)  # step 5 is not step 7
+
+
+def test_command_prints_one_line_error_without_traceback(tmp_path):
+    result = _python_m_export(f"--model_dir={tmp_path / 'missing'}")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: model_dir {tmp_path / 'missing'} does not exist"]
+    assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The REST client (no network).
+
+def test_client_request_body_is_tf_serving_b64_row_format():
+    files = [b"\x89PNG fake", b"\xff\xd8\xff fake jpeg"]
+    body = serving_client.build_request(files)
+    assert body["signature_name"] == "serving_bytes"
+    assert [set(row) for row in body["instances"]] == [{"image_bytes"}, {"image_bytes"}]
+    import base64
+    assert [base64.b64decode(row["image_bytes"]["b64"]) for row in body["instances"]] == files
+    with pytest.raises(ValueError, match="_bytes"):
+        serving_client.build_request(files, input_name="images")
+    assert serving_client.predict_url("h", 8501, "simclr") == \
+        "http://h:8501/v1/models/simclr:predict"
+    assert serving_client.predict_url("h", 1, "m", version=7) == \
+        "http://h:1/v1/models/m/versions/7:predict"
+
+
+def test_client_parses_responses_and_prints_embeddings(tmp_path, capsys):
+    np.testing.assert_array_equal(
+        serving_client.parse_response('{"predictions": [[1, 2], [3, 4]]}'), [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(
+        serving_client.parse_response({"predictions": [{"embedding": [1, 2]}]}), [[1, 2]])
+    with pytest.raises(RuntimeError, match="bad input"):
+        serving_client.parse_response({"error": "bad input"})
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        with open(paths[-1], "wb") as f:
+            f.write(b"image %d" % i)
+    sent = []
+
+    def fake_post(url, body):
+        sent.append((url, body))
+        return {"predictions": [[float(len(row["image_bytes"]["b64"])), 0.5]
+                                for row in body["instances"]]}
+
+    code = serving_client.main([*paths, "--model=m", "--port=9", "--batch_size=2",
+                                f"--save={tmp_path / 'e.npy'}"], post=fake_post)
+    assert code == 0
+    assert [url for url, _ in sent] == ["http://localhost:9/v1/models/m:predict"] * 2
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == paths
+    assert np.load(tmp_path / "e.npy").shape == (3, 2)
