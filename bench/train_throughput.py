@@ -1,0 +1,164 @@
+"""Training throughput against the machine's limit; prints one JSON line at the end.
+
+    python bench/train_throughput.py                       # ResNet-18 CIFAR stem, 32 px, batch 128
+    python bench/train_throughput.py --depth=50 --image_size=64 --batch=64 --replicas=2 --jit
+
+Definitions (so figures compare across runs):
+- matmul peak: best of 5 timed float32 2048x2048 `tf.matmul`s, in GFLOP/s.
+- FLOPs per example: 3 x the forward FLOPs of f for two views; forward FLOPs = 2 x the
+  multiply-adds of every conv and dense layer.
+- bare encoder step: forward + backward of f alone on random inputs (2 x batch views), loss
+  mean(h^2), plain SGD update.
+- full SimCLR step: the real input pipeline (Fashion-MNIST from the offline default, augmentation
+  in the same process on the same cores), NT-Xent, LARS with weight decay, the linear probe and the
+  metrics, through `train.Pretrainer`'s compiled loop.
+- ratios: bare FLOP/s / peak, and full / bare examples/s.
+One example = one image = two views.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_integer("depth", 18, "ResNet depth.")
+flags.DEFINE_integer("width", 1, "Width multiplier.")
+flags.DEFINE_integer("image_size", 32, "View side.")
+flags.DEFINE_integer("batch", 128, "Global batch (images).")
+flags.DEFINE_integer("replicas", 1, "Logical CPU replicas (MirroredStrategy when > 1).")
+flags.DEFINE_boolean("jit", False, "XLA-compile the train step.")
+flags.DEFINE_string("precision", "float32", "float32, bfloat16 or float16.")
+flags.DEFINE_integer("steps", 6, "Timed steps per measurement (after warm-up).")
+flags.DEFINE_string("dataset", "fashion_mnist", "Dataset of the full step.")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets directory.")
+flags.DEFINE_boolean("full_step", True, "Also time the full SimCLR step.")
+FLAGS = flags.FLAGS
+
+
+def matmul_peak_gflops(tf):
+    a = tf.random.uniform([2048, 2048])
+    b = tf.random.uniform([2048, 2048])
+    matmul = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
+    matmul(a, b).numpy()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        matmul(a, b).numpy()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048 ** 3 / best / 1e9
+
+
+def forward_flops_per_view(encoder, keras):
+    """2 x multiply-adds of every conv and dense layer of f, for one view."""
+    macs = 0
+    for layer in encoder.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            out_h, out_w, out_c = layer.output.shape[1:]
+            k_h, k_w, in_c, _ = layer.kernel.shape
+            macs += out_h * out_w * out_c * k_h * k_w * in_c
+        elif isinstance(layer, keras.layers.Dense):
+            macs += layer.kernel.shape[0] * layer.kernel.shape[1]
+    return 2 * macs
+
+
+def time_calls(fn, steps):
+    fn()  # trace / warm up
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bare_encoder_examples_per_sec(tf, strategy, config):
+    with strategy.scope():
+        encoder = config.encoder.build(config.data.image_size,
+                                       global_bn=strategy.num_replicas_in_sync > 1)
+        sgd = __import__("keras").optimizers.SGD(0.01)
+        sgd.build(encoder.trainable_variables)
+    per_replica = 2 * FLAGS.batch // strategy.num_replicas_in_sync
+    size = config.data.image_size
+
+    def replica_step():
+        views = tf.random.uniform([per_replica, size, size, 3])
+        with tf.GradientTape() as tape:
+            h = encoder(views, training=True)
+            loss = tf.reduce_mean(tf.square(tf.cast(h, tf.float32)))
+            loss /= strategy.num_replicas_in_sync
+        grads = tape.gradient(loss, encoder.trainable_variables)
+        sgd.apply_gradients(zip(grads, encoder.trainable_variables))
+
+    step = tf.function(replica_step, jit_compile=FLAGS.jit) if FLAGS.jit else replica_step
+
+    @tf.function
+    def loop():
+        for _ in tf.range(FLAGS.steps):
+            strategy.run(step)
+
+    seconds = time_calls(lambda: loop(), FLAGS.steps)
+    return FLAGS.batch * FLAGS.steps / seconds, encoder
+
+
+def full_step_examples_per_sec(tf, strategy, config):
+    from simclr_tf import data, train
+    info = data.dataset_info(config.data.dataset, config.data.train_split, config.data.data_dir)
+    schedule = train.make_schedule(config.train, config.optimizer, info.num_examples)
+    trainer = train.Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
+    dataset = strategy.distribute_datasets_from_function(train.make_dataset_fn(config, seed=0))
+    iterator = iter(dataset)
+    loop = trainer.make_train_loop()
+    steps = tf.constant(FLAGS.steps)
+    seconds = time_calls(lambda: loop(iterator, steps)["loss"].numpy(), FLAGS.steps)
+    return FLAGS.batch * FLAGS.steps / seconds
+
+
+def main(_):
+    from simclr_tf import distribute
+    if FLAGS.replicas > 1:
+        distribute.split_cpu(FLAGS.replicas)
+    import keras
+    import tensorflow as tf
+    from simclr_tf import config as cfg
+
+    if FLAGS.precision != "float32":
+        keras.mixed_precision.set_dtype_policy(f"mixed_{FLAGS.precision}")
+    strategy = (distribute.build_strategy("mirrored", FLAGS.replicas) if FLAGS.replicas > 1
+                else tf.distribute.get_strategy())
+    small = FLAGS.image_size <= 32
+    config = cfg.RunConfig(
+        data=cfg.DataConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+                            image_size=FLAGS.image_size),
+        augment=cfg.AugmentConfig(use_blur=not small),
+        encoder=cfg.EncoderConfig(resnet_depth=FLAGS.depth, width_multiplier=FLAGS.width,
+                                  cifar_stem=small),
+        train=cfg.TrainConfig(train_batch_size=FLAGS.batch, train_steps=1000,
+                              jit_compile=FLAGS.jit, precision=FLAGS.precision),
+    )
+    peak = matmul_peak_gflops(tf)
+    bare, encoder = bare_encoder_examples_per_sec(tf, strategy, config)
+    flops_per_example = 3 * 2 * forward_flops_per_view(encoder, keras)
+    result = {
+        "benchmark": "train_throughput",
+        "model": f"resnet{FLAGS.depth}x{FLAGS.width}{'_cifar_stem' if small else ''}",
+        "image_size": FLAGS.image_size, "global_batch": FLAGS.batch,
+        "replicas": strategy.num_replicas_in_sync, "jit_compile": FLAGS.jit,
+        "precision": FLAGS.precision,
+        "matmul_peak_gflops": round(peak, 1),
+        "gflop_per_example": round(flops_per_example / 1e9, 3),
+        "limit_examples_per_sec": round(peak * 1e9 / flops_per_example, 2),
+        "bare_encoder_examples_per_sec": round(bare, 2),
+        "bare_over_peak": round(bare * flops_per_example / (peak * 1e9), 3),
+    }
+    if FLAGS.full_step:
+        full = full_step_examples_per_sec(tf, strategy, config)
+        result.update(full_step_examples_per_sec=round(full, 2),
+                      full_over_bare=round(full / bare, 3))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
