@@ -1,0 +1,358 @@
+"""Faults a days-long run meets, each really done to a `python -m simclr_tf.run` process.
+
+kill -9 at a random moment then the same command; SIGTERM; a non-finite loss; a disk that is full
+before and during the run; a read-only model_dir; model flags changed on a reused model_dir; and
+--seed reproducibility. One killed-and-resumed run (a module fixture) is copied for the faults
+that continue it. The disk tests mount small tmpfs file systems in a user + mount namespace
+(`unshare -rm`): real ENOSPC / EROFS, which chmod cannot give root.
+"""
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import config as cfg
+from simclr_tf import data, export, guards, train
+from simclr_tf.schedules import WarmupCosine, scaled_learning_rate
+from test_train import _image_folder
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 10
+BATCH = 8
+BASE_LR = 0.3          # the flag's default
+WARMUP_STEPS = 2       # --warmup_epochs=1 with 16 images at batch 8
+TIMEOUT = 600
+
+
+def _flags(dataset, model_dir, **overrides):
+    values = dict(dataset=dataset, image_size=16, resnet_depth=18, train_batch_size=BATCH,
+                  steps_per_loop=1, checkpoint_steps=2, keep_checkpoint_max=2, proj_out_dim=16,
+                  warmup_epochs=1, train_steps=TOTAL, model_dir=model_dir)
+    values.update(overrides)
+    return [f"--{name}={value}" for name, value in values.items()]
+
+
+class _Run:
+    """A `python -m simclr_tf.run` subprocess whose stderr is collected line by line."""
+
+    def __init__(self, flags):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "simclr_tf.run", *flags], cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO))
+        self.lines = []
+        self._out = []
+        self._readers = [threading.Thread(target=self._read, args=(self.proc.stderr, self.lines)),
+                         threading.Thread(target=self._read, args=(self.proc.stdout, self._out))]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, lines):
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern, timeout=TIMEOUT):
+        """The first stderr line matching `pattern` (re.search); fails if the run ends first."""
+        deadline = time.time() + timeout
+        while True:
+            ended = self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)
+            for line in list(self.lines):
+                if re.search(pattern, line):
+                    return line
+            if ended or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        pytest.fail(f"no line matching {pattern!r}; stderr:\n" + "\n".join(self.lines[-30:]))
+
+    def finish(self, timeout=TIMEOUT):
+        rc = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join()
+        return rc
+
+    @property
+    def stderr(self):
+        return "\n".join(self.lines)
+
+    @property
+    def last_line(self):
+        return self.lines[-1] if self.lines else ""
+
+
+def _run(flags):
+    run = _Run(flags)
+    rc = run.finish()
+    return rc, run
+
+
+def _checkpoint_values(path):
+    reader = tf.train.load_checkpoint(path)
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
+            if key != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def _listed_checkpoints(model_dir):
+    state = tf.train.get_checkpoint_state(str(model_dir))
+    return list(state.all_model_checkpoint_paths) if state else []
+
+
+def _assert_complete_and_finite(path):
+    """Every tensor of the checkpoint reads back (no half-written file) and is finite."""
+    values = _checkpoint_values(path)
+    assert values, path
+    for key, value in values.items():
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            assert np.all(np.isfinite(value)), f"{path}: {key} is not finite"
+    return values
+
+
+def _leftovers(model_dir):
+    found = []
+    for directory, subdirs, files in os.walk(model_dir):
+        found += [os.path.join(directory, n) for n in subdirs + files
+                  if n.endswith("_temp") or n.startswith(".tmp-") or ".tmp" in n]
+    return found
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return _image_folder(tmp_path_factory.mktemp("faults") / "images")
+
+
+@pytest.fixture(scope="module")
+def resumed(dataset, tmp_path_factory):
+    """A run killed with SIGKILL at a random moment after its first checkpoint, then rerun."""
+    model_dir = str(tmp_path_factory.mktemp("killed") / "run")
+    flags = _flags(dataset, model_dir)
+    seed = int(time.time())
+    delay = random.Random(seed).uniform(0.0, 3.0)
+    first = _Run(flags)
+    first.wait_for(r"Saved checkpoint .*/ckpt-2$")
+    time.sleep(delay)
+    assert first.proc.poll() is None, "the run ended before it could be killed"
+    first.proc.kill()  # SIGKILL
+    assert first.finish() == -signal.SIGKILL
+    # What a kill leaves: the checkpoint the state file names as latest is complete. (Older ones
+    # it still lists may be half-deleted: CheckpointManager records the new state before it
+    # sweeps old checkpoints, and sweeps them again after the next save.)
+    latest = tf.train.latest_checkpoint(model_dir)
+    latest_values = _assert_complete_and_finite(latest)
+    for path in _listed_checkpoints(model_dir):
+        assert int(path.rsplit("-", 1)[1]) <= int(latest.rsplit("-", 1)[1])
+    rc, second = _run(flags)
+    return dict(model_dir=model_dir, flags=flags, latest=latest, latest_values=latest_values,
+                rc=rc, run=second, note=f"kill after {delay:.2f} s (seed {seed})")
+
+
+def test_kill_9_then_the_same_command_resumes_and_finishes(resumed):
+    model_dir, run, note = resumed["model_dir"], resumed["run"], resumed["note"]
+    assert resumed["rc"] == 0, f"{note}\n{run.stderr}"
+    latest = resumed["latest"]
+    resumed_at = int(re.search(r"ckpt-(\d+)$", latest).group(1))
+    assert 2 <= resumed_at <= TOTAL, note
+    # The same step, the optimiser state (its slots were non-zero) and the schedule position.
+    values = resumed["latest_values"]
+    assert values["optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"] == resumed_at
+    assert any(np.any(v != 0) for k, v in values.items()
+               if k.startswith("optimizer/_variables/") and np.ndim(v) > 0), note
+    run.wait_for(rf"Resumed from {re.escape(latest)} at step {resumed_at}$", timeout=0)
+    if resumed_at < TOTAL:
+        line = run.wait_for(rf"step {resumed_at + 1}/{TOTAL} ", timeout=0)
+        schedule = WarmupCosine(scaled_learning_rate(BASE_LR, BATCH, "linear"), WARMUP_STEPS,
+                                TOTAL)
+        logged_lr = float(re.search(r" lr (\S+) ", line).group(1))
+        assert logged_lr == pytest.approx(float(schedule(resumed_at + 1)), rel=1e-3), note
+    # Ends at the same total step with a valid final checkpoint and export.
+    final = tf.train.latest_checkpoint(model_dir)
+    assert final.endswith(f"ckpt-{TOTAL}")
+    _assert_complete_and_finite(final)
+    assert export.checkpoint_step(final) == TOTAL
+    assert sorted(os.listdir(os.path.join(model_dir, "export"))) == [str(TOTAL)]
+    version = os.path.join(model_dir, "export", str(TOTAL))
+    assert export.load_metadata(version)["global_step"] == TOTAL
+    embedding = tf.saved_model.load(version).signatures["serving_default"](
+        images=tf.zeros([2, 16, 16, 3]))["embedding"]
+    assert embedding.shape == (2, 512) and np.all(np.isfinite(embedding.numpy()))
+    assert _leftovers(model_dir) == [], note
+
+
+def _copy(resumed, tmp_path):
+    target = str(tmp_path / "run")
+    shutil.copytree(resumed["model_dir"], target)
+    return target
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0_saying_how_to_resume(resumed, dataset, tmp_path):
+    model_dir = _copy(resumed, tmp_path)
+    run = _Run(_flags(dataset, model_dir, train_steps=40, checkpoint_steps=100))
+    run.wait_for(rf"step {TOTAL + 1}/40 ")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0, run.stderr
+    message = run.last_line
+    match = re.fullmatch(
+        r"preempted \(SIGTERM\): stopped at step (\d+) of 40; saved (\S+); to resume, run the "
+        r"same command again: python -m simclr_tf\.run (.*)", message)
+    assert match, message
+    step, saved, command = int(match.group(1)), match.group(2), match.group(3)
+    assert step > TOTAL and saved == os.path.join(model_dir, f"ckpt-{step}")
+    assert f"--model_dir={model_dir}" in command and "--train_steps=40" in command
+    assert tf.train.latest_checkpoint(model_dir) == saved
+    assert export.checkpoint_step(saved) == step
+    _assert_complete_and_finite(saved)
+    assert sorted(os.listdir(os.path.join(model_dir, "export"))) == [str(TOTAL)]  # no export
+    assert "Traceback" not in run.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+        resumed, dataset, tmp_path):
+    model_dir = _copy(resumed, tmp_path)
+    # A learning rate of 1e30 is a real way to blow a run up: weights overflow within two steps.
+    rc, run = _run(_flags(dataset, model_dir, train_steps=TOTAL + 6, checkpoint_steps=1,
+                          learning_rate=1e30))
+    assert rc == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    match = re.fullmatch(r"error: (loss is (nan|inf|-inf) at step|\S+ is not finite after step) "
+                         r"(\d+): stopping without saving; the last good checkpoint is (\S+)",
+                         run.last_line)
+    assert match, run.last_line
+    step, last_good = int(match.group(3)), match.group(4)
+    assert TOTAL < step <= TOTAL + 6
+    assert tf.train.latest_checkpoint(model_dir) == last_good
+    for path in _listed_checkpoints(model_dir):  # absolute paths
+        assert export.checkpoint_step(path) < step
+        _assert_complete_and_finite(path)
+    assert sorted(os.listdir(os.path.join(model_dir, "export"))) == [str(TOTAL)]
+
+
+def test_changed_model_flags_on_a_reused_model_dir_are_a_one_line_error(resumed, dataset):
+    model_dir = resumed["model_dir"]
+    config_path = os.path.join(model_dir, cfg.CONFIG_FILENAME)
+    with open(config_path) as f:
+        saved_config = f.read()
+    rc, run = _run(_flags(dataset, model_dir, resnet_depth=34))
+    assert rc == 2 and "Traceback" not in run.stderr
+    assert run.last_line == (
+        f"error: --model_dir={model_dir} holds checkpoints of another model (resnet_depth=18 "
+        "there, 34 in these flags): use a new --model_dir, or the model flags of the run that "
+        "wrote it")
+    with open(config_path) as f:
+        assert f.read() == saved_config  # not overwritten with the new flags
+
+    # Without config.json to compare, restoring refuses a checkpoint that does not fit.
+    config = cfg.load(model_dir)
+    other = cfg.RunConfig(**{**config.__dict__, "head": cfg.HeadConfig(proj_out_dim=32)})
+    schedule = train.Schedule(total_steps=TOTAL, warmup_steps=0, steps_per_epoch=2)
+    trainer = train.Pretrainer(other, tf.distribute.get_strategy(), schedule, num_classes=2)
+    with pytest.raises(guards.RunError) as error:
+        guards.restore_checkpoint(trainer.checkpoint, tf.train.latest_checkpoint(model_dir))
+    assert "does not fit the model these flags build" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def _unshare_works():
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs user + mount namespaces (unshare -rm)")
+def test_full_disk_and_read_only_model_dir(dataset, tmp_path):
+    """Small tmpfs mounts: too small from the start; full in mid-run; mounted read-only."""
+    for name in ("small", "mid", "ro", "out"):
+        (tmp_path / name).mkdir()
+    flags = " ".join(_flags(dataset, "MODEL_DIR", keep_checkpoint_max=1, train_steps=8))
+    script = f"""
+set -u
+cd {REPO}
+export PYTHONPATH={REPO} TF_CPP_MIN_LOG_LEVEL=2
+run() {{ {sys.executable} -m simclr_tf.run $(echo '{flags}' | sed "s|MODEL_DIR|$1|"); }}
+mount -t tmpfs -o size=8m tmpfs {tmp_path}/small
+run {tmp_path}/small/run 2> {tmp_path}/out/small.err; echo $? > {tmp_path}/out/small.rc
+mount -t tmpfs -o ro,size=1m tmpfs {tmp_path}/ro
+run {tmp_path}/ro/run 2> {tmp_path}/out/ro.err; echo $? > {tmp_path}/out/ro.rc
+mount -t tmpfs -o size=260m tmpfs {tmp_path}/mid
+run {tmp_path}/mid/run 2> {tmp_path}/out/mid.err &
+pid=$!
+for i in $(seq 1 1200); do
+  grep -q ckpt-2 {tmp_path}/mid/run/checkpoint 2>/dev/null && break; sleep 0.5
+done
+# Another process fills the disk, leaving 2 MB: enough for the logs, not for a checkpoint.
+avail=$(df --output=avail -k {tmp_path}/mid | tail -1)
+dd if=/dev/zero of={tmp_path}/mid/filler bs=1k count=$((avail - 2048)) 2>/dev/null
+wait $pid; echo $? > {tmp_path}/out/mid.rc
+rm {tmp_path}/mid/filler
+cp -a {tmp_path}/mid/run {tmp_path}/out/mid_run
+"""
+    subprocess.run(["unshare", "-rm", "bash", "-c", script], check=True, timeout=TIMEOUT)
+    out = tmp_path / "out"
+
+    def result(name):
+        lines = (out / f"{name}.err").read_text().strip().splitlines()
+        assert not any("Traceback" in line for line in lines), "\n".join(lines)
+        return int((out / f"{name}.rc").read_text()), lines[-1]
+
+    rc, line = result("small")
+    assert rc == 2
+    assert re.fullmatch(
+        rf"error: --model_dir={tmp_path}/small/run has \d+ MB free but this run needs about "
+        r"\d+ MB \(2 more checkpoint\(s\) of \d+ MB with keep_checkpoint_max=1, and an export of "
+        r"\d+ MB\): free space, lower --keep_checkpoint_max or use another --model_dir", line), line
+    assert "Training resnet" not in (out / "small.err").read_text()  # before training starts
+
+    rc, line = result("ro")
+    assert (rc, line) == (2, f"error: --model_dir={tmp_path}/ro/run is not writable (Read-only "
+                             "file system): choose a directory this user can write to")
+
+    rc, line = result("mid")
+    assert rc == 2
+    mid = f"{tmp_path}/mid/run"
+    assert re.fullmatch(
+        rf"error: writing checkpoint {mid}/ckpt-4 failed \(.*No space left on device.*\): the "
+        rf"last complete checkpoint is {mid}/ckpt-2; free space and run the same command again "
+        r"to resume from it", line), line
+    copy = str(out / "mid_run")
+    assert tf.train.latest_checkpoint(copy) == os.path.join(copy, "ckpt-2")
+    _assert_complete_and_finite(os.path.join(copy, "ckpt-2"))
+    assert not [n for n in os.listdir(copy) if n.startswith("ckpt-4")]  # partial files removed
+
+
+def _first_losses(config, steps):
+    """Losses of the first `steps` steps of a fresh run, seeded as run.py seeds it."""
+    keras.utils.set_random_seed(config.train.seed)
+    info = data.dataset_info(config.data.dataset, config.data.train_split)
+    schedule = train.make_schedule(config.train, config.optimizer, info.num_examples)
+    strategy = tf.distribute.get_strategy()
+    trainer = train.Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
+    batches = strategy.distribute_datasets_from_function(
+        train.make_dataset_fn(config, seed=config.train.seed * 1_000_003))
+    iterator, loop = iter(batches), trainer.make_train_loop()
+    return [loop(iterator, tf.constant(1))["loss"].numpy().tobytes() for _ in range(steps)]
+
+
+def test_seed_makes_a_single_replica_cpu_run_bit_reproducible(dataset):
+    def config(seed):
+        return cfg.RunConfig(
+            data=cfg.DataConfig(dataset=dataset, image_size=16),
+            encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True),
+            head=cfg.HeadConfig(proj_out_dim=16),
+            optimizer=cfg.OptimizerConfig(warmup_epochs=0),
+            train=cfg.TrainConfig(train_batch_size=BATCH, train_steps=3, seed=seed))
+
+    first = _first_losses(config(7), 3)
+    assert _first_losses(config(7), 3) == first  # the same float32 bits, step after step
+    assert _first_losses(config(8), 1) != first[:1]
