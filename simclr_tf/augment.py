@@ -588,13 +588,17 @@ def train_view(images, seed, image_size, color_jitter_strength=1.0, use_blur=Tru
 
 
 def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True, crop=True,
-              flip=True):
+              flip=True, augmentations=None, asymmetric=False):
     """Two independently augmented views of each image (the positive pair).
 
     Args:
       images: [B, H, W, 3] uint8 or float images (H, W may be dynamic).
       seed: int32/int64 tensor of shape [2]; each view gets its own seed split from it.
       image_size, color_jitter_strength, use_blur, crop, flip: as in `train_view`.
+      augmentations: None for the paper's recipe (`train_view`), else an ordered list of
+        AUGMENTATIONS names (see `composed_view`; use_blur, crop and flip are then ignored).
+      asymmetric: augment view_a only; view_b is the untransformed image resized to S (the
+        paper's Figure 5 setting).
 
     Returns:
       (view_a, view_b), each float32 [B, S, S, 3] in [0, 1].
@@ -602,6 +606,8 @@ def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True
     seed_a, seed_b = _split_seed(seed, 2)
     options = dict(image_size=image_size, color_jitter_strength=color_jitter_strength,
                    use_blur=use_blur, crop=crop, flip=flip)
+    if augmentations is not None or asymmetric:
+        return _ablation_views(images, seed_a, seed_b, options, augmentations, asymmetric)
     return train_view(images, seed_a, **options), train_view(images, seed_b, **options)
 
 
@@ -618,3 +624,247 @@ def preprocess_for_train_single(image, seed, image_size, **kwargs):
       float32 [S, S, 3] in [0, 1].
     """
     return train_view(tf.convert_to_tensor(image)[None], seed, image_size, **kwargs)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The augmentation ablation (the paper's Figure 4 set, section 3 and Figure 5).
+#
+# `--augmentations` picks and orders transforms by name. Each name is one transform of Figure 4,
+# with the paper's probabilities where it gives them and always applied otherwise:
+#   crop    random resized crop (+ resize to S) and horizontal flip with p=0.5
+#   cutout  one square of zeros, half the image side, placed uniformly inside the image
+#   color   colour jitter with p=0.8, then grayscale with p=0.2 (strength s as the recipe)
+#   sobel   Sobel gradient magnitude of the luma (an edge map), as 3 equal channels
+#   noise   additive Gaussian noise, sigma drawn per image from [0, 0.1]
+#   blur    Gaussian blur with p=0.5 (as the recipe)
+#   rotate  rotation by 90, 180 or 270 degrees, drawn uniformly per image
+# The paper does not state the cutout size or the noise level; those here are our choices.
+
+AUGMENTATIONS = ("crop", "cutout", "color", "sobel", "noise", "blur", "rotate")
+CUTOUT_FRACTION = 0.5
+NOISE_STDDEV_RANGE = (0.0, 0.1)
+# Sobel responses are divided by this so that a sharp black-to-white edge maps to 1.
+_SOBEL_SCALE = 4.0
+
+
+def parse_augmentations(augmentations):
+    """'crop,color' (or a sequence of names) -> ('crop', 'color'), validated.
+
+    Raises:
+      ValueError: one line naming the allowed transforms, for an empty list, an unknown name or a
+        name given twice.
+    """
+    if isinstance(augmentations, str):
+        names = tuple(name.strip() for name in augmentations.split(","))
+    else:
+        names = tuple(augmentations)
+    allowed = ",".join(AUGMENTATIONS)
+    if not names or not all(names):
+        raise ValueError(f"augmentations={augmentations!r} has an empty name: give an ordered "
+                         f"comma-separated list from {allowed}")
+    unknown = [name for name in names if name not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"augmentations: unknown {','.join(unknown)}: give an ordered "
+                         f"comma-separated list from {allowed}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"augmentations={','.join(names)} names a transform twice: give each "
+                         f"of {allowed} at most once")
+    return names
+
+
+def cutout(images, seed, size_fraction=CUTOUT_FRACTION):
+    """Zeroes one square per image, placed uniformly at random fully inside the image.
+
+    Args:
+      images: [B, H, W, C] uint8 or float images.
+      seed: int32/int64 tensor of shape [2].
+      size_fraction: side of the square as a fraction of the image side (rounded, >= 1 pixel);
+        for non-square images the patch is that fraction of each side.
+
+    Returns:
+      float32 [B, H, W, C] in [0, 1].
+    """
+    if not 0.0 < size_fraction <= 1.0:
+        raise ValueError(f"size_fraction must be in (0, 1], got {size_fraction}")
+    images = to_float(images)
+    _check_images(images)
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+
+    def side(length):
+        return tf.maximum(tf.cast(tf.round(size_fraction * tf.cast(length, tf.float32)),
+                                  tf.int32), 1)
+
+    side_h, side_w = side(height), side(width)
+    u_top, u_left = tf.unstack(_uniform(seed, _dim(images, 0), 2), axis=1)
+
+    def start(unit, length, patch):
+        slots = length - patch + 1
+        return tf.minimum(tf.cast(unit * tf.cast(slots, tf.float32), tf.int32), slots - 1)
+
+    top, left = start(u_top, height, side_h), start(u_left, width, side_w)
+    rows = tf.range(height)[None]
+    cols = tf.range(width)[None]
+    in_rows = (rows >= top[:, None]) & (rows < (top + side_h)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + side_w)[:, None])
+    inside = in_rows[:, :, None] & in_cols[:, None, :]
+    return images * (1.0 - tf.cast(inside, tf.float32))[..., None]
+
+
+def sobel(images):
+    """Sobel edge map: gradient magnitude of the luma, divided by 4, clipped, as 3 channels.
+
+    Borders repeat the edge pixels (not zeros), so a constant image maps to exactly zero.
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images.
+
+    Returns:
+      float32 [B, H, W, 3] in [0, 1].
+    """
+    images = to_float(images)
+    _check_images(images)
+    luma = _luma(images)
+    luma = tf.concat([luma[:, :1], luma, luma[:, -1:]], axis=1)
+    luma = tf.concat([luma[:, :, :1], luma, luma[:, :, -1:]], axis=2)
+    d_dx = tf.constant([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], tf.float32)
+    kernels = tf.stack([d_dx, tf.transpose(d_dx)], axis=-1)[:, :, None, :]  # [3, 3, 1, 2]
+    gradients = tf.nn.conv2d(luma, kernels, strides=1, padding="VALID")
+    magnitude = tf.sqrt(tf.reduce_sum(tf.square(gradients), axis=-1, keepdims=True))
+    edges = _clip_unit(magnitude / _SOBEL_SCALE)
+    return tf.ensure_shape(tf.tile(edges, [1, 1, 1, 3]), images.shape)
+
+
+def _standard_normal(seed, batch_size, *dims):
+    """N(0, 1) draws by Box-Muller from `_uniform`, so they are the same with and without XLA."""
+    u_radius, u_angle = tf.unstack(_uniform(seed, batch_size, *dims, 2), axis=-1)
+    radius = tf.sqrt(-2.0 * tf.math.log(1.0 - u_radius))  # 1 - u is in (0, 1]
+    return radius * tf.cos(2.0 * math.pi * u_angle)
+
+
+def random_gaussian_noise(images, seed, stddev_range=NOISE_STDDEV_RANGE):
+    """Adds i.i.d. Gaussian noise to every pixel and channel, with a sigma drawn per image.
+
+    Args:
+      images: [B, H, W, C] uint8 or float images.
+      seed: int32/int64 tensor of shape [2].
+      stddev_range: sigma is drawn uniformly from this range (in [0, 1] pixel units).
+
+    Returns:
+      float32 [B, H, W, C] in [0, 1] (clipped after the noise).
+    """
+    if not 0.0 <= stddev_range[0] <= stddev_range[1]:
+        raise ValueError(f"stddev_range must satisfy 0 <= low <= high, got {stddev_range}")
+    images = to_float(images)
+    _check_images(images)
+    sigma_seed, noise_seed = _split_seed(seed, 2)
+    batch_size = _dim(images, 0)
+    sigma = _in_range(_uniform(sigma_seed, batch_size), *stddev_range)
+    shape = tf.shape(images)
+    noise = _standard_normal(noise_seed, batch_size, shape[1], shape[2], shape[3])
+    return _clip_unit(images + _per_image(sigma) * tf.reshape(noise, shape))
+
+
+def rotate90(images, k):
+    """Rotates each image counter-clockwise by k[b] x 90 degrees (as `np.rot90`).
+
+    One gather with a per-image index map, so the images are read once whatever their k.
+
+    Args:
+      images: [B, S, S, C] square images (any dtype).
+      k: int [B] (or a scalar for every image), taken modulo 4.
+
+    Returns:
+      [B, S, S, C], the input dtype.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank != 4:
+        raise ValueError(f"images must be [B, S, S, C], got shape {images.shape}")
+    if None not in images.shape[1:3] and images.shape[1] != images.shape[2]:
+        raise ValueError(f"rotation needs square images, got shape {images.shape}")
+    shape = tf.shape(images)
+    size = shape[1]
+    i = tf.range(size)[:, None] + tf.zeros([1, size], tf.int32)
+    j = tf.transpose(i)
+    last = size - 1
+    # Source (row, col) of output pixel (i, j) for k = 0, 1, 2, 3.
+    sources = tf.stack([i * size + j, j * size + last - i, (last - i) * size + last - j,
+                        (last - j) * size + i])
+    k = tf.broadcast_to(tf.math.floormod(tf.cast(k, tf.int32), 4), shape[:1])
+    maps = tf.reshape(tf.gather(sources, k), tf.stack([shape[0], size * size]))
+    flat = tf.reshape(images, tf.stack([shape[0], size * size, shape[3]]))
+    return tf.ensure_shape(tf.reshape(tf.gather(flat, maps, batch_dims=1), shape), images.shape)
+
+
+def random_rotation(images, seed):
+    """Rotates each square image by 90, 180 or 270 degrees, drawn uniformly per image.
+
+    Args:
+      images: [B, S, S, C] uint8 or float images.
+      seed: int32/int64 tensor of shape [2].
+
+    Returns:
+      float32 [B, S, S, C] in [0, 1].
+    """
+    images = to_float(images)
+    k = 1 + tf.minimum(tf.cast(_uniform(seed, _dim(images, 0)) * 3.0, tf.int32), 2)
+    return rotate90(images, k)
+
+
+def composed_view(images, seed, image_size, augmentations, color_jitter_strength=1.0):
+    """One view made by the named transforms in the given order (`--augmentations`).
+
+    Images enter at their own size when "crop" comes first (as in `train_view`); otherwise they
+    are first resized to S, so transforms before "crop" see the S x S image. The sub-seeds of crop,
+    flip, colour and blur are those of `train_view`, so "crop,color" is bit for bit the paper's
+    small-image recipe and "crop,color,blur" its ImageNet one.
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images (H, W may be dynamic).
+      seed: int32/int64 tensor of shape [2].
+      image_size: output side S in pixels.
+      augmentations: names from AUGMENTATIONS, as a comma-separated string or a sequence.
+      color_jitter_strength: the strength s of "color".
+
+    Returns:
+      float32 [B, S, S, 3] in [0, 1].
+    """
+    names = parse_augmentations(augmentations)
+    crop_seed, flip_seed, color_seed, blur_seed = _split_seed(seed, 4)
+    # An explicit algorithm: "auto_select" folds large int64 seeds differently under XLA.
+    extra_seed = tf.random.experimental.stateless_fold_in(_as_seed(seed), 1, alg=_RNG_ALG)
+    cutout_seed, noise_seed, rotate_seed = _split_seed(extra_seed, 3)
+    views = images if names[0] == "crop" else _resize(tf.convert_to_tensor(images), image_size)
+    for name in names:
+        if name == "crop":
+            views = random_resized_crop(views, crop_seed, image_size)
+            views = random_flip_left_right(views, flip_seed)
+        elif name == "cutout":
+            views = cutout(views, cutout_seed)
+        elif name == "color":
+            views = random_color_jitter(views, color_seed, color_jitter_strength)
+        elif name == "sobel":
+            views = sobel(views)
+        elif name == "noise":
+            views = random_gaussian_noise(views, noise_seed)
+        elif name == "blur":
+            views = random_gaussian_blur(views, blur_seed)
+        elif name == "rotate":
+            views = random_rotation(views, rotate_seed)
+    return _clip_unit(to_float(views))
+
+
+def identity_view(images, image_size):
+    """The untransformed branch of the asymmetric setting: the whole image resized to S."""
+    return _clip_unit(_resize(tf.convert_to_tensor(images), image_size))
+
+
+def _ablation_views(images, seed_a, seed_b, options, augmentations, asymmetric):
+    """`two_views` for --augmentations and/or --asymmetric_augment (see there)."""
+    def view(seed):
+        if augmentations is None:
+            return train_view(images, seed, **options)
+        return composed_view(images, seed, options["image_size"], augmentations,
+                             options["color_jitter_strength"])
+
+    view_b = identity_view(images, options["image_size"]) if asymmetric else view(seed_b)
+    return view(seed_a), view_b

@@ -91,3 +91,221 @@ def nt_xent(z_a, z_b, temperature=0.1, hidden_norm=True):
     """The paper's NT-Xent loss L for the two views (see `nt_xent_with_metrics`)."""
     loss, _ = nt_xent_with_metrics(z_a, z_b, temperature, hidden_norm)
     return loss
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's loss ablation (Table 4), supervised contrastive loss, and one dispatcher.
+#
+# Every loss below uses the same [local anchors x global views] layout as NT-Xent: the 2n anchor
+# rows of this replica are [a-views; b-views], and each row's 2N columns are [the other view of
+# every global image; the same view of every global image], so for local image i (global index
+# g = replica offset + i) the positive is column g and the anchor itself is column N + g, in both
+# halves. Each returns (loss, metrics) with loss the mean over this replica's 2n anchors, the
+# scaling convention of `nt_xent_with_metrics`.
+
+LOSSES = ("nt_xent", "nt_logistic", "margin_triplet", "supcon")
+SEMI_HARD_LOSSES = ("nt_logistic", "margin_triplet")
+# The paper tunes the margin (appendix B.9) without printing the value it kept; 1.0 is FaceNet's
+# and tf.contrib's `triplet_semihard_loss` default. With hidden_norm similarities lie in [-1, 1].
+DEFAULT_MARGIN = 1.0
+
+
+def _anchor_rows(z_a, z_b, hidden_norm):
+    """Similarities of this replica's anchors with every view of the global batch.
+
+    Returns:
+      sims: float32 [2n, 2N]; rows [a-anchors; b-anchors], columns [other view; same view].
+      positive_cols: int32 [2n], the column of each row's positive (the other view).
+      self_mask: bool [2n, 2N], True at each row's own column.
+    """
+    z_a = tf.cast(z_a, tf.float32)
+    z_b = tf.cast(z_b, tf.float32)
+    if hidden_norm:
+        z_a = tf.math.l2_normalize(z_a, axis=-1)
+        z_b = tf.math.l2_normalize(z_b, axis=-1)
+    n = tf.shape(z_a)[0]
+    all_a = cross_replica_concat(z_a)
+    all_b = cross_replica_concat(z_b)
+    global_n = tf.shape(all_a)[0]
+    rows_a = tf.matmul(z_a, tf.concat([all_b, all_a], axis=0), transpose_b=True)
+    rows_b = tf.matmul(z_b, tf.concat([all_a, all_b], axis=0), transpose_b=True)
+    sims = tf.concat([rows_a, rows_b], axis=0)
+    positive_cols = tf.tile(tf.range(n) + _replica_offset(n), [2])
+    self_mask = tf.one_hot(positive_cols + global_n, 2 * global_n, on_value=True, off_value=False)
+    return sims, positive_cols, self_mask
+
+
+def _negative_mask(sims, positive_cols, self_mask, semi_hard):
+    """[2n, 2N] bool: every view but the anchor and its positive (2N - 2 per row).
+
+    With `semi_hard`, only the negatives less similar to the anchor than its positive are kept:
+    the hard ones (at least as similar as the positive) are dropped, as in FaceNet's semi-hard
+    mining (Schroff et al. 2015), which found that they collapse training early on. Together with
+    the hinge of the margin loss, which is zero below s+ - m, this leaves exactly FaceNet's band of
+    semi-hard negatives s+ - m < s- < s+, the hardest negatives that are still less similar than
+    the positive. An anchor with no such negative has no negative term.
+    """
+    positive_mask = tf.one_hot(positive_cols, tf.shape(sims)[1], on_value=True, off_value=False)
+    negatives = ~(self_mask | positive_mask)
+    if semi_hard:
+        positive = tf.gather(sims, positive_cols, axis=1, batch_dims=1)
+        negatives &= tf.stop_gradient(sims) < tf.stop_gradient(positive)[:, None]
+    return negatives
+
+
+def _metrics(logits, positive_mask):
+    """`contrast_acc` and `contrast_entropy` over the a-anchors (the first half of the rows).
+
+    Args:
+      logits: [2n, 2N] scaled similarities with the self column already at float32.min.
+      positive_mask: [2n, 2N] bool, the columns that count as a correct top-1.
+    """
+    n = tf.shape(logits)[0] // 2
+    logits_a = logits[:n]
+    probs = tf.nn.softmax(logits_a)
+    entropy = -tf.reduce_mean(tf.reduce_sum(probs * tf.math.log(probs + 1e-12), axis=1))
+    top = tf.argmax(logits_a, axis=1, output_type=tf.int32)
+    accuracy = tf.reduce_mean(tf.cast(
+        tf.gather(positive_mask[:n], top, axis=1, batch_dims=1), tf.float32))
+    return {"contrast_acc": accuracy, "contrast_entropy": entropy}
+
+
+def _masked_logits(sims, self_mask, temperature):
+    return tf.where(self_mask, tf.float32.min, sims / temperature)
+
+
+def nt_logistic_with_metrics(z_a, z_b, temperature=0.1, hidden_norm=True,
+                             semi_hard_negatives=False):
+    """NT-Logistic (SimCLR Table 1 and Table 4), with negatives from every replica.
+
+    Per anchor u with positive v+ and negatives v- (the 2N - 2 other views, or their semi-hard
+    subset, see `_negative_mask`):
+
+        l(u) = -log sigmoid(u.v+ / tau) - sum_{v-} log sigmoid(-u.v- / tau)
+
+    (the paper's table lists the negated objective log sigma(u.v+/tau) + log sigma(-u.v-/tau)).
+    Both log-sigmoids are computed as softplus for stability.
+
+    Args:
+      z_a, z_b: [n, D] projections of the two views of this replica's n images.
+      temperature: tau.
+      hidden_norm: l2-normalise z first (u.v is then the cosine similarity).
+      semi_hard_negatives: keep only the negatives less similar than the positive.
+
+    Returns:
+      (loss, metrics): loss is the mean of l(u) over this replica's 2n anchors; metrics as
+      `nt_xent_with_metrics` (on the logits u.v / tau).
+    """
+    sims, positive_cols, self_mask = _anchor_rows(z_a, z_b, hidden_norm)
+    negatives = _negative_mask(sims, positive_cols, self_mask, semi_hard_negatives)
+    positive = tf.gather(sims, positive_cols, axis=1, batch_dims=1)
+    negative_terms = tf.where(negatives, tf.nn.softplus(sims / temperature), 0.0)
+    losses = tf.nn.softplus(-positive / temperature) + tf.reduce_sum(negative_terms, axis=1)
+    positive_mask = tf.one_hot(positive_cols, tf.shape(sims)[1], on_value=True, off_value=False)
+    return tf.reduce_mean(losses), _metrics(_masked_logits(sims, self_mask, temperature),
+                                            positive_mask)
+
+
+def margin_triplet_with_metrics(z_a, z_b, margin=DEFAULT_MARGIN, hidden_norm=True,
+                                semi_hard_negatives=False, temperature=0.1):
+    """Margin triplet loss (SimCLR Table 1 and Table 4), with negatives from every replica.
+
+    Per anchor u with positive v+ and negatives v- (the 2N - 2 other views, or their semi-hard
+    subset, see `_negative_mask`):
+
+        l(u) = sum_{v-} max(u.v- - u.v+ + m, 0)
+
+    (the paper's table lists the negated objective -max(u.v- - u.v+ + m, 0)). There is no
+    temperature in this loss.
+
+    Args:
+      z_a, z_b: [n, D] projections of the two views of this replica's n images.
+      margin: m.
+      hidden_norm: l2-normalise z first (u.v is then the cosine similarity).
+      semi_hard_negatives: keep only the negatives less similar than the positive.
+      temperature: used only to scale the logits of `contrast_entropy`.
+
+    Returns:
+      (loss, metrics): loss is the mean of l(u) over this replica's 2n anchors; metrics as
+      `nt_xent_with_metrics`.
+    """
+    sims, positive_cols, self_mask = _anchor_rows(z_a, z_b, hidden_norm)
+    negatives = _negative_mask(sims, positive_cols, self_mask, semi_hard_negatives)
+    positive = tf.gather(sims, positive_cols, axis=1, batch_dims=1)
+    hinge = tf.nn.relu(sims - positive[:, None] + margin)
+    losses = tf.reduce_sum(tf.where(negatives, hinge, 0.0), axis=1)
+    positive_mask = tf.one_hot(positive_cols, tf.shape(sims)[1], on_value=True, off_value=False)
+    return tf.reduce_mean(losses), _metrics(_masked_logits(sims, self_mask, temperature),
+                                            positive_mask)
+
+
+def supcon_with_metrics(z_a, z_b, labels, temperature=0.1, hidden_norm=True):
+    """Supervised contrastive loss L^sup_out (Khosla et al. 2020, eq. 2), global batch.
+
+    Every other view in the global batch with the anchor's label is a positive, and so is the
+    anchor's own other view:
+
+        l(i) = -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p / tau) / sum_{a != i} exp(z_i.z_a / tau) )
+
+    Labels < 0 (unlabelled) match nothing, so such an anchor's only positive is its other view;
+    with every label distinct or negative this is exactly NT-Xent. (The reference implementation
+    also multiplies by tau / 0.07, a constant learning-rate factor, left out here.) Labels are
+    gathered across replicas like the projections, as float32 (exact for ids below 2^24).
+
+    Args:
+      z_a, z_b: [n, D] projections of the two views of this replica's n images.
+      labels: int [n] class ids of the n images (-1 = unlabelled).
+      temperature: tau.
+      hidden_norm: l2-normalise z first.
+
+    Returns:
+      (loss, metrics): loss is the mean of l(i) over this replica's 2n anchors; `contrast_acc`
+      counts an a-anchor as right when its most similar other view is any positive.
+    """
+    sims, positive_cols, self_mask = _anchor_rows(z_a, z_b, hidden_norm)
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    all_labels = tf.cast(cross_replica_concat(tf.cast(labels, tf.float32)), tf.int32)
+    row_labels = tf.tile(labels, [2])[:, None]
+    col_labels = tf.tile(all_labels, [2])[None, :]
+    same_class = tf.equal(row_labels, col_labels) & (row_labels >= 0)
+    own_view = tf.one_hot(positive_cols, tf.shape(sims)[1], on_value=True, off_value=False)
+    positives = (same_class | own_view) & ~self_mask
+    logits = _masked_logits(sims, self_mask, temperature)
+    log_prob = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+    positive_log_prob = tf.reduce_sum(tf.where(positives, log_prob, 0.0), axis=1)
+    losses = -positive_log_prob / tf.reduce_sum(tf.cast(positives, tf.float32), axis=1)
+    return tf.reduce_mean(losses), _metrics(logits, positives)
+
+
+def contrastive_loss(name, z_a, z_b, labels=None, temperature=0.1, hidden_norm=True,
+                     semi_hard_negatives=False, margin=DEFAULT_MARGIN):
+    """The contrastive loss `name` of the two views, with negatives from every replica.
+
+    Args:
+      name: one of LOSSES: "nt_xent" (the paper's), "nt_logistic", "margin_triplet" (Table 4) or
+        "supcon" (needs `labels`).
+      z_a, z_b: [n, D] projections of the two views of this replica's n images.
+      labels: int [n] class ids (-1 = unlabelled); used by "supcon" only.
+      temperature: tau (not used by "margin_triplet").
+      hidden_norm: l2-normalise z first.
+      semi_hard_negatives: semi-hard negative mining, for "nt_logistic" and "margin_triplet".
+      margin: m of "margin_triplet".
+
+    Returns:
+      (loss, metrics) as `nt_xent_with_metrics`: the mean over this replica's 2n anchors, and
+      `contrast_acc`, `contrast_entropy`.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+    if semi_hard_negatives and name not in SEMI_HARD_LOSSES:
+        raise ValueError(f"semi_hard_negatives applies to {SEMI_HARD_LOSSES} only, not {name!r}")
+    if name == "nt_xent":
+        return nt_xent_with_metrics(z_a, z_b, temperature, hidden_norm)
+    if name == "nt_logistic":
+        return nt_logistic_with_metrics(z_a, z_b, temperature, hidden_norm, semi_hard_negatives)
+    if name == "margin_triplet":
+        return margin_triplet_with_metrics(z_a, z_b, margin, hidden_norm, semi_hard_negatives,
+                                           temperature)
+    if labels is None:
+        raise ValueError("loss 'supcon' needs the batch labels")
+    return supcon_with_metrics(z_a, z_b, labels, temperature, hidden_norm)
