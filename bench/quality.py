@@ -1,0 +1,373 @@
+"""Representation quality on Fashion-MNIST, with the baselines needed to judge it; one JSON line.
+
+    python bench/quality.py                        # the benchmark: budget 20 min per trained model
+    python bench/quality.py --budget_minutes=2     # a quick check of the machinery
+
+Everything runs in this one process, in this order, on the offline Fashion-MNIST (train: 60,000
+images, test: 10,000), all accuracies top-1 on the whole test split unless named otherwise:
+
+1. raw pixels: the fast linear evaluation (multinomial logistic regression, L2 picked on a held-out
+   10% of train) on the 28x28 pixels, and cosine kNN (k=200, tau=0.1) on them.
+2. random encoder: the encoder below with its initial weights (batch norm at its initial
+   statistics): fast linear evaluation and kNN of h.
+3. SimCLR: pretraining of ResNet-18 (CIFAR stem) on 16 px views for `--budget_minutes` of training
+   time (LARS, batch 256, tau 0.5, colour jitter 0.5, no blur, the paper's small-image recipe);
+   at `--curve_points` checkpoints a kNN accuracy with a 10,000-image bank (the curve), at the end
+   the fast linear evaluation and kNN with the whole train split, and the linear probe trained
+   during pretraining.
+4. supervised: the same encoder plus a linear layer trained with all labels (crop + flip,
+   cross-entropy, momentum SGD with weight decay) for the same time budget; its test accuracy.
+
+The training budget is wall-clock training time: a short calibration measures the seconds per step
+of each trainer, the cosine schedule is sized to fill the budget, and a deadline stops training
+(after saving) should it run slower; time spent on the curve's evaluations is not counted. The
+JSON (also written to `<out_dir>/quality.json`) holds every number, the steps, epochs and minutes
+actually used, the load average, and whether the targets were met (SimCLR linear eval >= 90% and
+>= 5 points above the random encoder's, the whole run <= 60 min). `<out_dir>/quality.svg` plots
+accuracy against training minutes for every line.
+
+Cost on 2 free cores: 2 x budget_minutes of training plus about 15 minutes of calibration, feature
+extraction (3 x 70,000 images), logistic regressions and curve points; the default budget of 20
+minutes per model is sized for the whole run to stay under 60 minutes.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags, logging  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from simclr_tf import config as cfg  # noqa: E402
+from simclr_tf import data as data_lib  # noqa: E402
+from simclr_tf import evaluate, finetune, guards, knn, train  # noqa: E402
+
+flags.DEFINE_float("budget_minutes", 20.0, "Training time of SimCLR, and of the supervised model.")
+flags.DEFINE_string("out_dir", "/tmp/simclr_tf_quality", "Runs, quality.json and quality.svg.")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets directory.")
+flags.DEFINE_integer("image_size", 16, "Side of the encoder's input.")
+flags.DEFINE_integer("batch", 256, "Global batch of both trainers.")
+flags.DEFINE_integer("curve_points", 4, "Evaluations during each training (the plot's points).")
+flags.DEFINE_integer("seed", 0, "Seed of weights, augmentations and the held-out split.")
+flags.DEFINE_float("simclr_learning_rate", 0.075, "LARS base LR (x sqrt(batch)).")
+flags.DEFINE_float("temperature", 0.5, "NT-Xent temperature.")
+flags.DEFINE_float("color_jitter_strength", 0.5, "Colour jitter strength.")
+flags.DEFINE_float("supervised_learning_rate", 0.2, "Momentum SGD LR (x batch / 256).")
+FLAGS = flags.FLAGS
+
+DATASET = "fashion_mnist"
+NUM_CLASSES = 10
+CURVE_BANK = 10000
+TARGET_LINEAR = 0.90
+TARGET_MARGIN = 0.05
+TARGET_MINUTES = 60.0
+
+
+class Clock:
+    """Training time against a budget, excluding the pauses for evaluation."""
+
+    def __init__(self, budget_seconds):
+        self.budget = budget_seconds
+        self.start = time.time()
+        self.paused = 0.0
+
+    def training_seconds(self):
+        return time.time() - self.start - self.paused
+
+    def over(self):
+        return self.training_seconds() >= self.budget
+
+
+def calibrate(loop, iterator, steps=4):
+    """(seconds per step, seconds of the first call beyond that): trace, then time `steps`."""
+    t0 = time.time()
+    loop(iterator, tf.constant(1))["loss"].numpy()
+    first = time.time() - t0
+    t0 = time.time()
+    loop(iterator, tf.constant(steps))["loss"].numpy()
+    per_step = (time.time() - t0) / steps
+    return per_step, max(first - per_step, 0.0)
+
+
+def steps_for(budget_seconds, per_step, overhead):
+    return max(int((budget_seconds - overhead) / per_step), 2)
+
+
+def rounded(results):
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The lines.
+
+def raw_pixels():
+    """Logistic regression and kNN on the native 28x28 pixels (one channel: they are gray)."""
+    def pixels(split):
+        batches = data_lib.eval_dataset(DATASET, split, 1000, 28, data_dir=FLAGS.data_dir,
+                                        crop=False)
+        return evaluate.extract(lambda x: tf.reshape(x[..., 0], [tf.shape(x)[0], -1]), batches)
+
+    train_x, train_y = pixels("train")
+    test_x, test_y = pixels("test")
+    results = evaluate.linear_eval_fast(train_x, train_y, test_x, test_y, NUM_CLASSES,
+                                        seed=FLAGS.seed)
+    scores = knn.knn_predict_scores(test_x, train_x, train_y, NUM_CLASSES)
+    results.update(evaluate.accuracies(scores, test_y, "knn_"))
+    return rounded(results)
+
+
+def simclr_config(model_dir, total_steps):
+    return cfg.RunConfig(
+        data=cfg.DataConfig(DATASET, FLAGS.data_dir, "train", "test", FLAGS.image_size,
+                            cache_dataset=True),
+        augment=cfg.AugmentConfig(FLAGS.color_jitter_strength, use_blur=False),
+        encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True, global_bn=False),
+        head=cfg.HeadConfig("nonlinear", 2, 128),
+        loss=cfg.LossConfig(temperature=FLAGS.temperature),
+        optimizer=cfg.OptimizerConfig("lars", FLAGS.simclr_learning_rate, "sqrt", 0.9, 1e-6,
+                                      warmup_epochs=0.1),
+        train=cfg.TrainConfig(model_dir=model_dir, train_batch_size=FLAGS.batch,
+                              train_steps=total_steps, steps_per_loop=5,
+                              checkpoint_steps=max(total_steps // FLAGS.curve_points, 1),
+                              keep_checkpoint_max=2, seed=FLAGS.seed, summary_images=0),
+        eval=cfg.EvalConfig(eval_batch_size=500, knn_bank_size=0))
+
+
+def supervised_config(model_dir, total_steps):
+    base = simclr_config(model_dir, total_steps)
+    return cfg.RunConfig(
+        data=base.data, encoder=base.encoder, eval=base.eval,
+        optimizer=cfg.OptimizerConfig("momentum", FLAGS.supervised_learning_rate, "linear", 0.9,
+                                      5e-4, warmup_epochs=0.2),
+        train=cfg.TrainConfig(**{**base.train.__dict__, "train_mode": "finetune"}),
+        finetune=cfg.FinetuneConfig(fine_tune_after_block=-1))
+
+
+def random_encoder(config):
+    keras.utils.set_random_seed(FLAGS.seed)
+    encoder = config.encoder.build(config.data.image_size, global_bn=False)
+    return rounded(evaluate.evaluate_encoder(encoder, config, NUM_CLASSES, ("knn", "linear")))
+
+
+def simclr():
+    budget = FLAGS.budget_minutes * 60
+    out = os.path.join(FLAGS.out_dir, "simclr")
+    shutil.rmtree(out, ignore_errors=True)
+    info = data_lib.dataset_info(DATASET, "train", FLAGS.data_dir)
+    # Calibration: a throwaway trainer on the real pipeline.
+    probe_config = simclr_config(out + "_calibration", 1000)
+    schedule = train.make_schedule(probe_config.train, probe_config.optimizer, info.num_examples)
+    trainer = train.Pretrainer(probe_config, tf.distribute.get_strategy(), schedule, NUM_CLASSES)
+    dataset = train.make_dataset_fn(probe_config, FLAGS.seed)(tf.distribute.InputContext())
+    per_step, overhead = calibrate(trainer.make_train_loop(), iter(dataset))
+    del trainer, dataset
+    total = steps_for(budget, per_step, overhead)
+    config = simclr_config(out, total)
+    curve_config = cfg.RunConfig(**{**config.__dict__, "eval": cfg.EvalConfig(
+        eval_batch_size=500, knn_bank_size=CURVE_BANK)})
+    logging.info("SimCLR: %.2f s/step -> %d steps (%.2f epochs) in %.1f min", per_step, total,
+                 total * FLAGS.batch / info.num_examples, FLAGS.budget_minutes)
+    clock = Clock(budget)
+    curve = []
+
+    def on_checkpoint(trainer, path):
+        t0 = time.time()
+        step = int(trainer.step.numpy())
+        r = evaluate.evaluate_encoder(trainer.encoder, curve_config, NUM_CLASSES,
+                                      ("knn", "probe"), probe=trainer.probe)
+        curve.append({"minutes": round(clock.training_seconds() / 60, 2), "step": step,
+                      "epochs": round(step * FLAGS.batch / info.num_examples, 3),
+                      "knn_top1": round(r["knn_top1"], 4), "probe_top1": round(r["probe_top1"], 4)})
+        logging.info("SimCLR curve: %s", curve[-1])
+        clock.paused += time.time() - t0
+
+    cfg.save(config, out)
+    try:
+        trainer, metrics = train.run_pretraining(config, tf.distribute.get_strategy(),
+                                                 on_checkpoint=on_checkpoint,
+                                                 stop_requested=clock.over)
+    except guards.Preempted:  # the deadline: the last checkpoint holds the final weights
+        trainer = train.Pretrainer(config, tf.distribute.get_strategy(),
+                                   train.make_schedule(config.train, config.optimizer,
+                                                       info.num_examples), NUM_CLASSES)
+        trainer.checkpoint.restore(tf.train.latest_checkpoint(out)).expect_partial()
+    train_minutes = clock.training_seconds() / 60
+    steps = int(trainer.step.numpy())
+    if not curve or curve[-1]["step"] != steps:
+        on_checkpoint(trainer, None)
+    results = evaluate.evaluate_encoder(trainer.encoder, config, NUM_CLASSES,
+                                        ("knn", "linear", "probe"), probe=trainer.probe)
+    results.update(steps=steps, planned_steps=total, seconds_per_step=round(per_step, 3),
+                   epochs=round(steps * FLAGS.batch / info.num_examples, 3),
+                   train_minutes=round(train_minutes, 2))
+    return rounded(results), curve
+
+
+def supervised():
+    budget = FLAGS.budget_minutes * 60
+    out = os.path.join(FLAGS.out_dir, "supervised")
+    shutil.rmtree(out, ignore_errors=True)
+    info = data_lib.dataset_info(DATASET, "train", FLAGS.data_dir)
+    probe_config = supervised_config(out + "_calibration", 1000)
+    schedule = finetune.make_schedule(probe_config, info.num_examples)
+    trainer = finetune.Finetuner(probe_config, tf.distribute.get_strategy(), schedule,
+                                 NUM_CLASSES)
+    dataset = finetune.make_dataset_fn(probe_config, None)(tf.distribute.InputContext(),
+                                                           FLAGS.seed)
+    per_step, overhead = calibrate(trainer.make_train_loop(), iter(dataset))
+    del trainer, dataset
+    total = steps_for(budget, per_step, overhead)
+    config = supervised_config(out, total)
+    logging.info("Supervised: %.2f s/step -> %d steps (%.2f epochs)", per_step, total,
+                 total * FLAGS.batch / info.num_examples)
+    clock = Clock(budget)
+    curve = []
+
+    def on_checkpoint(trainer, path):
+        t0 = time.time()
+        step = int(trainer.step.numpy())
+        r = evaluate.evaluate_classifier(trainer.model, config)
+        curve.append({"minutes": round(clock.training_seconds() / 60, 2), "step": step,
+                      "epochs": round(step * FLAGS.batch / info.num_examples, 3),
+                      "top1": round(r["top1"], 4)})
+        logging.info("Supervised curve: %s", curve[-1])
+        clock.paused += time.time() - t0
+
+    cfg.save(config, out)
+    schedule = finetune.make_schedule(config, info.num_examples)
+    trainer = finetune.Finetuner(config, tf.distribute.get_strategy(), schedule, NUM_CLASSES)
+    try:
+        finetune.train_classifier(trainer, config, tf.distribute.get_strategy(),
+                                  finetune.make_dataset_fn(config, None),
+                                  on_checkpoint=on_checkpoint, stop_requested=clock.over)
+    except guards.Preempted:
+        pass  # the deadline; the trainer holds the last weights
+    train_minutes = clock.training_seconds() / 60
+    steps = int(trainer.step.numpy())
+    if not curve or curve[-1]["step"] != steps:
+        on_checkpoint(trainer, None)
+    results = evaluate.evaluate_classifier(trainer.model, config)
+    results.update(steps=steps, planned_steps=total, seconds_per_step=round(per_step, 3),
+                   epochs=round(steps * FLAGS.batch / info.num_examples, 3),
+                   train_minutes=round(train_minutes, 2))
+    return rounded(results), curve
+
+
+# --------------------------------------------------------------------------------------------
+# The plot: a small hand-written SVG (no plotting dependency).
+
+def svg_plot(report):
+    width, height, left, right, top, bottom = 640, 400, 60, 190, 20, 45
+    budget = max(FLAGS.budget_minutes, 1e-6)
+    values = [0.5]
+    simclr_curve = [(p["minutes"], p["knn_top1"]) for p in report["curves"]["simclr"]]
+    sup_curve = [(p["minutes"], p["top1"]) for p in report["curves"]["supervised"]]
+    lines = [
+        ("SimCLR kNN (10k bank)", "#1f77b4", [(0, report["random_encoder"]["knn_top1"])]
+         + simclr_curve, False),
+        ("supervised", "#d62728", sup_curve, False),
+        ("SimCLR linear (end)", "#1f77b4",
+         [(report["simclr"]["train_minutes"], report["simclr"]["linear_top1"])], False),
+        ("random encoder linear", "#7f7f7f", [(0, report["random_encoder"]["linear_top1"]),
+                                               (budget, report["random_encoder"]["linear_top1"])],
+         True),
+        ("raw pixels linear", "#2ca02c", [(0, report["raw_pixels"]["linear_top1"]),
+                                          (budget, report["raw_pixels"]["linear_top1"])], True),
+    ]
+    for _, _, points, _ in lines:
+        values += [y for _, y in points]
+    y_min = max(0.0, min(values) - 0.02)
+    y_max = 1.0
+    x_max = max([budget] + [x for _, _, pts, _ in lines for x, _ in pts])
+
+    def xy(x, y):
+        px = left + (width - left - right) * x / x_max
+        py = top + (height - top - bottom) * (1 - (y - y_min) / (y_max - y_min))
+        return f"{px:.1f},{py:.1f}"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             'font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<polyline points="{xy(0, y_max)} {xy(0, y_min)} {xy(x_max, y_min)}" '
+             'fill="none" stroke="black"/>']
+    for i in range(6):
+        y = y_min + (y_max - y_min) * i / 5
+        parts.append(f'<text x="{left - 6}" y="{xy(0, y).split(",")[1]}" text-anchor="end">'
+                     f'{100 * y:.0f}%</text>')
+        x = x_max * i / 5
+        px, py = xy(x, y_min).split(",")
+        parts.append(f'<text x="{px}" y="{float(py) + 14}" text-anchor="middle">{x:.1f}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" '
+                 'text-anchor="middle">training minutes (2 CPU cores)</text>')
+    parts.append(f'<text x="{left}" y="12">Fashion-MNIST test top-1</text>')
+    for i, (name, colour, points, dashed) in enumerate(lines):
+        dash = ' stroke-dasharray="5,4"' if dashed else ""
+        if len(points) > 1:
+            parts.append(f'<polyline points="{" ".join(xy(x, y) for x, y in points)}" '
+                         f'fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
+        for x, y in points[1:] if dashed else points:
+            px, py = xy(x, y).split(",")
+            marker = "rect" if "linear (end)" in name else "circle"
+            parts.append(f'<rect x="{float(px) - 4}" y="{float(py) - 4}" width="8" height="8" '
+                         f'fill="{colour}"/>' if marker == "rect" else
+                         f'<circle cx="{px}" cy="{py}" r="3" fill="{colour}"/>')
+        ly = top + 16 * i + 10
+        lx = width - right + 12
+        parts.append(f'<line x1="{lx}" y1="{ly}" x2="{lx + 18}" y2="{ly}" stroke="{colour}" '
+                     f'stroke-width="2"{dash}/>')
+        parts.append(f'<text x="{lx + 24}" y="{ly + 4}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main(_):
+    t_start = time.time()
+    load_start = os.getloadavg()
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    data_lib.dataset_info(DATASET, "train", FLAGS.data_dir)  # prepares it offline if needed
+    base = simclr_config(os.path.join(FLAGS.out_dir, "unused"), 1)
+    report = {"benchmark": "quality", "dataset": DATASET, "image_size": FLAGS.image_size,
+              "encoder": "resnet18x1_cifar_stem", "batch": FLAGS.batch,
+              "budget_minutes_per_model": FLAGS.budget_minutes}
+    timings = {}
+
+    def timed(name, fn, *args):
+        t0 = time.time()
+        out = fn(*args)
+        timings[name] = round((time.time() - t0) / 60, 2)
+        logging.info("%s done in %.1f min", name, timings[name])
+        return out
+
+    report["raw_pixels"] = timed("raw_pixels", raw_pixels)
+    report["random_encoder"] = timed("random_encoder", random_encoder, base)
+    report["simclr"], simclr_curve = timed("simclr", simclr)
+    report["supervised"], supervised_curve = timed("supervised", supervised)
+    report["curves"] = {"simclr": simclr_curve, "supervised": supervised_curve}
+    total_minutes = (time.time() - t_start) / 60
+    margin = report["simclr"]["linear_top1"] - report["random_encoder"]["linear_top1"]
+    report["simclr_minus_random_linear"] = round(margin, 4)
+    report["targets"] = {
+        "simclr_linear_ge_90": report["simclr"]["linear_top1"] >= TARGET_LINEAR,
+        "simclr_5_points_above_random": margin >= TARGET_MARGIN,
+        "total_le_60_minutes": total_minutes <= TARGET_MINUTES}
+    report["minutes"] = {**timings, "total": round(total_minutes, 2)}
+    report["machine"] = {"cpus": os.cpu_count(), "load_average_start": load_start[0],
+                         "load_average_end": os.getloadavg()[0],
+                         "tensorflow": tf.__version__}
+    line = json.dumps(report, sort_keys=True)
+    with open(os.path.join(FLAGS.out_dir, "quality.json"), "w") as f:
+        f.write(line + "\n")
+    with open(os.path.join(FLAGS.out_dir, "quality.svg"), "w") as f:
+        f.write(svg_plot(report))
+    print(line)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main)

@@ -1,0 +1,407 @@
+"""Evaluation: accuracy of a checkpoint on the eval split, `results.json`, and the kNN monitor.
+
+What a checkpoint reports depends on the run that wrote it:
+
+* a pretraining checkpoint (frozen f), with `eval_protocols` from
+  - `probe`: the linear probe trained during pretraining on stop_gradient(h);
+  - `knn`: weighted cosine kNN (k=200, tau=0.1) of eval h against training-set h (`knn`);
+  - `linear`: the fast linear evaluation: h of the training split extracted once with the
+    evaluation preprocessing, a multinomial logistic regression fitted on it (L2 strength picked
+    on a held-out 10%), applied to the eval split's h.
+  The paper's full protocol (a linear classifier trained on frozen f with crop + flip) is
+  `--train_mode=finetune --fine_tune_after_block=4`, whose checkpoints are evaluated below.
+* a fine-tuning or distillation checkpoint: its classifier's top-1 / top-5.
+
+Every eval example counts exactly once (the padded rows of `data.eval_dataset` are dropped by
+their mask). Results go to TensorBoard (`<model_dir>/eval_<split>/`) and to
+`<model_dir>/results.json` (the latest evaluated checkpoint; `eval_<split>/results-<step>.json`
+keeps each one).
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from simclr_tf import config as config_lib
+from simclr_tf import data as data_lib
+from simclr_tf import export as export_lib
+from simclr_tf import finetune
+from simclr_tf import knn as knn_lib
+from simclr_tf.heads import LinearProbe
+
+RESULTS_FILENAME = "results.json"
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
+PROBE_CHECKPOINT_KEY = "linear_probe"
+
+
+# --------------------------------------------------------------------------------------------
+# Features and accuracies.
+
+def eval_crop(image_size):
+    """The 87.5% centre crop of the evaluation preprocessing is for images larger than 32 px."""
+    return image_size > 32
+
+
+def eval_batches(config, split, batch_size=None):
+    """One pass over `split` with the evaluation preprocessing, in masked full batches."""
+    return data_lib.eval_dataset(
+        config.data.dataset, split, batch_size or config.eval.eval_batch_size,
+        config.data.image_size, data_dir=config.data.data_dir,
+        crop=eval_crop(config.data.image_size))
+
+
+def extract(fn, dataset, max_examples=0):
+    """Runs `fn` (images -> [B, ...]) over a masked dataset.
+
+    Returns:
+      (outputs [N, ...], labels [N]) as numpy, padded rows dropped; at most `max_examples` rows
+      (0 = all).
+    """
+    step = tf.function(fn, reduce_retracing=True)
+    outputs, labels, count = [], [], 0
+    for batch in dataset:
+        keep = batch[data_lib.MASK].numpy() > 0
+        outputs.append(np.asarray(step(batch[data_lib.IMAGE]))[keep])
+        labels.append(batch[data_lib.LABEL].numpy()[keep])
+        count += int(keep.sum())
+        if max_examples and count >= max_examples:
+            break
+    if not outputs:
+        raise ValueError("the evaluation split has no examples")
+    outputs, labels = np.concatenate(outputs), np.concatenate(labels)
+    if max_examples:
+        outputs, labels = outputs[:max_examples], labels[:max_examples]
+    return outputs, labels
+
+
+def topk_accuracy(scores, labels, k):
+    """Fraction of rows whose label is among the k highest scores (ties: lower class id first)."""
+    scores = np.asarray(scores)
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
+
+
+def accuracies(scores, labels, prefix=""):
+    return {f"{prefix}top1": topk_accuracy(scores, labels, 1),
+            f"{prefix}top5": topk_accuracy(scores, labels, 5)}
+
+
+# --------------------------------------------------------------------------------------------
+# Fast linear evaluation: multinomial logistic regression on extracted features.
+
+class LogisticRegression:
+    """Multinomial logistic regression on standardised features, fitted by full-batch Adam.
+
+    The objective is convex: mean cross-entropy + l2 / 2 * ||W||^2; `steps` full-batch Adam steps
+    with a cosine-decayed step size from zero weights reach its optimum closely enough that
+    accuracies agree with a second-order solver to ~0.1 points on our features.
+    """
+
+    def __init__(self, num_classes, l2=1e-4, steps=500, learning_rate=0.05):
+        self.num_classes = num_classes
+        self.l2 = l2
+        self.steps = steps
+        self.learning_rate = learning_rate
+        self.mean = self.std = self.weights = self.bias = None
+
+    def fit(self, features, labels):
+        x = np.asarray(features, np.float32)
+        self.mean = x.mean(0)
+        self.std = x.std(0) + 1e-6
+        x = tf.constant((x - self.mean) / self.std)
+        y = tf.constant(np.asarray(labels, np.int32))
+        w, b = _fit_softmax(x, y, self.num_classes, tf.constant(self.l2, tf.float32),
+                            tf.constant(self.steps), tf.constant(self.learning_rate, tf.float32))
+        self.weights, self.bias = w.numpy(), b.numpy()
+        return self
+
+    def scores(self, features):
+        x = (np.asarray(features, np.float32) - self.mean) / self.std
+        return x @ self.weights + self.bias
+
+
+@tf.function(reduce_retracing=True)
+def _fit_softmax(x, y, num_classes, l2, steps, learning_rate):
+    """Full-batch Adam on mean cross-entropy + l2 / 2 * ||W||^2; returns (W, b)."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    def adam(param, grad, m, v, lr, t):
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * tf.square(grad)
+        update = lr * (m / (1 - beta1 ** t)) / (tf.sqrt(v / (1 - beta2 ** t)) + eps)
+        return param - update, m, v
+
+    def body(t, w, b, mw, vw, mb, vb):
+        with tf.GradientTape() as tape:
+            tape.watch([w, b])
+            logits = tf.matmul(x, w) + b
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+            loss += 0.5 * l2 * tf.reduce_sum(tf.square(w))
+        grad_w, grad_b = tape.gradient(loss, [w, b])
+        step = tf.cast(t, tf.float32)
+        progress = (step - 1.0) / tf.cast(steps, tf.float32)
+        lr = learning_rate * 0.5 * (1.0 + tf.cos(np.pi * progress))
+        w, mw, vw = adam(w, grad_w, mw, vw, lr, step)
+        b, mb, vb = adam(b, grad_b, mb, vb, lr, step)
+        return t + 1, w, b, mw, vw, mb, vb
+
+    w = tf.zeros([tf.shape(x)[1], num_classes])
+    b = tf.zeros([num_classes])
+    state = (tf.constant(1), w, b, tf.zeros_like(w), tf.zeros_like(w), tf.zeros_like(b),
+             tf.zeros_like(b))
+    _, w, b, *_ = tf.while_loop(lambda t, *_: t <= steps, body, state)
+    return w, b
+
+
+def linear_eval_fast(train_features, train_labels, eval_features, eval_labels, num_classes,
+                     l2_grid=L2_GRID, holdout=0.1, seed=0, steps=500):
+    """Fits logistic regression on training features and scores the eval features.
+
+    The L2 strength is the grid value with the best accuracy on a seeded `holdout` fraction of
+    the training features (fitted on the rest); the final fit uses all training features.
+
+    Returns:
+      {"linear_top1", "linear_top5", "linear_l2", "linear_train_top1"}.
+    """
+    n = len(train_labels)
+    l2 = l2_grid[0]
+    if len(l2_grid) > 1:
+        order = np.random.default_rng(seed).permutation(n)
+        cut = max(1, int(round(n * (1 - holdout))))
+        fit_idx, val_idx = order[:cut], order[cut:]
+        best = -1.0
+        for value in l2_grid:
+            model = LogisticRegression(num_classes, value, steps).fit(
+                train_features[fit_idx], train_labels[fit_idx])
+            acc = topk_accuracy(model.scores(train_features[val_idx]), train_labels[val_idx], 1)
+            if acc > best:
+                best, l2 = acc, value
+    model = LogisticRegression(num_classes, l2, steps).fit(train_features, train_labels)
+    results = accuracies(model.scores(eval_features), eval_labels, "linear_")
+    results["linear_l2"] = l2
+    results["linear_train_top1"] = topk_accuracy(model.scores(train_features), train_labels, 1)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating an encoder, a classifier, a checkpoint.
+
+def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), probe=None):
+    """The frozen-f evaluations of `encoder` (f in inference mode) on the eval split.
+
+    Args:
+      encoder: callable(images, training=False) -> h.
+      config: the run's `RunConfig` (data, eval settings).
+      num_classes: classes of the dataset.
+      protocols: subset of ("probe", "knn", "linear").
+      probe: the `LinearProbe` for "probe" (skipped if None).
+
+    Returns:
+      Flat dict of metrics (`knn_top1`, `linear_top5`, ...) and `num_examples`.
+    """
+    ev = config.eval
+    features = lambda images: encoder(images, training=False)  # noqa: E731
+    eval_h, eval_y = extract(features, eval_batches(config, config.data.eval_split))
+    results = {"num_examples": int(len(eval_y))}
+    if "probe" in protocols and probe is not None:
+        results.update(accuracies(np.asarray(probe(tf.constant(eval_h))), eval_y, "probe_"))
+    if "knn" in protocols or "linear" in protocols:
+        train_h, train_y = extract(features, eval_batches(config, config.data.train_split),
+                                   max_examples=ev.knn_bank_size)
+        if "knn" in protocols:
+            scores = knn_lib.knn_predict_scores(eval_h, train_h, train_y, num_classes, ev.knn_k,
+                                                ev.knn_temperature)
+            results.update(accuracies(scores, eval_y, "knn_"))
+        if "linear" in protocols:
+            results.update(linear_eval_fast(train_h, train_y, eval_h, eval_y, num_classes,
+                                            seed=config.train.seed))
+    return results
+
+
+def evaluate_classifier(model, config):
+    """top-1 / top-5 of a `finetune.Classifier` (inference mode) on the eval split."""
+    logits, labels = extract(lambda images: model(images, training=False),
+                             eval_batches(config, config.data.eval_split))
+    return {"num_examples": int(len(labels)), **accuracies(logits, labels)}
+
+
+def _has_probe(path):
+    return any(name.startswith(f"{PROBE_CHECKPOINT_KEY}/")
+               for name, _ in tf.train.list_variables(path))
+
+
+def evaluate_checkpoint(config, path):
+    """Evaluates one checkpoint of the run `config` describes; returns the results dict."""
+    info = data_lib.dataset_info(config.data.dataset, config.data.eval_split,
+                                 config.data.data_dir)
+    if not info.num_classes:
+        raise ValueError(f"eval_split {config.data.eval_split!r} of {config.data.dataset} has no "
+                         "labels to evaluate with")
+    mode = config.train.train_mode
+    results = {"step": export_lib.checkpoint_step(path), "checkpoint": path, "train_mode": mode,
+               "eval_split": config.data.eval_split}
+    if mode == "pretrain":
+        protocols = config_lib.parse_protocols(config.eval.eval_protocols)
+        encoder = config.encoder.build(config.data.image_size, global_bn=False)
+        export_lib.restore_encoder(encoder, path)
+        probe = None
+        if "probe" in protocols and _has_probe(path):
+            probe = LinearProbe(info.num_classes, name=PROBE_CHECKPOINT_KEY)
+            probe.build((None, config.encoder.output_dim))
+            tf.train.Checkpoint(linear_probe=probe).read(path).expect_partial()
+        results.update(evaluate_encoder(encoder, config, info.num_classes, protocols, probe))
+        main = next((p for p in ("linear", "probe", "knn") if f"{p}_top1" in results), None)
+        if main:
+            results.update(protocol=main, top1=results[f"{main}_top1"],
+                           top5=results[f"{main}_top5"])
+    else:
+        model = finetune.build_classifier(config, info.num_classes)
+        status = tf.train.Checkpoint(**model.checkpoint_items()).read(path)
+        status.assert_existing_objects_matched()
+        status.expect_partial()  # optimiser slots
+        results.update(protocol="classifier", **evaluate_classifier(model, config))
+    return results
+
+
+def write_results(config, results, summary_prefix="eval"):
+    """TensorBoard scalars in eval_<split>/, results.json (latest) and results-<step>.json."""
+    model_dir = config.train.model_dir
+    eval_dir = os.path.join(model_dir, f"eval_{config.data.eval_split}")
+    tf.io.gfile.makedirs(eval_dir)
+    writer = tf.summary.create_file_writer(eval_dir)
+    with writer.as_default(step=results["step"]):
+        for key, value in results.items():
+            if isinstance(value, float):
+                tf.summary.scalar(f"{summary_prefix}/{key}", value)
+    writer.flush()
+    text = json.dumps(results, indent=2, sort_keys=True)
+    for path in (os.path.join(eval_dir, f"results-{results['step']}.json"),
+                 os.path.join(model_dir, RESULTS_FILENAME)):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write(text + "\n")
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    return os.path.join(model_dir, RESULTS_FILENAME)
+
+
+def _summary_line(results):
+    keys = [k for k in sorted(results) if k.endswith(("top1", "top5"))]
+    return "  ".join(f"{k} {results[k]:.4f}" for k in keys)
+
+
+def total_steps(config):
+    """The final step of the run `config` describes (where watching its checkpoints stops)."""
+    info = data_lib.dataset_info(config.data.dataset, config.data.train_split,
+                                 config.data.data_dir)
+    if config.train.train_mode == "finetune":
+        subset = finetune.labelled_subset(config)
+        return finetune.make_schedule(
+            config, info.num_examples if subset is None else len(subset)).total_steps
+    if config.train.train_mode == "distill":
+        return finetune.make_schedule(config, info.num_examples).total_steps
+    from simclr_tf import train  # the pretraining schedule
+    return train.make_schedule(config.train, config.optimizer, info.num_examples).total_steps
+
+
+def run_evaluation(config, checkpoint=None):
+    """Evaluates `checkpoint`, or every new checkpoint of model_dir until the run's last step.
+
+    Watching ends at the checkpoint of the final step, or after `eval.eval_timeout` seconds
+    (0 = no limit) without a new checkpoint. Returns the last results.
+    """
+    model_dir = config.train.model_dir
+    if checkpoint is not None:
+        path = export_lib.resolve_checkpoint(model_dir, checkpoint)
+        return _evaluate_and_write(config, path)
+    final = total_steps(config)
+    results = None
+    timeout = config.eval.eval_timeout or None
+    for path in tf.train.checkpoints_iterator(model_dir, min_interval_secs=10, timeout=timeout):
+        try:
+            results = _evaluate_and_write(config, path)
+        except tf.errors.NotFoundError:
+            # The trainer's CheckpointManager deleted it (keep_checkpoint_max) meanwhile.
+            logging.warning("Checkpoint %s was deleted before it was evaluated", path)
+            continue
+        if results["step"] >= final:
+            break
+    if results is None:
+        raise ValueError(f"no checkpoint appeared in {model_dir} within eval_timeout="
+                         f"{config.eval.eval_timeout}s")
+    return results
+
+
+def _evaluate_and_write(config, path):
+    t0 = time.time()
+    results = evaluate_checkpoint(config, path)
+    results["eval_seconds"] = round(time.time() - t0, 1)
+    written = write_results(config, results)
+    logging.info("Evaluated %s (step %d) on %s: %s -> %s", path, results["step"],
+                 config.data.eval_split, _summary_line(results), written)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The kNN monitor during pretraining.
+
+class KnnMonitor:
+    """kNN accuracy of the current f every `eval.eval_every` steps, as a training-loop hook.
+
+    Call it as `monitor(trainer, step)` after each compiled loop (`train.run_pretraining`'s
+    `on_loop_end`); it runs when a multiple of `eval_every` was passed since the last run (exactly
+    at the multiple when `steps_per_loop` divides `eval_every`). f runs in inference mode, so the
+    training state is untouched. Writes `monitor/knn_top1|top5` to `<model_dir>/eval_<split>/`.
+    """
+
+    def __init__(self, config, num_classes):
+        self.config = config
+        self.num_classes = num_classes
+        self.every = config.eval.eval_every
+        self.last = None
+        self.history = []  # [(step, results)]
+        self._writer = None
+
+    def due(self, step):
+        if not self.every:
+            return False
+        # Before the first run, `last` is 0: a resumed run is evaluated at its first loop end.
+        return step // self.every > (self.last or 0) // self.every
+
+    def __call__(self, trainer, step):
+        if not self.due(step):
+            return None
+        self.last = step
+        t0 = time.time()
+        results = evaluate_encoder(trainer.encoder, self.config, self.num_classes, ("knn",))
+        results["seconds"] = round(time.time() - t0, 1)
+        self.history.append((step, results))
+        if self._writer is None:
+            eval_dir = os.path.join(self.config.train.model_dir,
+                                    f"eval_{self.config.data.eval_split}")
+            self._writer = tf.summary.create_file_writer(eval_dir)
+        with self._writer.as_default(step=step):
+            for key in ("knn_top1", "knn_top5"):
+                tf.summary.scalar(f"monitor/{key}", results[key])
+        self._writer.flush()
+        logging.info("step %d  kNN monitor on %s: top1 %.4f  top5 %.4f  (%.0f s)", step,
+                     self.config.data.eval_split, results["knn_top1"], results["knn_top5"],
+                     results["seconds"])
+        return results
+
+
+def config_for_evaluation(requested):
+    """The saved config of the run in `requested.train.model_dir`, with the evaluation settings
+    (eval section, eval split, data_dir) of `requested`: the model is rebuilt as it was trained."""
+    model_dir = requested.train.model_dir
+    saved = config_lib.load(model_dir)
+    return dataclasses.replace(
+        saved, eval=requested.eval,
+        data=dataclasses.replace(saved.data, eval_split=requested.data.eval_split,
+                                 data_dir=requested.data.data_dir or saved.data.data_dir),
+        train=dataclasses.replace(saved.train, model_dir=model_dir))

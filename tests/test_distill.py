@@ -1,0 +1,129 @@
+"""Distillation: the loss against hand-computed values, a frozen teacher, self- and big-to-small
+distillation steps, and a tiny distillation run through the CLI."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import config as cfg
+from simclr_tf import distill, finetune, train
+
+from test_finetune import NUM_CLASSES, colour_batch, tiny_config
+
+
+def test_distillation_loss_matches_hand_computation():
+    student = [[1.0, 2.0, 3.0]]
+    teacher = [[3.0, 2.0, 1.0]]
+    # tau = 2: teacher probabilities softmax([1.5, 1, 0.5]), student log-softmax of [0.5, 1, 1.5].
+    z = math.exp(1.5) + math.exp(1.0) + math.exp(0.5)
+    p = [math.exp(1.5) / z, math.exp(1.0) / z, math.exp(0.5) / z]
+    log_q = [0.5 - math.log(z), 1.0 - math.log(z), 1.5 - math.log(z)]
+    expected = -(p[0] * log_q[0] + p[1] * log_q[1] + p[2] * log_q[2])
+    assert expected == pytest.approx(1.3403, abs=1e-4)
+    loss = distill.distillation_loss(tf.constant(student), tf.constant(teacher), 2.0)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # tau = 1 and a one-hot-like teacher: the ordinary cross-entropy of the teacher's argmax.
+    sharp = distill.distillation_loss(tf.constant(student), tf.constant([[0.0, 0.0, 100.0]]), 1.0)
+    assert float(sharp) == pytest.approx(math.log(math.exp(1) + math.exp(2) + math.exp(3)) - 3,
+                                         rel=1e-5)
+    # The loss of a batch is the mean over its rows.
+    both = distill.distillation_loss(tf.constant(student * 2), tf.constant(teacher + [[0.0] * 3]),
+                                     2.0)
+    uniform = math.log(z) - (0.5 + 1.0 + 1.5) / 3  # teacher [0, 0, 0]: uniform probabilities
+    assert float(both) == pytest.approx((expected + uniform) / 2, rel=1e-6)
+
+
+def test_distillation_gradient_reaches_the_student_only():
+    student = tf.Variable([[0.5, -0.5]])
+    teacher = tf.Variable([[2.0, 0.0]])
+    with tf.GradientTape(persistent=True) as tape:
+        loss = distill.distillation_loss(student, teacher, 1.0)
+    grad_student = tape.gradient(loss, student).numpy()
+    assert tape.gradient(loss, teacher) is None
+    # d/ds of -sum p log softmax(s) = softmax(s) - p.
+    q = np.exp([0.5, -0.5]) / np.exp([0.5, -0.5]).sum()
+    p = np.exp([2.0, 0.0]) / np.exp([2.0, 0.0]).sum()
+    np.testing.assert_allclose(grad_student[0], q - p, rtol=1e-5)
+
+
+def test_masked_cross_entropy():
+    logits = tf.constant([[0.0, 0.0], [2.0, 0.0], [0.0, 5.0]])
+    labels = tf.constant([0, 1, 1])
+    value = distill.masked_cross_entropy(logits, labels, tf.constant([1.0, 1.0, 0.0]))
+    expected = (math.log(2) + (math.log(math.exp(2) + 1) - 0.0)) / 2
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+    assert float(distill.masked_cross_entropy(logits, labels, tf.zeros([3]))) == 0.0
+
+
+def _teacher_run(model_dir, depth=18, num_classes=NUM_CLASSES):
+    """A fine-tuning run directory (config.json + one checkpoint) with random weights."""
+    config = tiny_config(model_dir)
+    config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder,
+                                                                     resnet_depth=depth))
+    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    teacher = finetune.Finetuner(config, tf.distribute.get_strategy(), schedule, num_classes)
+    cfg.save(config, str(model_dir))
+    tf.train.CheckpointManager(teacher.checkpoint, str(model_dir), 1).save(checkpoint_number=0)
+    return teacher
+
+
+@pytest.mark.parametrize("teacher_depth", [18, 34], ids=["self", "big_to_small"])
+def test_distiller_step_keeps_the_teacher_frozen(tmp_path, teacher_depth):
+    original = _teacher_run(tmp_path / "teacher", teacher_depth)
+    config = tiny_config(tmp_path / "student")
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, train_mode="distill"),
+        distill=cfg.DistillConfig(str(tmp_path / "teacher"), 2.0, 0.25))
+    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    trainer = distill.Distiller(config, tf.distribute.get_strategy(), schedule, NUM_CLASSES,
+                                distill.resolve_teacher(config.distill.teacher))
+    for a, b in zip(trainer.teacher.encoder.variables, original.model.encoder.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    teacher_before = {v.path: v.numpy().copy() for v in trainer.teacher.encoder.variables}
+    student_before = [v.numpy().copy() for v in trainer.model.trainable_variables]
+    batch = colour_batch()
+    batch["labelled"] = tf.constant([1.0, 0.0] * 6)
+    loss, parts = trainer.loss_and_metrics(batch)
+    assert float(loss) == pytest.approx(
+        0.75 * float(parts["distill_loss"]) + 0.25 * float(parts["label_loss"]), rel=1e-5)
+    metrics = trainer.make_train_loop()(iter(tf.data.Dataset.from_tensors(batch).repeat()),
+                                        tf.constant(2))
+    assert np.isfinite(float(metrics["loss"]))
+    for v in trainer.teacher.encoder.variables:
+        np.testing.assert_array_equal(v.numpy(), teacher_before[v.path], err_msg=v.path)
+    assert any(not np.array_equal(v.numpy(), b)
+               for v, b in zip(trainer.model.trainable_variables, student_before))
+
+
+def test_teacher_must_be_a_fine_tuned_run(tmp_path):
+    cfg.save(cfg.RunConfig(), str(tmp_path))
+    with pytest.raises(finetune.FinetuneError, match="distil from a fine-tuned run"):
+        distill.resolve_teacher(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_cli_distils_and_evaluates_the_student(tmp_path):
+    _teacher_run(tmp_path / "teacher", num_classes=10)  # Fashion-MNIST's classes
+    student_dir = tmp_path / "student"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_tf.run", "--train_mode=distill", "--mode=train_then_eval",
+         f"--teacher={tmp_path / 'teacher'}", f"--model_dir={student_dir}",
+         "--dataset=fashion_mnist", "--train_split=train[:600]", "--eval_split=test[:100]",
+         "--image_size=16", "--resnet_depth=18", "--distill_temperature=2",
+         "--distill_label_weight=0.5", "--train_label_fraction=0.1", "--optimizer=momentum",
+         "--learning_rate=0.1", "--weight_decay=0", "--warmup_epochs=0", "--train_batch_size=8",
+         "--train_steps=2", "--steps_per_loop=1", "--checkpoint_steps=2",
+         "--eval_batch_size=50"], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(student_dir / "results.json") as f:
+        results = json.load(f)
+    assert results["train_mode"] == "distill" and results["step"] == 2
+    assert results["num_examples"] == 100

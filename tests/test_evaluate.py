@@ -1,0 +1,147 @@
+"""Evaluation: kNN and top-k against hand-computed answers, the fast linear eval on separable
+features, masked extraction counting each example once, and the kNN monitor's schedule."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import config as cfg
+from simclr_tf import evaluate, knn
+
+
+def test_knn_scores_match_hand_computation():
+    # Unit vectors at easy angles: cosine similarities are 1, 0, -1 and 0.6 / 0.8 exactly.
+    bank = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]], np.float32)
+    labels = np.array([0, 1, 1, 2])
+    queries = np.array([[2.0, 0.0],    # cos: 1, 0, -1, 0.6 -> neighbours 0 (class 0), 3 (class 2)
+                        [0.0, 0.5]],   # cos: 0, 1, 0, 0.8  -> neighbours 1 (class 1), 3 (class 2)
+                       np.float32)
+    scores = knn.knn_predict_scores(queries, bank, labels, num_classes=3, k=2, temperature=0.5)
+    expected = np.array([[math.exp(1 / 0.5), 0.0, math.exp(0.6 / 0.5)],
+                         [0.0, math.exp(1 / 0.5), math.exp(0.8 / 0.5)]])
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+def test_knn_two_weak_neighbours_outvote_one_strong_one():
+    # k=3, query [1, 0]: neighbour cosines 1.0 (class 0), 0.8 and 0.6 (class 1).
+    bank = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [-1.0, 0.0]], np.float32)
+    labels = np.array([0, 1, 1, 0])
+    query = np.array([[1.0, 0.0]], np.float32)
+    # tau = 1: class 1 gets e^0.8 + e^0.6 = 4.05 > e^1 = 2.72.
+    hot = knn.knn_predict_scores(query, bank, labels, 2, k=3, temperature=1.0)
+    np.testing.assert_allclose(hot, [[math.e, math.exp(0.8) + math.exp(0.6)]], rtol=1e-5)
+    assert hot.argmax() == 1
+    # tau = 0.1: the nearest dominates: e^10 > e^8 + e^6.
+    assert knn.knn_predict_scores(query, bank, labels, 2, k=3, temperature=0.1).argmax() == 0
+    # k larger than the bank uses the whole bank.
+    assert knn.knn_predict_scores(query, bank, labels, 2, k=50).shape == (1, 2)
+
+
+def test_topk_accuracy():
+    scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+    labels = np.array([2, 0, 0])
+    assert evaluate.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
+    assert evaluate.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
+    assert evaluate.topk_accuracy(scores, labels, 5) == 1.0  # k clipped to the classes
+
+
+def test_fast_linear_eval_separates_linearly_separable_features():
+    rng = np.random.default_rng(0)
+    num_classes, dim = 4, 16
+    centres = rng.normal(size=(num_classes, dim)) * 3
+
+    def sample(n):
+        y = rng.integers(0, num_classes, n)
+        return (centres[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+    train_x, train_y = sample(800)
+    eval_x, eval_y = sample(400)
+    results = evaluate.linear_eval_fast(train_x, train_y, eval_x, eval_y, num_classes,
+                                        l2_grid=(1e-4, 1e-2), steps=200)
+    assert results["linear_top1"] >= 0.99
+    assert results["linear_top5"] == 1.0
+    assert results["linear_l2"] in (1e-4, 1e-2)
+
+
+def test_logistic_regression_matches_its_optimality_condition():
+    # At the optimum of mean CE + l2/2 |W|^2 the gradient vanishes: X^T (P - Y) / n + l2 W = 0.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 200)
+    model = evaluate.LogisticRegression(3, l2=0.1, steps=1500, learning_rate=0.05).fit(x, y)
+    z = (x - model.mean) / model.std
+    logits = z @ model.weights + model.bias
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad_w = z.T @ (p - np.eye(3)[y]) / len(y) + 0.1 * model.weights
+    grad_b = (p - np.eye(3)[y]).mean(0)
+    assert np.abs(grad_w).max() < 2e-3 and np.abs(grad_b).max() < 2e-3
+
+
+def test_extract_counts_every_example_once():
+    # 10 examples in batches of 4: the last batch has 2 padded rows (mask 0).
+    images = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones([1, 2, 2, 3],
+                                                                          np.float32)
+    labels = np.arange(10) % 3
+    pad = 2
+    dataset = tf.data.Dataset.from_tensor_slices({
+        "image": np.concatenate([images, np.zeros([pad, 2, 2, 3], np.float32)]),
+        "label": np.concatenate([labels, np.zeros([pad], np.int64)]).astype(np.int32),
+        "mask": np.concatenate([np.ones(10), np.zeros(pad)]).astype(np.float32)}).batch(4)
+    out, y = evaluate.extract(lambda x: tf.reduce_mean(x, [1, 2]), dataset)
+    assert out.shape == (10, 3)
+    np.testing.assert_array_equal(out[:, 0], np.arange(10))
+    np.testing.assert_array_equal(y, labels)
+    out, y = evaluate.extract(lambda x: tf.reduce_mean(x, [1, 2]), dataset, max_examples=6)
+    assert len(out) == 6
+
+
+def test_knn_monitor_runs_when_a_multiple_of_eval_every_is_passed():
+    config = cfg.RunConfig(eval=cfg.EvalConfig(eval_every=10))
+    monitor = evaluate.KnnMonitor(config, num_classes=10)
+    due = []
+    for step in (5, 10, 15, 20, 24, 31):
+        if monitor.due(step):
+            due.append(step)
+            monitor.last = step
+    assert due == [10, 20, 31]
+    assert not evaluate.KnnMonitor(cfg.RunConfig(), 10).due(100)  # eval_every=0: off
+
+
+def test_config_for_evaluation_keeps_the_trained_model_and_takes_eval_settings(tmp_path):
+    trained = cfg.RunConfig(encoder=cfg.EncoderConfig(resnet_depth=18),
+                            train=cfg.TrainConfig(model_dir="/elsewhere", train_mode="finetune"))
+    cfg.save(trained, str(tmp_path))
+    requested = cfg.RunConfig(data=cfg.DataConfig(eval_split="validation"),
+                              eval=cfg.EvalConfig(knn_k=7),
+                              train=cfg.TrainConfig(model_dir=str(tmp_path)))
+    config = evaluate.config_for_evaluation(requested)
+    assert config.encoder.resnet_depth == 18 and config.train.train_mode == "finetune"
+    assert config.data.eval_split == "validation" and config.eval.knn_k == 7
+    assert config.train.model_dir == str(tmp_path)
+
+
+def test_write_results(tmp_path):
+    config = cfg.RunConfig(train=cfg.TrainConfig(model_dir=str(tmp_path)))
+    path = evaluate.write_results(config, {"step": 7, "top1": 0.5, "top5": 0.9,
+                                           "checkpoint": "ckpt-7"})
+    with open(path) as f:
+        assert json.load(f) == {"step": 7, "top1": 0.5, "top5": 0.9, "checkpoint": "ckpt-7"}
+    assert (tmp_path / "eval_test" / "results-7.json").exists()
+    assert any(p.name.startswith("events.out") for p in (tmp_path / "eval_test").iterdir())
+
+
+def test_eval_config_round_trips_and_validates():
+    config = cfg.RunConfig(eval=cfg.EvalConfig(eval_protocols="knn", eval_every=50, knn_k=20))
+    assert cfg.RunConfig.from_json(config.to_json()) == config
+    # A config.json written before these sections existed still loads.
+    raw = json.loads(config.to_json())
+    for key in ("eval", "finetune", "distill"):
+        raw.pop(key)
+    assert cfg.RunConfig.from_json(json.dumps(raw)).eval == cfg.EvalConfig()
+    with pytest.raises(cfg.ConfigError, match="eval_protocols must be"):
+        cfg.validate(dataclasses.replace(config, eval=cfg.EvalConfig(eval_protocols="knn,svm")))

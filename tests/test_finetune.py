@@ -1,0 +1,314 @@
+"""Fine-tuning: label subsets, frozen parts that stay frozen, linear eval on a separable problem,
+the projection-head selector, the CLI's one-line errors, and a tiny pretrain -> fine-tune run."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import config as cfg
+from simclr_tf import finetune, label_subset, supervised_data, train
+
+NUM_CLASSES = 3
+
+
+def tiny_config(model_dir="/tmp/unused", **finetune_kwargs):
+    return cfg.RunConfig(
+        data=cfg.DataConfig(dataset="fashion_mnist", image_size=16),
+        encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True),
+        head=cfg.HeadConfig(proj_out_dim=16, num_proj_layers=3),
+        optimizer=cfg.OptimizerConfig(optimizer="momentum", learning_rate=1.0, weight_decay=0.0,
+                                      warmup_epochs=0, learning_rate_scaling="linear"),
+        train=cfg.TrainConfig(model_dir=str(model_dir), train_batch_size=12, train_steps=40,
+                              steps_per_loop=2, checkpoint_steps=2, summary_images=0,
+                              train_mode="finetune"),
+        finetune=cfg.FinetuneConfig(**finetune_kwargs))
+
+
+def colour_batch(n=12, size=16, seed=0):
+    """Class c = images of one colour (red, green, blue) plus noise: separable in h."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % NUM_CLASSES
+    images = 0.1 + 0.3 * rng.uniform(size=(n, size, size, 3))
+    images[np.arange(n), :, :, labels] += 0.6
+    return {"image": tf.constant(images, tf.float32), "label": tf.constant(labels, tf.int32),
+            "labelled": tf.ones([n])}
+
+
+def make_finetuner(config, total_steps=40):
+    schedule = train.Schedule(total_steps=total_steps, warmup_steps=0, steps_per_epoch=10)
+    return finetune.Finetuner(config, tf.distribute.get_strategy(), schedule, NUM_CLASSES)
+
+
+def run_steps(trainer, batch, steps):
+    iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    return trainer.make_train_loop()(iterator, tf.constant(steps))
+
+
+# --------------------------------------------------------------------------------------------
+# Label subsets.
+
+def test_balanced_subset_has_the_right_size_and_balance_and_is_stable():
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate((1000, 500, 250, 3))])
+    labels = rng.permutation(labels)
+    subset = label_subset.balanced_subset(labels, 0.1, seed=3)
+    counts = np.bincount(labels[subset])
+    np.testing.assert_array_equal(counts, [100, 50, 25, 1])  # round(10%), at least one
+    assert len(np.unique(subset)) == len(subset) and np.all(np.diff(subset) > 0)
+    np.random.seed(123)  # the global numpy state must not matter
+    np.testing.assert_array_equal(label_subset.balanced_subset(labels, 0.1, seed=3), subset)
+    assert not np.array_equal(label_subset.balanced_subset(labels, 0.1, seed=4), subset)
+    # The 1% subset of a seed lies inside its 10% subset.
+    small = label_subset.balanced_subset(labels, 0.01, seed=3)
+    assert set(small) <= set(subset)
+    np.testing.assert_array_equal(np.bincount(labels[small]), [10, 5, 2, 1])
+    with pytest.raises(label_subset.LabelSubsetError, match="train_label_fraction"):
+        label_subset.balanced_subset(labels, 0.0)
+
+
+def test_fashion_mnist_one_percent_subset():
+    indices = label_subset.subset_indices("fashion_mnist", "train", fraction=0.01, seed=0)
+    labels = label_subset.split_labels("fashion_mnist", "train")
+    assert len(indices) == 600
+    np.testing.assert_array_equal(np.bincount(labels[indices], minlength=10), [60] * 10)
+    again = label_subset.subset_indices("fashion_mnist", "train", fraction=0.01, seed=0)
+    np.testing.assert_array_equal(indices, again)
+    assert label_subset.subset_indices("fashion_mnist", "train", fraction=1.0) is None
+
+
+def test_id_files_by_index_and_by_file_name(tmp_path):
+    by_index = tmp_path / "ids.txt"
+    by_index.write_text("# the 1% list\n5\n2\n\n5  # twice\n")
+    np.testing.assert_array_equal(label_subset.read_id_file(str(by_index)), [2, 5])
+    by_name = tmp_path / "names.txt"
+    by_name.write_text("b.JPEG\na.JPEG\n")
+    np.testing.assert_array_equal(
+        label_subset.read_id_file(str(by_name), ["a.JPEG", "c.JPEG", "b.JPEG"]), [0, 2])
+    with pytest.raises(label_subset.LabelSubsetError, match="not in the split"):
+        label_subset.read_id_file(str(by_name), ["a.JPEG"])
+    with pytest.raises(label_subset.LabelSubsetError, match="integer indices"):
+        label_subset.read_id_file(str(by_name), None)
+
+
+def _image_folder(root, per_class=4, size=8):
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+            tf.io.write_file(str(root / label / f"{i}.png"), tf.io.encode_png(pixels))
+    return f"folder:{root}"
+
+
+def test_labelled_dataset_reads_or_marks_the_subset(tmp_path):
+    dataset = _image_folder(tmp_path / "images")
+    # Reading order: a/0..3 (label 0), b/0..3 (label 1); the subset is a/1 and b/2.
+    subset = np.array([1, 6])
+    only = supervised_data.labelled_dataset(dataset, "train", 4, 8, subset=subset, seed=1)
+    batch = next(iter(only))
+    assert batch["image"].shape == (4, 8, 8, 3)
+    assert sorted(set(batch["label"].numpy())) == [0, 1]  # two examples, repeated
+    marked = supervised_data.labelled_dataset(dataset, "train", 8, 8, subset=subset,
+                                              mark_subset=True, seed=1)
+    batch = next(iter(marked))
+    assert batch["labelled"].numpy().sum() == 2  # all 8 examples, 2 of them labelled
+
+
+# --------------------------------------------------------------------------------------------
+# The model and the step.
+
+def _values(variables):
+    return {v.path: v.numpy().copy() for v in variables}
+
+
+def test_linear_eval_keeps_f_frozen_and_separates_a_separable_problem():
+    config = tiny_config(fine_tune_after_block=4)
+    config = dataclasses.replace(
+        config, optimizer=dataclasses.replace(config.optimizer, learning_rate=10.0))
+    trainer = make_finetuner(config)
+    trained = [v.path for v in trainer.model.trainable_variables]
+    assert trained == [v.path for v in trainer.model.logits_layer.trainable_variables]
+    before = _values(trainer.model.encoder.variables)  # incl. batch-norm moving statistics
+    logits_before = trainer.model.logits_layer.kernel.numpy().copy()
+    iterator = iter(tf.data.Dataset.from_tensors(colour_batch()).repeat())
+    loop = trainer.make_train_loop()
+    loop(iterator, tf.constant(30))
+    metrics = loop(iterator, tf.constant(10))  # means over the last 10 steps
+    for v in trainer.model.encoder.variables:
+        np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
+    assert not np.allclose(trainer.model.logits_layer.kernel.numpy(), logits_before)
+    assert float(metrics["loss"]) < 0.3 and float(metrics["train_acc"]) == 1.0
+    held_out = colour_batch(seed=1)
+    logits = trainer.model(held_out["image"], training=False)
+    accuracy = np.mean(np.argmax(logits, 1) == held_out["label"].numpy())
+    assert accuracy == 1.0
+
+
+def test_fine_tune_after_block_freezes_the_stem_and_early_groups():
+    config = tiny_config(fine_tune_after_block=2)
+    trainer = make_finetuner(config)
+    frozen_prefixes = ("stem", "group1_", "group2_")
+    before = _values(trainer.model.encoder.variables)
+    run_steps(trainer, colour_batch(), 2)
+    changed = {v.path for v in trainer.model.encoder.variables
+               if not np.array_equal(v.numpy(), before[v.path])}
+    frozen = {p for p in before if p.startswith(frozen_prefixes)}
+    assert frozen and not (changed & frozen)
+    tuned = {p for p in before if p.startswith(("group3_", "group4_"))}
+    assert changed and changed <= tuned
+    # Moving statistics of the tuned part's batch norm are updated (training mode).
+    assert any("moving_mean" in p for p in changed)
+
+
+def test_fine_tune_everything_and_from_the_stem():
+    everything = make_finetuner(tiny_config(fine_tune_after_block=-1))
+    encoder_vars = {v.path for v in everything.model.encoder.trainable_variables}
+    assert encoder_vars <= {v.path for v in everything.model.trainable_variables}
+    after_stem = make_finetuner(tiny_config(fine_tune_after_block=0))
+    names = {v.path.split("/")[0] for v in after_stem.model.trainable_variables}
+    assert not any(n.startswith("stem") for n in names)
+    assert any(n.startswith("group1_") for n in names)
+
+
+def test_ft_proj_selector_and_zero_init_logits_layer():
+    config = tiny_config(ft_proj_selector=2, zero_init_logits_layer=True)
+    trainer = make_finetuner(config)
+    model = trainer.model
+    features = model.features(colour_batch()["image"])
+    assert features.shape == (12, model.head.dense_layers[1].units)
+    np.testing.assert_array_equal(model(colour_batch()["image"]).numpy(), 0.0)
+    trained = {id(v) for v in model.trainable_variables}
+    assert all(id(v) in trained for v in model.head.dense_layers[1].trainable_variables)
+    assert not any(id(v) in trained for v in model.head.dense_layers[2].trainable_variables)
+    with pytest.raises(finetune.FinetuneError, match="ft_proj_selector=4"):
+        finetune.check_selector(tiny_config(ft_proj_selector=4))
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+
+BAD_FLAGS = [
+    (["--fine_tune_after_block=5"], "fine_tune_after_block must be in -1..4"),
+    (["--train_label_fraction=0"], "train_label_fraction must be in (0, 1]"),
+    (["--train_label_fraction=1.5"], "train_label_fraction must be in (0, 1]"),
+    (["--train_mode=semi"], "train_mode must be one of"),
+    (["--ft_proj_selector=-1"], "ft_proj_selector must be >= 0"),
+    (["--train_mode=distill"], "needs --teacher"),
+    (["--distill_temperature=0"], "distill_temperature must be positive"),
+    (["--distill_label_weight=1"], "distill_label_weight must be in [0, 1)"),
+    (["--knn_k=0"], "knn_k must be >= 1"),
+    (["--knn_temperature=-1"], "knn_temperature must be positive"),
+    (["--eval_every=-5"], "eval_every must be >= 0"),
+    (["--eval_protocols=knn,svm"], "eval_protocols must be"),
+    (["--eval_batch_size=0"], "eval_batch_size must be positive"),
+]
+
+
+@pytest.fixture
+def parsed_flags():
+    from absl import flags
+    from simclr_tf import run
+    saved = flags.FLAGS.flag_values_dict()
+
+    def parse(argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["simclr_tf.run"] + argv)
+        return run.config_from_flags()
+
+    yield parse
+    flags.FLAGS.unparse_flags()
+    for name, value in saved.items():
+        setattr(flags.FLAGS, name, value)
+
+
+@pytest.mark.parametrize("argv,message", BAD_FLAGS)
+def test_bad_evaluation_flags_raise_one_line_errors(parsed_flags, argv, message):
+    config = parsed_flags(argv)
+    with pytest.raises(cfg.ConfigError) as error:
+        cfg.validate(config)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_evaluation_flags_map_onto_the_config(parsed_flags):
+    config = parsed_flags(["--train_mode=finetune", "--fine_tune_after_block=4",
+                           "--ft_proj_selector=1", "--zero_init_logits_layer",
+                           "--train_label_fraction=0.1", "--checkpoint=/x", "--knn_k=20",
+                           "--eval_every=100"])
+    assert config.train.train_mode == "finetune"
+    assert config.finetune == cfg.FinetuneConfig("/x", 4, 1, True, 0.1, None, 0)
+    assert config.eval.knn_k == 20 and config.eval.eval_every == 100
+    assert cfg.RunConfig.from_json(config.to_json()) == config
+
+
+def _cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    return subprocess.run([sys.executable, "-m", "simclr_tf.run", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_cli_bad_mode_and_missing_checkpoint_are_one_line_errors(tmp_path):
+    result = _cli("--mode=predict", f"--model_dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: mode must be one of ('train', 'eval', 'train_then_eval'), got 'predict'")
+    result = _cli("--train_mode=finetune", f"--checkpoint={tmp_path}/nothing",
+                  f"--model_dir={tmp_path}/ft", "--resnet_depth=18", "--image_size=16")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint") and "nothing" in last
+
+
+# --------------------------------------------------------------------------------------------
+# End to end.
+
+SMALL_DATA = ["--dataset=fashion_mnist", "--train_split=train[:600]", "--eval_split=test[:200]",
+              "--image_size=16", "--eval_batch_size=100"]
+
+
+@pytest.mark.slow
+def test_pretrain_then_finetune_on_one_percent_and_from_the_export(tmp_path):
+    pre = tiny_config(tmp_path / "pre")
+    pre = dataclasses.replace(
+        pre, data=cfg.DataConfig(dataset="fashion_mnist", train_split="train[:600]",
+                                 eval_split="test[:200]", image_size=16),
+        train=dataclasses.replace(pre.train, train_mode="pretrain", train_steps=2,
+                                  train_batch_size=8),
+        optimizer=cfg.OptimizerConfig(warmup_epochs=0))
+    cfg.save(pre, pre.train.model_dir)
+    train.run_pretraining(pre, tf.distribute.get_strategy())
+
+    ft_dir = tmp_path / "ft"
+    result = _cli(*SMALL_DATA, "--train_mode=finetune", "--mode=train_then_eval",
+                  f"--checkpoint={tmp_path / 'pre'}", f"--model_dir={ft_dir}",
+                  "--fine_tune_after_block=4", "--ft_proj_selector=1",
+                  "--zero_init_logits_layer", "--train_label_fraction=0.1",
+                  "--optimizer=momentum", "--learning_rate=0.1", "--weight_decay=0",
+                  "--warmup_epochs=0", "--train_batch_size=8", "--train_steps=2",
+                  "--steps_per_loop=1", "--checkpoint_steps=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = cfg.load(str(ft_dir))
+    assert saved.encoder == dataclasses.replace(pre.encoder, global_bn=True)  # from the source
+    assert saved.head == pre.head
+    with open(ft_dir / "results.json") as f:
+        results = json.load(f)
+    assert results["step"] == 2 and results["num_examples"] == 200
+    assert 0.0 <= results["top1"] <= results["top5"] <= 1.0
+
+    # The export written at the end of pretraining starts a fine-tuning run too.
+    export_dir = sorted((tmp_path / "pre" / "export").iterdir())[-1]
+    config, source = finetune.prepare(
+        tiny_config(tmp_path / "ft_export", checkpoint=str(export_dir), fine_tune_after_block=4))
+    assert source.kind == "export" and config.encoder.resnet_depth == 18
+    trainer = make_finetuner(config)
+    finetune.initialize_from(trainer.model, source)
+    restored = tf.train.Checkpoint(encoder=pre.encoder.build(16))
+    reference = restored.encoder
+    restored.read(tf.train.latest_checkpoint(str(tmp_path / "pre"))).expect_partial()
+    for a, b in zip(trainer.model.encoder.variables, reference.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
