@@ -11,6 +11,8 @@ import os
 
 from simclr_tf.resnet import min_image_size, output_dim, resnet, validate as validate_resnet
 from simclr_tf.heads import PROJ_HEAD_MODES
+from simclr_tf.augment import parse_augmentations
+from simclr_tf.losses import DEFAULT_MARGIN, LOSSES, SEMI_HARD_LOSSES
 from simclr_tf.schedules import LR_SCALINGS
 
 OPTIMIZERS = ("lars", "momentum", "adam")
@@ -31,12 +33,15 @@ class DataConfig:
     eval_split: str = "test"
     image_size: int = 32
     cache_dataset: bool = False
+    tf_data_service: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     color_jitter_strength: float = 1.0
     use_blur: bool = False
+    augmentations: str | None = None  # None: the paper's recipe; else e.g. "crop,color"
+    asymmetric_augment: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +74,16 @@ class HeadConfig:
     proj_head_mode: str = "nonlinear"
     num_proj_layers: int = 2
     proj_out_dim: int = 128
+    proj_head_hidden_dim: int = 0  # 0: the width of h
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     temperature: float = 0.1
     hidden_norm: bool = True
+    loss: str = "nt_xent"
+    semi_hard_negatives: bool = False
+    margin: float = DEFAULT_MARGIN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +112,38 @@ class TrainConfig:
     summary_images: int = 4
     export_every: int = 0
     keep_export_max: int = 5
+    train_mode: str = "pretrain"  # pretrain, finetune or distill
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning / linear evaluation (train_mode=finetune) and the distillation student."""
+    checkpoint: str | None = None  # pretraining run, checkpoint or export to start from
+    fine_tune_after_block: int = -1  # -1 all of f trains, 0 after the stem, k after group k, 4 none
+    ft_proj_selector: int = 0  # 0: classify h; j: the output of projection-head layer j
+    zero_init_logits_layer: bool = False
+    train_label_fraction: float = 1.0
+    train_label_ids: str | None = None  # file of example ids (indices or file names)
+    train_label_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """SimCLRv2 distillation (train_mode=distill): a fine-tuned teacher labels the train split."""
+    teacher: str | None = None  # the fine-tuned teacher's run directory (or checkpoint)
+    distill_temperature: float = 1.0
+    distill_label_weight: float = 0.0  # weight of the labelled loss; 1 - this weighs distillation
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    eval_batch_size: int = 256
+    eval_protocols: str = "probe,knn,linear"  # what evaluating a pretraining checkpoint reports
+    eval_every: int = 0  # kNN monitor every this many pretraining steps; 0 = off
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_bank_size: int = 0  # training examples in the kNN bank; 0 = the whole train split
+    eval_timeout: int = 0  # mode=eval: stop after this many seconds without a new checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +155,9 @@ class RunConfig:
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    distill: DistillConfig = DistillConfig()
+    eval: EvalConfig = EvalConfig()
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -200,3 +244,63 @@ def validate(config, num_replicas=1):
            f"color_jitter_strength must be >= 0, got {config.augment.color_jitter_strength}")
     _check(0.0 < enc.batch_norm_decay < 1.0,
            f"batch_norm_decay must be in (0, 1), got {enc.batch_norm_decay}")
+    _validate_ablations(config)
+    _validate_evaluation(config)
+
+
+def _validate_ablations(config):
+    loss, head, augment = config.loss, config.head, config.augment
+    _check(loss.loss in LOSSES, f"loss must be one of {LOSSES}, got {loss.loss!r}")
+    _check(not loss.semi_hard_negatives or loss.loss in SEMI_HARD_LOSSES,
+           f"semi_hard_negatives applies to --loss={'|'.join(SEMI_HARD_LOSSES)}, "
+           f"not --loss={loss.loss}")
+    _check(loss.margin >= 0, f"margin must be >= 0, got {loss.margin}")
+    _check(head.proj_head_hidden_dim >= 0,
+           f"proj_head_hidden_dim must be >= 0 (0: the width of h), got "
+           f"{head.proj_head_hidden_dim}")
+    if augment.augmentations is not None:
+        try:
+            parse_augmentations(augment.augmentations)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+TRAIN_MODES = ("pretrain", "finetune", "distill")
+EVAL_PROTOCOLS = ("probe", "knn", "linear")
+
+
+def parse_protocols(text):
+    """'knn,linear' -> ('knn', 'linear'); ConfigError for an empty list or an unknown name."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in EVAL_PROTOCOLS]
+    if not names or unknown:
+        raise ConfigError(f"eval_protocols must be a comma-separated list from "
+                          f"{','.join(EVAL_PROTOCOLS)}, got {text!r}")
+    return names
+
+
+def _validate_evaluation(config):
+    train, ft, distill, ev = config.train, config.finetune, config.distill, config.eval
+    _check(train.train_mode in TRAIN_MODES,
+           f"train_mode must be one of {TRAIN_MODES}, got {train.train_mode!r}")
+    _check(-1 <= ft.fine_tune_after_block <= 4,
+           f"fine_tune_after_block must be in -1..4 (-1: all layers, 4: linear eval), got "
+           f"{ft.fine_tune_after_block}")
+    _check(ft.ft_proj_selector >= 0, f"ft_proj_selector must be >= 0, got {ft.ft_proj_selector}")
+    _check(0.0 < ft.train_label_fraction <= 1.0,
+           f"train_label_fraction must be in (0, 1] (0.01 = 1% of the labels), got "
+           f"{ft.train_label_fraction}")
+    _check(distill.distill_temperature > 0,
+           f"distill_temperature must be positive, got {distill.distill_temperature}")
+    _check(0.0 <= distill.distill_label_weight < 1.0,
+           f"distill_label_weight must be in [0, 1), got {distill.distill_label_weight}")
+    _check(train.train_mode != "distill" or distill.teacher,
+           "train_mode=distill needs --teacher: the model_dir of a fine-tuned teacher run")
+    _check(ev.eval_batch_size > 0, f"eval_batch_size must be positive, got {ev.eval_batch_size}")
+    _check(ev.eval_every >= 0, f"eval_every must be >= 0 (0: no kNN monitor), got {ev.eval_every}")
+    _check(ev.knn_k >= 1, f"knn_k must be >= 1, got {ev.knn_k}")
+    _check(ev.knn_temperature > 0, f"knn_temperature must be positive, got {ev.knn_temperature}")
+    _check(ev.knn_bank_size >= 0,
+           f"knn_bank_size must be >= 0 (0: the whole train split), got {ev.knn_bank_size}")
+    _check(ev.eval_timeout >= 0, f"eval_timeout must be >= 0, got {ev.eval_timeout}")
+    parse_protocols(ev.eval_protocols)

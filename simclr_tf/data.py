@@ -13,9 +13,10 @@ Dataset names:
     (sorted names → label ids 0, 1, ...; images inside them are found recursively); a flat folder
     of images is unlabelled (label -1). If every sub-folder is named `train`, `validation` or
     `test`, those are the splits and `split` picks one; otherwise the whole folder is every split.
-    Corrupt or unreadable image files are skipped with a logged warning (`Dataset.ignore_errors`),
-    so a folder's `DatasetInfo.num_examples` (the number of image files) counts them but the
-    pipelines do not yield them.
+    Files that cannot be decoded (not JPEG/PNG/GIF/BMP by content, truncated, or over 100
+    megapixels) are skipped when the folder is listed, with one warning that counts them and names
+    them (`image_files`); `DatasetInfo.num_examples` counts the files kept. A file that passes
+    those checks but still fails to decode is dropped by `Dataset.ignore_errors` (TF's warning).
 
 Images stay uint8 through shuffling and batching; `augment` turns them into float32 views. Grayscale
 images become 3 channels (tiled) and RGBA images drop alpha.
@@ -33,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import augment
+from simclr_tf import augment, image_files
 
 FOLDER_PREFIX = "folder:"
 FOLDER_SPLITS = ("train", "validation", "test")
@@ -123,8 +124,9 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
                      data_dir: str | None = None,
                      input_context: tf.distribute.InputContext | None = None,
                      color_jitter_strength: float = 1.0, use_blur: bool = True, crop: bool = True,
-                     seed: int = 0, shuffle_buffer: int = 10000,
-                     cache: bool = False) -> tf.data.Dataset:
+                     seed: int | None = 0, shuffle_buffer: int = 10000,
+                     cache: bool = False, augmentations: str | None = None,
+                     asymmetric: bool = False) -> tf.data.Dataset:
     """Endless, shuffled batches of two augmented views per image, for one input pipeline.
 
     The views of a batch come from a stateless seed derived from (`seed`, input pipeline id, batch
@@ -138,7 +140,10 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
       image_size: side S of the square views.
       color_jitter_strength, use_blur, crop: passed to `augment.two_views` (the random resized
         crop is part of SimCLR; crop=False exists for ablations).
+      augmentations, asymmetric: the augmentation ablation, passed to `augment.two_views`.
       cache: keep the decoded uint8 images in memory after the first epoch.
+      seed: seed of the shuffles and views; None draws them afresh wherever the pipeline runs
+        (needed on tf.data service, whose workers would otherwise all produce the same stream).
       Others: as in `load_images`.
 
     Returns:
@@ -147,21 +152,22 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     """
     _check_positive(batch_size=batch_size, image_size=image_size, shuffle_buffer=shuffle_buffer)
     pipeline_id = input_context.input_pipeline_id if input_context else 0
+    pipeline_seed = None if seed is None else seed + pipeline_id
     images, info = load_images(dataset, split, data_dir, input_context,
-                               shuffle_files=True, seed=seed + pipeline_id)
+                               shuffle_files=True, seed=pipeline_seed)
     _check_enough_examples(info, input_context)
     if cache:
         images = images.cache()
-    images = images.shuffle(shuffle_buffer, seed=seed + pipeline_id, reshuffle_each_iteration=True)
+    images = images.shuffle(shuffle_buffer, seed=pipeline_seed, reshuffle_each_iteration=True)
     images = images.repeat()
 
-    base_seed = tf.constant([seed, pipeline_id], tf.int64)
+    base_seed = tf.constant([seed or 0, pipeline_id], tf.int64)
 
     def views(step, image, label, view_shape):
         step_seed = tf.random.experimental.stateless_fold_in(base_seed, step)
         view_a, view_b = augment.two_views(
             image, step_seed, image_size, color_jitter_strength=color_jitter_strength,
-            use_blur=use_blur, crop=crop)
+            use_blur=use_blur, crop=crop, augmentations=augmentations, asymmetric=asymmetric)
         return {VIEW_A: tf.ensure_shape(view_a, view_shape),
                 VIEW_B: tf.ensure_shape(view_b, view_shape),
                 LABEL: tf.ensure_shape(label, view_shape[:1])}
@@ -172,14 +178,14 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
             image, label = example
             return views(step, image[tf.newaxis], label[tf.newaxis], [1, image_size, image_size, 3])
 
-        batches = _with_counter(images).map(one_image, num_parallel_calls=_AUTOTUNE,
+        batches = _with_counter(images, seed).map(one_image, num_parallel_calls=_AUTOTUNE,
                                             deterministic=True)
         batches = batches.unbatch().batch(batch_size, drop_remainder=True)
     else:
         def whole_batch(step, example):
             return views(step, *example, [batch_size, image_size, image_size, 3])
 
-        batches = _with_counter(images.batch(batch_size, drop_remainder=True)).map(
+        batches = _with_counter(images.batch(batch_size, drop_remainder=True), seed).map(
             whole_batch, num_parallel_calls=_AUTOTUNE, deterministic=True)
     return batches.prefetch(_AUTOTUNE)
 
@@ -461,6 +467,10 @@ def _list_folder(dataset: str, split: str) -> _FolderListing:
     else:
         paths = tuple(_join(root, name) for name in top_images)
         labels = (UNLABELLED,) * len(paths)
+    paths, labels, skipped = image_files.keep_decodable(root, paths, labels)  # warns, naming them
+    if not paths and skipped:
+        raise DatasetError(f"image folder {root!r} has no images that can be decoded: all "
+                           f"{skipped} image files were skipped (see the warning naming them)")
     if not paths:
         raise DatasetError(f"image folder {root!r} has no images (looked for "
                            f"{', '.join(IMAGE_EXTENSIONS)} files)")
@@ -523,7 +533,8 @@ def _folder_images(listing: _FolderListing, input_context, shuffle_files: bool,
     if shuffle_files:
         files = files.shuffle(len(listing.paths), seed=seed, reshuffle_each_iteration=True)
     images = files.map(_read_image, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    # Policy for corrupt/unreadable files: skip them, logging a warning for each.
+    # Listing already skipped (and named) the files that cannot be decoded; this drops the rare
+    # file corrupt beyond what image_files checks, with TF's warning.
     return images.ignore_errors(log_warning=True)
 
 
@@ -538,9 +549,14 @@ def _read_image(path: tf.Tensor, label: tf.Tensor):
 # Small helpers
 
 
-def _with_counter(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """(step, element): step counts elements from 0, the input of the stateless seeds."""
-    return tf.data.Dataset.zip(tf.data.Dataset.counter(), dataset)
+def _with_counter(dataset: tf.data.Dataset, seed: int | None) -> tf.data.Dataset:
+    """(step, element): the input of the stateless seeds.
+
+    step counts elements from 0; with seed None it is a fresh random number instead, drawn where
+    the pipeline runs.
+    """
+    steps = tf.data.Dataset.counter() if seed is not None else tf.data.Dataset.random()
+    return tf.data.Dataset.zip(steps, dataset)
 
 
 def _pad_batch(image, label, batch_size: int, image_size: int) -> dict:

@@ -8,6 +8,7 @@ logging, TensorBoard, checkpoints and resume.
 
 import dataclasses
 import math
+import os
 import time
 
 import keras
@@ -16,9 +17,12 @@ from absl import logging
 
 from simclr_tf import data as data_lib
 from simclr_tf import distribute
+from simclr_tf import export as export_lib
+from simclr_tf import guards
 from simclr_tf.heads import LinearProbe, ProjectionHead
 from simclr_tf.lars import LARS, is_bn_or_bias
-from simclr_tf.losses import nt_xent_with_metrics
+from simclr_tf.config import ConfigError
+from simclr_tf.losses import contrastive_loss
 from simclr_tf.schedules import WarmupCosine, scaled_learning_rate
 
 METRICS = ("loss", "contrast_loss", "contrast_acc", "contrast_entropy", "probe_loss", "probe_acc",
@@ -70,7 +74,8 @@ class Pretrainer:
                 config.data.image_size, global_bn=config.encoder.global_bn and multi_replica)
             self.head = ProjectionHead(
                 config.head.proj_head_mode, config.head.num_proj_layers,
-                config.head.proj_out_dim, global_bn=config.encoder.global_bn and multi_replica,
+                config.head.proj_out_dim, hidden_dim=config.head.proj_head_hidden_dim or None,
+                global_bn=config.encoder.global_bn and multi_replica,
                 bn_momentum=config.encoder.batch_norm_decay,
                 bn_epsilon=config.encoder.batch_norm_epsilon, name="projection_head")
             self.head.build((None, config.encoder.output_dim))
@@ -111,8 +116,11 @@ class Pretrainer:
             h = self.encoder(views, training=True)
             z, _ = self.head(h, training=True)
             z_a, z_b = tf.split(z, 2, axis=0)
-            contrast_loss, metrics = nt_xent_with_metrics(
-                z_a, z_b, self.config.loss.temperature, self.config.loss.hidden_norm)
+            loss_config = self.config.loss
+            contrast_loss, metrics = contrastive_loss(
+                loss_config.loss, z_a, z_b, labels=batch.get("label"),
+                temperature=loss_config.temperature, hidden_norm=loss_config.hidden_norm,
+                semi_hard_negatives=loss_config.semi_hard_negatives, margin=loss_config.margin)
             loss = contrast_loss + self._regularisation()
             probe_loss = probe_acc = tf.constant(0.0)
             if self.probe is not None:
@@ -155,14 +163,28 @@ class Pretrainer:
 
 
 def make_dataset_fn(config, seed):
-    """The per-input-pipeline dataset function for `distribute_datasets_from_function`."""
+    """The per-input-pipeline dataset function for `distribute_datasets_from_function`.
+
+    With `config.data.tf_data_service`, decoding and augmentation run on the service's workers
+    ("parallel epochs": every worker produces its own endless stream, so each draws its own random
+    seeds instead of repeating one seeded stream).
+    """
+    service = config.data.tf_data_service
+
     def dataset_fn(input_context):
         batch = input_context.get_per_replica_batch_size(config.train.train_batch_size)
-        return data_lib.pretrain_dataset(
+        dataset = data_lib.pretrain_dataset(
             config.data.dataset, config.data.train_split, batch, config.data.image_size,
             data_dir=config.data.data_dir, input_context=input_context,
             color_jitter_strength=config.augment.color_jitter_strength,
-            use_blur=config.augment.use_blur, seed=seed, cache=config.data.cache_dataset)
+            use_blur=config.augment.use_blur, seed=None if service else seed,
+            cache=config.data.cache_dataset, augmentations=config.augment.augmentations,
+            asymmetric=config.augment.asymmetric_augment)
+        if service:
+            dataset = dataset.apply(tf.data.experimental.service.distribute(
+                processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
+                service=service)).prefetch(tf.data.AUTOTUNE)
+        return dataset
     return dataset_fn
 
 
@@ -172,24 +194,40 @@ def _log_view_pairs(dataset, count):
     tf.summary.image("augmented_view_pairs", pairs, step=0, max_outputs=count)
 
 
+def export_encoder(trainer, config, step):
+    """Exports f to `<model_dir>/export/<step>/` and keeps the newest `keep_export_max`."""
+    base = os.path.join(config.train.model_dir, "export")
+    path = export_lib.export_encoder(trainer.encoder, base, step, config)
+    export_lib.prune_exports(base, config.train.keep_export_max)
+    logging.info("Exported f to %s", path)
+    return path
+
+
 def _format_eta(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
-def run_pretraining(config, strategy, on_checkpoint=None):
+def run_pretraining(config, strategy, on_checkpoint=None, stop_requested=None, on_loop_end=None):
     """Pretrains until `total_steps`, resuming from the latest checkpoint in model_dir.
 
     Args:
       config: a validated `RunConfig`.
       strategy: the tf.distribute strategy to run under.
       on_checkpoint: optional callable(pretrainer, checkpoint_path) run after each save.
+      on_loop_end: optional callable(pretrainer, step) run after each compiled loop call and its
+        checkpoint (e.g. `evaluate.KnnMonitor`).
+      stop_requested: optional callable() -> bool (e.g. `guards.StopSignal`), polled between loop
+        calls; when true, saves a checkpoint and raises `guards.Preempted`.
 
     Returns:
       (pretrainer, last metrics dict as Python floats).
     """
     info = data_lib.dataset_info(config.data.dataset, config.data.train_split,
                                  config.data.data_dir)
+    if config.loss.loss == "supcon" and not info.num_classes:
+        raise ConfigError(f"--loss=supcon needs labels, but {config.data.dataset} "
+                          f"({config.data.train_split}) has none: use another --loss")
     schedule = make_schedule(config.train, config.optimizer, info.num_examples)
     trainer = Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
     model_dir = config.train.model_dir
@@ -197,9 +235,10 @@ def run_pretraining(config, strategy, on_checkpoint=None):
     manager = tf.train.CheckpointManager(
         trainer.checkpoint, out_dir, max_to_keep=config.train.keep_checkpoint_max,
         step_counter=trainer.step)
+    guards.check_disk_space(out_dir, trainer, config.train.keep_checkpoint_max)
     restore_from = tf.train.latest_checkpoint(model_dir)
     if restore_from:
-        trainer.checkpoint.restore(restore_from).assert_existing_objects_matched()
+        guards.restore_checkpoint(trainer.checkpoint, restore_from)
         logging.info("Resumed from %s at step %d", restore_from, int(trainer.step.numpy()))
     start = int(trainer.step.numpy())
     total = schedule.total_steps
@@ -219,9 +258,19 @@ def run_pretraining(config, strategy, on_checkpoint=None):
                  f"resnet{config.encoder.resnet_depth}x{config.encoder.width_multiplier}",
                  start, total, schedule.steps_per_epoch, config.train.train_batch_size,
                  strategy.num_replicas_in_sync)
+    chief = distribute.is_chief(strategy)
+    saves = 0
     last_saved = start
     t_start = time.time()
+    should_stop = guards.agreed(strategy, stop_requested)
     while step < total:
+        if should_stop():
+            saved = (guards.save_checkpoint(manager, trainer, step) if step != last_saved
+                     else tf.train.latest_checkpoint(out_dir))
+            if out_dir != model_dir:  # a non-chief worker: resuming reads the chief's copy
+                distribute.remove_worker_dir(out_dir, model_dir)
+                saved = saved and os.path.join(model_dir, os.path.basename(saved))
+            raise guards.Preempted(step, total, saved)
         next_checkpoint = (step // config.train.checkpoint_steps + 1) * config.train.checkpoint_steps
         steps = min(config.train.steps_per_loop, total - step, next_checkpoint - step)
         t0 = time.time()
@@ -246,13 +295,21 @@ def run_pretraining(config, strategy, on_checkpoint=None):
                 tf.summary.scalar(f"train/{k}", v)
             tf.summary.scalar("train/images_per_sec", images_per_sec)
         if step % config.train.checkpoint_steps == 0 or step >= total:
-            path = manager.save(checkpoint_number=step)
+            path = guards.save_checkpoint(manager, trainer, step)  # checks finite; one-line errors
             last_saved = step
+            saves += 1
             logging.info("Saved checkpoint %s", path)
+            every = config.train.export_every
+            if chief and every and saves % every == 0 and step < total:
+                export_encoder(trainer, config, step)
             if on_checkpoint is not None:
                 on_checkpoint(trainer, path)
+        if on_loop_end is not None:
+            on_loop_end(trainer, step)
     if last_saved != step or not manager.latest_checkpoint:
-        manager.save(checkpoint_number=step)
+        guards.save_checkpoint(manager, trainer, step)
+    if chief:
+        export_encoder(trainer, config, step)
     writer.flush()
     if out_dir != model_dir:
         distribute.remove_worker_dir(out_dir, model_dir)

@@ -176,7 +176,7 @@ def test_corrupt_images_are_skipped(tmp_path):
     _write(f"{tmp_path}/cat/truncated.png", _png(_rgb(6, 6, 2))[:20])
     _write(f"{tmp_path}/cat/good.jpg", _jpeg(_rgb(6, 6, 3)))
     images, info = data.load_images(f"folder:{tmp_path}", "train")
-    assert info.num_examples == 4  # files found; the two corrupt ones are skipped when read
+    assert info.num_examples == 2  # the two corrupt files are skipped (and named) at listing
     assert sorted(label for _, label in _images_and_labels(images)) == [0, 1]
     batches = list(data.eval_dataset(f"folder:{tmp_path}", "train", 4, 8, crop=False))
     assert len(batches) == 1 and batches[0]["mask"].numpy().sum() == 2
@@ -334,7 +334,8 @@ def test_pretrain_seeds(source, labelled_folder, tiny_tfds_dir, fake_augment):
             np.testing.assert_array_equal(batch_a[key], batch_b[key])
     assert not np.array_equal(same_a[0]["view_b"], other[0]["view_b"])  # another seed
     assert not np.array_equal(same_a[0]["view_b"], same_a[1]["view_b"])  # a seed per batch
-    assert fake_augment.calls[0] == dict(color_jitter_strength=0.3, use_blur=False, crop=False)
+    assert fake_augment.calls[0] == dict(color_jitter_strength=0.3, use_blur=False, crop=False,
+                                         augmentations=None, asymmetric=False)
 
 
 def test_pretrain_folder_pipelines_are_disjoint(one_per_class_folder, fake_augment):

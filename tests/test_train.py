@@ -1,5 +1,7 @@
 """The replica step: same loss and update on 1 and 2 replicas; XLA compiles; training runs and resumes."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -105,6 +107,7 @@ def test_training_runs_checkpoints_and_resumes_at_the_same_step(tmp_path):
     assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["contrast_acc"] <= 1.0
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
     assert any(p.name.startswith("events.out.tfevents") for p in model_dir.iterdir())
+    assert sorted(os.listdir(model_dir / "export")) == ["4"]
     saved = {v.path: v.numpy() for v in trainer.encoder.variables}
     saved_velocities = [v.numpy() for v in trainer.optimizer.velocities]
 
@@ -125,5 +128,46 @@ def test_training_runs_checkpoints_and_resumes_at_the_same_step(tmp_path):
     trainer, _ = train.run_pretraining(longer, tf.distribute.get_strategy())
     assert int(trainer.step.numpy()) == 6
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-6")
+    assert sorted(os.listdir(model_dir / "export")) == ["4", "6"]
     trainer, _ = train.run_pretraining(longer, tf.distribute.get_strategy())
     assert int(trainer.step.numpy()) == 6
+    assert sorted(os.listdir(model_dir / "export")) == ["4", "6"]
+
+
+def test_training_reads_from_a_tf_data_service(tmp_path):
+    dispatcher = tf.data.experimental.service.DispatchServer()
+    worker = tf.data.experimental.service.WorkerServer(
+        tf.data.experimental.service.WorkerConfig(
+            dispatcher_address=dispatcher.target.split("://")[1]))
+    dataset = _image_folder(tmp_path / "images")
+    config = tiny_config(tmp_path / "run", train_steps=2)
+    config = cfg.RunConfig(**{**config.__dict__, "data": cfg.DataConfig(
+        dataset=dataset, image_size=16, tf_data_service=dispatcher.target)})
+    trainer, metrics = train.run_pretraining(config, tf.distribute.get_strategy())
+    assert int(trainer.step.numpy()) == 2 and np.isfinite(metrics["loss"])
+    # The service workers draw their own seeds: two reads of the stream differ.
+    fn = train.make_dataset_fn(config, seed=0)
+    first = next(iter(fn(tf.distribute.InputContext())))["view_a"].numpy()
+    second = next(iter(fn(tf.distribute.InputContext())))["view_a"].numpy()
+    assert not np.array_equal(first, second)
+    del worker
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_step_keeps_float32_variables_and_loss(precision):
+    import keras
+    keras.mixed_precision.set_dtype_policy(f"mixed_{precision}")
+    try:
+        config = tiny_config(precision=precision)
+        schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+        trainer = train.Pretrainer(config, tf.distribute.get_strategy(), schedule, num_classes=10)
+        before = [v.numpy() for v in trainer.encoder.trainable_variables]
+        out = tf.function(trainer.replica_step)({k: tf.constant(v) for k, v in _batch().items()})
+        assert trainer.encoder(tf.zeros([1, 16, 16, 3])).dtype == precision
+        assert all(v.dtype == "float32" for v in trainer.encoder.variables)
+        assert out["contrast_loss"].dtype == tf.float32 and np.isfinite(out["loss"].numpy())
+        changed = [not np.array_equal(b, v.numpy())
+                   for b, v in zip(before, trainer.encoder.trainable_variables)]
+        assert any(changed)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
