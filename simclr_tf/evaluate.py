@@ -96,28 +96,37 @@ def accuracies(scores, labels, prefix=""):
 # Fast linear evaluation: multinomial logistic regression on extracted features.
 
 class LogisticRegression:
-    """Multinomial logistic regression on standardised features, fitted by full-batch Adam.
+    """Multinomial logistic regression on standardised features, fitted by mini-batch Adam.
 
-    The objective is convex: mean cross-entropy + l2 / 2 * ||W||^2; `steps` full-batch Adam steps
-    with a cosine-decayed step size from zero weights reach its optimum closely enough that
-    accuracies agree with a second-order solver to ~0.1 points on our features.
+    The objective is convex: mean cross-entropy + l2 / 2 * ||W||^2. Adam on random mini-batches
+    with a cosine-decayed step size, from zero weights, for `epochs` passes over the data (at
+    least `min_steps` steps), gets close to its optimum at a small fraction of the cost of
+    full-batch steps (each of which reads every feature).
     """
 
-    def __init__(self, num_classes, l2=1e-4, steps=500, learning_rate=0.05):
+    def __init__(self, num_classes, l2=1e-4, epochs=30, batch_size=1024, learning_rate=0.01,
+                 min_steps=300, seed=0):
         self.num_classes = num_classes
         self.l2 = l2
-        self.steps = steps
+        self.epochs = epochs
+        self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.min_steps = min_steps
+        self.seed = seed
         self.mean = self.std = self.weights = self.bias = None
 
     def fit(self, features, labels):
         x = np.asarray(features, np.float32)
         self.mean = x.mean(0)
         self.std = x.std(0) + 1e-6
-        x = tf.constant((x - self.mean) / self.std)
-        y = tf.constant(np.asarray(labels, np.int32))
-        w, b = _fit_softmax(x, y, self.num_classes, tf.constant(self.l2, tf.float32),
-                            tf.constant(self.steps), tf.constant(self.learning_rate, tf.float32))
+        n = len(x)
+        batch = min(self.batch_size, n)
+        steps = max(self.epochs * -(-n // batch), self.min_steps)
+        w, b = _fit_softmax(
+            tf.constant((x - self.mean) / self.std), tf.constant(np.asarray(labels, np.int32)),
+            self.num_classes, tf.constant(self.l2, tf.float32), tf.constant(steps),
+            tf.constant(batch), tf.constant(self.learning_rate, tf.float32),
+            tf.constant([self.seed, 0], tf.int64))
         self.weights, self.bias = w.numpy(), b.numpy()
         return self
 
@@ -127,9 +136,10 @@ class LogisticRegression:
 
 
 @tf.function(reduce_retracing=True)
-def _fit_softmax(x, y, num_classes, l2, steps, learning_rate):
-    """Full-batch Adam on mean cross-entropy + l2 / 2 * ||W||^2; returns (W, b)."""
+def _fit_softmax(x, y, num_classes, l2, steps, batch, learning_rate, seed):
+    """Adam on mean cross-entropy + l2 / 2 * ||W||^2 over random mini-batches; returns (W, b)."""
     beta1, beta2, eps = 0.9, 0.999, 1e-8
+    n = tf.shape(x)[0]
 
     def adam(param, grad, m, v, lr, t):
         m = beta1 * m + (1 - beta1) * grad
@@ -138,10 +148,16 @@ def _fit_softmax(x, y, num_classes, l2, steps, learning_rate):
         return param - update, m, v
 
     def body(t, w, b, mw, vw, mb, vb):
+        if batch < n:
+            rows = tf.random.stateless_uniform(
+                [batch], tf.random.experimental.stateless_fold_in(seed, t), 0, n, tf.int32)
+            xb, yb = tf.gather(x, rows), tf.gather(y, rows)
+        else:
+            xb, yb = x, y
         with tf.GradientTape() as tape:
             tape.watch([w, b])
-            logits = tf.matmul(x, w) + b
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+            logits = tf.matmul(xb, w) + b
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
             loss += 0.5 * l2 * tf.reduce_sum(tf.square(w))
         grad_w, grad_b = tape.gradient(loss, [w, b])
         step = tf.cast(t, tf.float32)
@@ -160,7 +176,7 @@ def _fit_softmax(x, y, num_classes, l2, steps, learning_rate):
 
 
 def linear_eval_fast(train_features, train_labels, eval_features, eval_labels, num_classes,
-                     l2_grid=L2_GRID, holdout=0.1, seed=0, steps=500):
+                     l2_grid=L2_GRID, holdout=0.1, seed=0, epochs=30):
     """Fits logistic regression on training features and scores the eval features.
 
     The L2 strength is the grid value with the best accuracy on a seeded `holdout` fraction of
@@ -177,12 +193,13 @@ def linear_eval_fast(train_features, train_labels, eval_features, eval_labels, n
         fit_idx, val_idx = order[:cut], order[cut:]
         best = -1.0
         for value in l2_grid:
-            model = LogisticRegression(num_classes, value, steps).fit(
+            model = LogisticRegression(num_classes, value, epochs, seed=seed).fit(
                 train_features[fit_idx], train_labels[fit_idx])
             acc = topk_accuracy(model.scores(train_features[val_idx]), train_labels[val_idx], 1)
             if acc > best:
                 best, l2 = acc, value
-    model = LogisticRegression(num_classes, l2, steps).fit(train_features, train_labels)
+    model = LogisticRegression(num_classes, l2, epochs, seed=seed).fit(train_features,
+                                                                       train_labels)
     results = accuracies(model.scores(eval_features), eval_labels, "linear_")
     results["linear_l2"] = l2
     results["linear_train_top1"] = topk_accuracy(model.scores(train_features), train_labels, 1)

@@ -190,6 +190,27 @@ def test_ft_proj_selector_and_zero_init_logits_layer():
         finetune.check_selector(tiny_config(ft_proj_selector=4))
 
 
+def test_one_and_two_replicas_fine_tune_alike():
+    config = tiny_config(fine_tune_after_block=2)  # global BN in the tuned part
+    reference = make_finetuner(config)
+    outcomes = []
+    for strategy in (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(
+            ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())):
+        schedule = train.Schedule(total_steps=40, warmup_steps=0, steps_per_epoch=10)
+        trainer = finetune.Finetuner(config, strategy, schedule, NUM_CLASSES)
+        trainer.model.encoder.set_weights(reference.model.encoder.get_weights())
+        trainer.model.logits_layer.set_weights(reference.model.logits_layer.get_weights())
+        batches = tf.data.Dataset.from_tensor_slices(colour_batch()).batch(12).repeat()
+        iterator = iter(strategy.experimental_distribute_dataset(batches))
+        metrics = trainer.make_train_loop()(iterator, tf.constant(1))
+        outcomes.append((float(metrics["loss"]),
+                         [v.numpy() for v in trainer.model.trainable_variables]))
+    (loss_1, weights_1), (loss_2, weights_2) = outcomes
+    assert loss_1 == pytest.approx(loss_2, rel=1e-5)
+    for a, b in zip(weights_1, weights_2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # The command line.
 
