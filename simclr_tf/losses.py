@@ -41,6 +41,16 @@ def _replica_offset(local_batch):
     return tf.cast(context.replica_id_in_sync_group, tf.int32) * local_batch
 
 
+def _normalized_and_gathered(z_a, z_b, hidden_norm):
+    """float32 (optionally l2-normalised) local views and their every-replica concatenations."""
+    z_a = tf.cast(z_a, tf.float32)
+    z_b = tf.cast(z_b, tf.float32)
+    if hidden_norm:
+        z_a = tf.math.l2_normalize(z_a, axis=-1)
+        z_b = tf.math.l2_normalize(z_b, axis=-1)
+    return z_a, z_b, cross_replica_concat(z_a), cross_replica_concat(z_b)
+
+
 def nt_xent_with_metrics(z_a, z_b, temperature=0.1, hidden_norm=True):
     """NT-Xent of two views with negatives from every replica, plus contrastive metrics.
 
@@ -56,14 +66,8 @@ def nt_xent_with_metrics(z_a, z_b, temperature=0.1, hidden_norm=True):
       other view is the positive) and `contrast_entropy` (mean entropy of the softmax), both over the
       a-anchors like the reference implementation.
     """
-    z_a = tf.cast(z_a, tf.float32)
-    z_b = tf.cast(z_b, tf.float32)
-    if hidden_norm:
-        z_a = tf.math.l2_normalize(z_a, axis=-1)
-        z_b = tf.math.l2_normalize(z_b, axis=-1)
+    z_a, z_b, all_a, all_b = _normalized_and_gathered(z_a, z_b, hidden_norm)
     n = tf.shape(z_a)[0]
-    all_a = cross_replica_concat(z_a)
-    all_b = cross_replica_concat(z_b)
     global_n = tf.shape(all_a)[0]
     positives = tf.range(n) + _replica_offset(n)
     self_mask = tf.one_hot(positives, global_n, on_value=True, off_value=False)
@@ -118,14 +122,8 @@ def _anchor_rows(z_a, z_b, hidden_norm):
       positive_cols: int32 [2n], the column of each row's positive (the other view).
       self_mask: bool [2n, 2N], True at each row's own column.
     """
-    z_a = tf.cast(z_a, tf.float32)
-    z_b = tf.cast(z_b, tf.float32)
-    if hidden_norm:
-        z_a = tf.math.l2_normalize(z_a, axis=-1)
-        z_b = tf.math.l2_normalize(z_b, axis=-1)
+    z_a, z_b, all_a, all_b = _normalized_and_gathered(z_a, z_b, hidden_norm)
     n = tf.shape(z_a)[0]
-    all_a = cross_replica_concat(z_a)
-    all_b = cross_replica_concat(z_b)
     global_n = tf.shape(all_a)[0]
     rows_a = tf.matmul(z_a, tf.concat([all_b, all_a], axis=0), transpose_b=True)
     rows_b = tf.matmul(z_b, tf.concat([all_a, all_b], axis=0), transpose_b=True)
