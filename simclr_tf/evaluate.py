@@ -21,6 +21,7 @@ keeps each one).
 import dataclasses
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -286,19 +287,25 @@ def evaluate_checkpoint(config, path):
     return results
 
 
+def eval_dir(config):
+    """`<model_dir>/eval_<split>` (a sliced split such as test[:10%] as test__10__)."""
+    split = re.sub(r"[^A-Za-z0-9_.-]", "_", config.data.eval_split)
+    return os.path.join(config.train.model_dir, f"eval_{split}")
+
+
 def write_results(config, results, summary_prefix="eval"):
     """TensorBoard scalars in eval_<split>/, results.json (latest) and results-<step>.json."""
     model_dir = config.train.model_dir
-    eval_dir = os.path.join(model_dir, f"eval_{config.data.eval_split}")
-    tf.io.gfile.makedirs(eval_dir)
-    writer = tf.summary.create_file_writer(eval_dir)
+    directory = eval_dir(config)
+    tf.io.gfile.makedirs(directory)
+    writer = tf.summary.create_file_writer(directory)
     with writer.as_default(step=results["step"]):
         for key, value in results.items():
             if isinstance(value, float):
                 tf.summary.scalar(f"{summary_prefix}/{key}", value)
     writer.flush()
     text = json.dumps(results, indent=2, sort_keys=True)
-    for path in (os.path.join(eval_dir, f"results-{results['step']}.json"),
+    for path in (os.path.join(directory, f"results-{results['step']}.json"),
                  os.path.join(model_dir, RESULTS_FILENAME)):
         tmp = f"{path}.tmp-{os.getpid()}"
         with tf.io.gfile.GFile(tmp, "w") as f:
@@ -399,9 +406,7 @@ class KnnMonitor:
         results["seconds"] = round(time.time() - t0, 1)
         self.history.append((step, results))
         if self._writer is None:
-            eval_dir = os.path.join(self.config.train.model_dir,
-                                    f"eval_{self.config.data.eval_split}")
-            self._writer = tf.summary.create_file_writer(eval_dir)
+            self._writer = tf.summary.create_file_writer(eval_dir(self.config))
         with self._writer.as_default(step=step):
             for key in ("knn_top1", "knn_top5"):
                 tf.summary.scalar(f"monitor/{key}", results[key])

@@ -156,3 +156,19 @@ def test_eval_config_round_trips_and_validates():
     assert cfg.RunConfig.from_json(json.dumps(raw)).eval == cfg.EvalConfig()
     with pytest.raises(cfg.ConfigError, match="eval_protocols must be"):
         cfg.validate(dataclasses.replace(config, eval=cfg.EvalConfig(eval_protocols="knn,svm")))
+
+
+def test_features_of_an_encoder_built_under_mirrored_strategy():
+    # The kNN monitor calls the pretraining encoder (mirrored variables) outside strategy.run.
+    from simclr_tf.resnet import resnet
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
+    with strategy.scope():
+        mirrored = resnet(18, cifar_stem=True, image_size=8, global_bn=True)
+    plain = resnet(18, cifar_stem=True, image_size=8)
+    plain.set_weights(mirrored.get_weights())
+    images = np.random.default_rng(0).uniform(size=(6, 8, 8, 3)).astype(np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices({
+        "image": images, "label": np.zeros(6, np.int32), "mask": np.ones(6, np.float32)}).batch(4)
+    out, _ = evaluate.extract(lambda x: mirrored(x, training=False), dataset)
+    np.testing.assert_allclose(out, plain(images, training=False).numpy(), rtol=1e-5, atol=1e-6)
