@@ -32,7 +32,8 @@ from simclr_tf import label_subset
 from simclr_tf import supervised_data
 from simclr_tf.heads import ProjectionHead
 from simclr_tf.lars import is_bn_or_bias
-from simclr_tf.train import Schedule, build_optimizer
+from simclr_tf.train import build_optimizer, compiled_train_loop
+from simclr_tf.train import make_schedule as train_schedule
 
 METRICS = ("loss", "supervised_loss", "train_acc", "learning_rate")
 LINEAR_EVAL_BLOCK = 4
@@ -304,29 +305,12 @@ class Finetuner:
         return {"loss": loss, **metrics}
 
     def make_train_loop(self):
-        keys = [k for k in self.metrics if k != "learning_rate"]
-
-        @tf.function
-        def train_loop(iterator, steps):
-            totals = tf.zeros([len(keys)])
-            for _ in tf.range(steps):
-                out = self.strategy.run(self.replica_step, args=(next(iterator),))
-                totals += tf.stack([self.strategy.reduce(
-                    tf.distribute.ReduceOp.MEAN, out[k], axis=None) for k in keys])
-            means = dict(zip(keys, tf.unstack(totals / tf.cast(steps, tf.float32))))
-            means["learning_rate"] = self.optimizer.learning_rate
-            return means
-
-        return train_loop
+        return compiled_train_loop(self.strategy, self.replica_step, self.metrics, self.optimizer)
 
 
 def make_schedule(config, num_examples):
     """Steps of a fine-tuning run: epochs count passes over the labelled examples."""
-    steps_per_epoch = max(num_examples // config.train.train_batch_size, 1)
-    total = config.train.train_steps or config.train.train_epochs * steps_per_epoch
-    warmup = int(round(config.optimizer.warmup_epochs * steps_per_epoch))
-    return Schedule(total_steps=int(total), warmup_steps=min(warmup, int(total)),
-                    steps_per_epoch=steps_per_epoch)
+    return train_schedule(config.train, config.optimizer, num_examples)
 
 
 def train_classifier(trainer, config, strategy, dataset_fn, initialize=None, on_checkpoint=None,

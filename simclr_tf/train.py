@@ -145,21 +145,30 @@ class Pretrainer:
         """A compiled function running `steps` replica steps and returning their mean metrics."""
         step_fn = tf.function(self.replica_step, jit_compile=True) \
             if self.config.train.jit_compile else self.replica_step
+        return compiled_train_loop(self.strategy, step_fn, METRICS, self.optimizer)
 
-        keys = [k for k in METRICS if k != "learning_rate"]
 
-        @tf.function
-        def train_loop(iterator, steps):
-            totals = tf.zeros([len(keys)])
-            for _ in tf.range(steps):
-                per_replica = self.strategy.run(step_fn, args=(next(iterator),))
-                totals += tf.stack([self.strategy.reduce(
-                    tf.distribute.ReduceOp.MEAN, per_replica[k], axis=None) for k in keys])
-            means = dict(zip(keys, tf.unstack(totals / tf.cast(steps, tf.float32))))
-            means["learning_rate"] = self.optimizer.learning_rate
-            return means
+def compiled_train_loop(strategy, step_fn, metrics, optimizer):
+    """A `tf.function(iterator, steps)` running `steps` replica steps under `strategy`.
 
-        return train_loop
+    `step_fn(batch)` returns a dict with every name in `metrics` but "learning_rate"; the loop
+    returns their means over the steps (and replicas) plus the optimiser's current learning rate,
+    with no host sync inside.
+    """
+    keys = [k for k in metrics if k != "learning_rate"]
+
+    @tf.function
+    def train_loop(iterator, steps):
+        totals = tf.zeros([len(keys)])
+        for _ in tf.range(steps):
+            per_replica = strategy.run(step_fn, args=(next(iterator),))
+            totals += tf.stack([strategy.reduce(
+                tf.distribute.ReduceOp.MEAN, per_replica[k], axis=None) for k in keys])
+        means = dict(zip(keys, tf.unstack(totals / tf.cast(steps, tf.float32))))
+        means["learning_rate"] = optimizer.learning_rate
+        return means
+
+    return train_loop
 
 
 def make_dataset_fn(config, seed):
