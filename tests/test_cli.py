@@ -4,10 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
 
 from simclr_tf import config as cfg
-from simclr_tf import run
 
 BAD_FLAGS = [
     (["--resnet_depth=42"], 1, "resnet_depth must be one of"),
@@ -26,21 +24,6 @@ BAD_FLAGS = [
     (["--steps_per_loop=0"], 1, "steps_per_loop must be positive"),
     (["--train_epochs=0", "--train_steps=0"], 1, "set train_epochs or train_steps"),
 ]
-
-
-@pytest.fixture
-def parsed_flags():
-    saved = flags.FLAGS.flag_values_dict()
-
-    def parse(argv):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["simclr_tf.run"] + argv)
-        return run.config_from_flags()
-
-    yield parse
-    flags.FLAGS.unparse_flags()
-    for name, value in saved.items():
-        setattr(flags.FLAGS, name, value)
 
 
 @pytest.mark.parametrize("argv,replicas,message", BAD_FLAGS)

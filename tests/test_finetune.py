@@ -230,23 +230,6 @@ BAD_FLAGS = [
 ]
 
 
-@pytest.fixture
-def parsed_flags():
-    from absl import flags
-    from simclr_tf import run
-    saved = flags.FLAGS.flag_values_dict()
-
-    def parse(argv):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["simclr_tf.run"] + argv)
-        return run.config_from_flags()
-
-    yield parse
-    flags.FLAGS.unparse_flags()
-    for name, value in saved.items():
-        setattr(flags.FLAGS, name, value)
-
-
 @pytest.mark.parametrize("argv,message", BAD_FLAGS)
 def test_bad_evaluation_flags_raise_one_line_errors(parsed_flags, argv, message):
     config = parsed_flags(argv)
