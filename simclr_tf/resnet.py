@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from simclr_tf.batchnorm import BatchNorm
+from simclr_tf.conv import Conv2D
 
 DEPTHS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -45,7 +46,7 @@ class _Builder:
         if strides > 1:
             pad = kernel_size - 1
             x = keras.layers.ZeroPadding2D(((pad // 2, pad - pad // 2),) * 2, name=f"{name}_pad")(x)
-        return keras.layers.Conv2D(
+        return Conv2D(
             filters, kernel_size, strides=strides, use_bias=False,
             padding="same" if strides == 1 else "valid",
             kernel_initializer=keras.initializers.VarianceScaling(), name=name)(x)
@@ -86,15 +87,15 @@ class _Builder:
                                     name=f"{name}_squeeze")(paths)
         mid = max(int(filters * self.sk_ratio), min_dim)
         fused = self.conv_bn(fused, mid, 1, 1, f"{name}_fc")
-        mix = keras.layers.Conv2D(2 * filters, 1, use_bias=False, name=f"{name}_mix")(fused)
+        mix = Conv2D(2 * filters, 1, use_bias=False, name=f"{name}_mix")(fused)
         return keras.layers.Lambda(_select_kernels, name=f"{name}_select")([paths, mix])
 
     def squeeze_excite(self, x, name):
         filters = x.shape[-1]
         s = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(x)
-        s = keras.layers.Conv2D(max(1, int(filters * self.se_ratio)), 1, activation="relu",
+        s = Conv2D(max(1, int(filters * self.se_ratio)), 1, activation="relu",
                                 name=f"{name}_reduce")(s)
-        s = keras.layers.Conv2D(filters, 1, activation="sigmoid", name=f"{name}_expand")(s)
+        s = Conv2D(filters, 1, activation="sigmoid", name=f"{name}_expand")(s)
         return keras.layers.Multiply(name=f"{name}_scale")([x, s])
 
     def basic_block(self, x, filters, strides, projection, name):

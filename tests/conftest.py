@@ -1,4 +1,5 @@
-"""Test-session setup: 4 logical CPU devices (for MirroredStrategy tests) and quiet TF logs.
+"""Test-session setup: 4 logical CPU devices (for MirroredStrategy tests), the CLI's oneDNN
+default and quiet TF logs.
 
 The logical devices must exist before TensorFlow initialises its devices, so this runs at import,
 before any test module builds a tensor.
@@ -6,6 +7,7 @@ before any test module builds a tensor.
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as simclr_tf.run sets it
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402

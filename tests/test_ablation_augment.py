@@ -40,7 +40,7 @@ def test_sobel_of_a_constant_image_is_zero():
     for value in (0.0, 0.37, 1.0):
         edges = augment.sobel(np.full([2, 9, 11, 3], value, np.float32))
         assert edges.shape == (2, 9, 11, 3)
-        np.testing.assert_array_equal(edges, 0.0)
+        np.testing.assert_allclose(edges, 0.0, atol=1e-6)  # oneDNN's conv rounds to ~1e-8
 
 
 def test_sobel_of_a_step_edge():
