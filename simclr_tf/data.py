@@ -587,3 +587,8 @@ def _check_enough_examples(info: DatasetInfo, input_context) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def folder_listing(dataset: str, split: str) -> _FolderListing:
+    """The decodable files of a `folder:` dataset's split, in reading order (see `load_images`)."""
+    return _list_folder(dataset, split)

@@ -9,8 +9,13 @@ fixed for a prepared tfds dataset and for an image folder.
   seed always give the same subset, and a 1% subset is inside the 10% subset of the same seed.
 * `read_id_file(path, ...)`: a file of example ids, one a line, like the ImageNet 1% / 10% lists
   of the original SimCLR: either integer indices into the split or file names (matched against
-  the tfds `file_name` feature, e.g. `n01440764_10026.JPEG` for imagenet2012). `#` starts a comment.
+  the tfds `file_name` feature, e.g. `n01440764_10026.JPEG` for imagenet2012; for a `folder:`
+  dataset, the path below the split's folder such as `cat/0001.jpg`, or the bare file name when no
+  two files share it). `#` starts a comment.
 """
+
+import os
+
 
 import numpy as np
 import tensorflow as tf
@@ -74,12 +79,25 @@ def read_id_file(path, names=None):
         raise LabelSubsetError(
             f"train_label_ids file {path} names examples by file name, but this dataset has no "
             "file_name feature: list integer indices into the split instead")
-    position = {name: i for i, name in enumerate(names)}
+    position = _positions_by_name(names)
     missing = [i for i in ids if i not in position]
     if missing:
         raise LabelSubsetError(f"train_label_ids file {path}: {len(missing)} ids are not in the "
                                f"split, e.g. {missing[0]!r}")
     return np.unique(np.asarray([position[i] for i in ids], np.int64))
+
+
+def _positions_by_name(names):
+    """{name: index}, also by bare file name where that name is unique in the split."""
+    position = {name: i for i, name in enumerate(names)}
+    base_names = [os.path.basename(name) for name in names]
+    counts = {}
+    for base in base_names:
+        counts[base] = counts.get(base, 0) + 1
+    for i, base in enumerate(base_names):
+        if counts[base] == 1:
+            position.setdefault(base, i)
+    return position
 
 
 def split_labels(dataset, split, data_dir=None):
@@ -95,9 +113,11 @@ def split_labels(dataset, split, data_dir=None):
 
 
 def split_file_names(dataset, split, data_dir=None):
-    """The tfds `file_name` of every example in reading order, or None if there is none."""
+    """Every example's file name in reading order (tfds `file_name`; for folders, the path below
+    the split's folder), or None if the dataset has none."""
     if dataset.startswith(data_lib.FOLDER_PREFIX):
-        return None
+        listing = data_lib.folder_listing(dataset, split)
+        return [os.path.relpath(path, listing.root).replace(os.sep, "/") for path in listing.paths]
     builder, image_key, _ = _tfds_parts(dataset, split, data_dir)
     if "file_name" not in builder.info.features.keys():
         return None

@@ -107,7 +107,8 @@ flags.DEFINE_boolean("zero_init_logits_layer", False, "Start the classifier at z
 flags.DEFINE_float("train_label_fraction", 1.0,
                    "Class-balanced fraction of the train split that keeps its labels (0.01, 0.1).")
 flags.DEFINE_string("train_label_ids", None,
-                    "File of example ids (split indices or tfds file names, one a line) to "
+                    "File of example ids (split indices, tfds file names, or paths below a "
+                    "folder: dataset's split folder; one a line) to "
                     "fine-tune on, like the ImageNet 1%/10% lists; overrides the fraction.")
 flags.DEFINE_integer("train_label_seed", 0, "Seed of the label-fraction subset.")
 flags.DEFINE_string("teacher", None, "distill: the fine-tuned teacher's model_dir or checkpoint.")

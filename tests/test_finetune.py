@@ -105,6 +105,21 @@ def _image_folder(root, per_class=4, size=8):
     return f"folder:{root}"
 
 
+def test_id_files_name_folder_images_by_path_or_unique_file_name(tmp_path):
+    dataset = _image_folder(tmp_path / "images")  # reading order: a/0..3, b/0..3
+    assert label_subset.split_file_names(dataset, "train") == [
+        f"{label}/{i}.png" for label in "ab" for i in range(4)]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("b/1.png\na/2.png\n")
+    np.testing.assert_array_equal(
+        label_subset.subset_indices(dataset, "train", id_file=str(ids)), [2, 5])
+    ids.write_text("1.png\n")  # a/1.png and b/1.png share it: ambiguous, so not a name
+    with pytest.raises(label_subset.LabelSubsetError, match="not in the split"):
+        label_subset.subset_indices(dataset, "train", id_file=str(ids))
+    np.testing.assert_array_equal(
+        label_subset.read_id_file(str(ids), ["x/0.png", "y/1.png"]), [1])
+
+
 def test_labelled_dataset_reads_or_marks_the_subset(tmp_path):
     dataset = _image_folder(tmp_path / "images")
     # Reading order: a/0..3 (label 0), b/0..3 (label 1); the subset is a/1 and b/2.
