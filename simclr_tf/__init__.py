@@ -2,7 +2,19 @@
 
 The public pieces: the encoder f (`resnet`), the heads (`ProjectionHead`, `LinearProbe`), the loss
 (`nt_xent`), the optimiser (`LARS`) and the augmentations (`augment`, `preprocess_for_train_single`).
+
+Importing simclr_tf before TensorFlow turns on TensorFlow's oneDNN CPU kernels
+(`TF_ENABLE_ONEDNN_OPTS=1`) unless the environment already chose: on CPUs where TensorFlow does
+not enable them itself (AVX2-only ones such as this project's machines) they make a ResNet step
+~1.45x faster. Set `TF_ENABLE_ONEDNN_OPTS=0` to keep TensorFlow's own kernels. This is done here
+rather than in `simclr_tf.run` because `python -m simclr_tf.run` imports this package, and
+TensorFlow with it, before the module runs.
 """
+
+import os
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # read by TensorFlow when it loads
+
 
 from simclr_tf import augment
 from simclr_tf.augment import preprocess_for_eval, preprocess_for_train_single, two_views

@@ -1,13 +1,17 @@
 """The encoder's 2-D convolution, with a faster input gradient on CPUs.
 
-TensorFlow's CPU kernel for the input gradient of a convolution (`Conv2DBackpropInput`) is 20-40x
-slower than the forward convolution on the small feature maps of a ResNet's last block groups
-(2x2 to 8x8 at 32 px); on this project's machines it was ~90% of a ResNet-18 backward pass. For a
+TensorFlow's own (Eigen) CPU kernel for the input gradient of a convolution (`Conv2DBackpropInput`)
+is slow on the small feature maps of a ResNet's last block group: 7.5x the forward convolution's
+time on 4x4 maps (1.2-1.8x on larger ones), measured on this project's 2-core machines. For a
 stride-1 convolution with "same" padding and an odd kernel, that gradient *is* a forward
 convolution: dy convolved ("same") with the kernel flipped in both spatial axes and with its input
 and output channels swapped. `Conv2D` computes it that way, and leaves every other case (strides,
 dilation, even kernels, "valid" padding) to TensorFlow. The weights, their names and the forward
 result are those of `keras.layers.Conv2D`, so checkpoints and exports do not change.
+
+Under oneDNN (which importing `simclr_tf` turns on unless `TF_ENABLE_ONEDNN_OPTS` says otherwise)
+the input gradient has no such problem and the plain op is a little faster, so the rewrite is used
+only when TensorFlow runs its own kernels.
 """
 
 import keras

@@ -11,10 +11,6 @@ import shlex
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# oneDNN CPU kernels: ~1.4x faster ResNet steps than TensorFlow's default (Eigen) kernels on CPUs
-# where TensorFlow does not turn them on itself (AVX2-only machines such as ours). Export
-# TF_ENABLE_ONEDNN_OPTS=0 to opt out.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 

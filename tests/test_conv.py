@@ -83,3 +83,18 @@ def test_layer_under_bfloat16_policy_and_xla(monkeypatch):
     assert y.dtype == tf.bfloat16
     assert dw.dtype == tf.float32 and dw.shape == (3, 3, 3, 4)
     assert float(tf.reduce_sum(tf.abs(dw))) > 0
+
+
+@pytest.mark.parametrize("environment,onednn", [(None, True), ("0", False), ("1", True)])
+def test_importing_simclr_tf_turns_on_onednn_unless_the_environment_chose(environment, onednn):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if environment is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = environment
+    code = ("import simclr_tf\nfrom simclr_tf import conv\n"
+            "print(conv.onednn_enabled(), conv.USE_FORWARD_INPUT_GRADIENT)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    assert out.split() == [str(onednn), str(not onednn)]
