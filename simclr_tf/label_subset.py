@@ -14,6 +14,7 @@ fixed for a prepared tfds dataset and for an image folder.
   two files share it). `#` starts a comment.
 """
 
+import collections
 import os
 
 
@@ -91,9 +92,7 @@ def _positions_by_name(names):
     """{name: index}, also by bare file name where that name is unique in the split."""
     position = {name: i for i, name in enumerate(names)}
     base_names = [os.path.basename(name) for name in names]
-    counts = {}
-    for base in base_names:
-        counts[base] = counts.get(base, 0) + 1
+    counts = collections.Counter(base_names)
     for i, base in enumerate(base_names):
         if counts[base] == 1:
             position.setdefault(base, i)
