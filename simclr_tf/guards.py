@@ -113,6 +113,9 @@ def check_tf_config(text):
 
 def model_differences(saved, config):
     """["name=saved there, new in these flags", ...] for settings that change the checkpoint."""
+    there, here = saved.train.train_mode, config.train.train_mode
+    if there != here:  # pretraining, fine-tuning and distillation checkpoint different objects
+        return [f"train_mode={there} there, {here} in these flags"]
     differences = []
     for name, get in _MODEL_SETTINGS:
         there, here = get(saved), get(config)
@@ -314,6 +317,11 @@ def agreed(strategy, requested):
 # --------------------------------------------------------------------------------------------
 # Helpers.
 
+def _unless_pretraining(config, value):
+    """A fine-tuning setting, or None in a pretraining run (where the flag is not used)."""
+    return None if config.train.train_mode == "pretrain" else value
+
+
 # Settings that change which variables a checkpoint holds or what its optimiser slots mean; a run
 # resuming from a checkpoint must match them (learning rate, steps, data, ... may change).
 _MODEL_SETTINGS = (
@@ -328,6 +336,9 @@ _MODEL_SETTINGS = (
     ("proj_head_hidden_dim", lambda c: c.head.proj_head_hidden_dim),
     ("optimizer", lambda c: c.optimizer.optimizer),
     ("lineareval_while_pretraining", lambda c: c.train.lineareval_while_pretraining),
+    # Which layers of f train, and which head layer feeds the classifier, change the checkpoint.
+    ("fine_tune_after_block", lambda c: _unless_pretraining(c, c.finetune.fine_tune_after_block)),
+    ("ft_proj_selector", lambda c: _unless_pretraining(c, c.finetune.ft_proj_selector)),
     # float16 wraps the optimiser in a LossScaleOptimizer (other variables in the checkpoint).
     ("precision", lambda c: "float16" if c.train.precision == "float16" else "float32/bfloat16"),
 )

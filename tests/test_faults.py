@@ -263,6 +263,22 @@ def test_changed_model_flags_on_a_reused_model_dir_are_a_one_line_error(resumed,
     assert "\n" not in str(error.value)
 
 
+def test_switching_train_mode_or_frozen_blocks_on_a_model_dir_is_a_model_difference():
+    def run(mode, after_block=-1, selector=0):
+        return cfg.RunConfig(train=cfg.TrainConfig(train_mode=mode),
+                             finetune=cfg.FinetuneConfig(fine_tune_after_block=after_block,
+                                                         ft_proj_selector=selector))
+
+    assert guards.model_differences(run("pretrain"), run("finetune")) == [
+        "train_mode=pretrain there, finetune in these flags"]
+    assert guards.model_differences(run("finetune", 4), run("finetune", -1, 2)) == [
+        "fine_tune_after_block=4 there, -1 in these flags",
+        "ft_proj_selector=0 there, 2 in these flags"]
+    assert guards.model_differences(run("distill", 2), run("distill", 2)) == []
+    # Pretraining does not use the fine-tuning flags: changing them there is no difference.
+    assert guards.model_differences(run("pretrain", 4, 1), run("pretrain", -1, 0)) == []
+
+
 def _unshare_works():
     try:
         return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
