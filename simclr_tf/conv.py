@@ -1,17 +1,22 @@
-"""The encoder's 2-D convolution, with a faster input gradient on CPUs.
+"""The encoder's 2-D convolution, with faster gradients on CPUs.
 
-TensorFlow's own (Eigen) CPU kernel for the input gradient of a convolution (`Conv2DBackpropInput`)
-is slow on the small feature maps of a ResNet's last block group: 7.5x the forward convolution's
-time on 4x4 maps (1.2-1.8x on larger ones), measured on this project's 2-core machines. For a
-stride-1 convolution with "same" padding and an odd kernel, that gradient *is* a forward
-convolution: dy convolved ("same") with the kernel flipped in both spatial axes and with its input
-and output channels swapped. `Conv2D` computes it that way, and leaves every other case (strides,
-dilation, even kernels, "valid" padding) to TensorFlow. The weights, their names and the forward
-result are those of `keras.layers.Conv2D`, so checkpoints and exports do not change.
+Two of TensorFlow's CPU gradient kernels are slow on a ResNet's small feature maps (measured on this
+project's 2-core machines); `Conv2D` routes around them and leaves everything else to TensorFlow:
 
-Under oneDNN (which importing `simclr_tf` turns on unless `TF_ENABLE_ONEDNN_OPTS` says otherwise)
-the input gradient has no such problem and the plain op is a little faster, so the rewrite is used
-only when TensorFlow runs its own kernels.
+- Input gradient, on TensorFlow's own (Eigen) kernels: `Conv2DBackpropInput` takes 7.5x the forward
+  convolution's time on 4x4 maps (1.2-1.8x on larger ones). For a stride-1 convolution with "same"
+  padding and an odd kernel that gradient *is* a forward convolution: dy convolved ("same") with the
+  kernel flipped in both spatial axes and with its input and output channels swapped. Under oneDNN
+  the plain op is fine (and a little faster), so this is used only on Eigen.
+- Filter gradient under oneDNN, on maps of at most `MATMUL_FILTER_GRADIENT_MAX_POSITIONS` output
+  positions: oneDNN's `Conv2DBackpropFilter` runs at a third of the matmul peak on 4x4 maps (50
+  GFLOP/s for a 3x3, 512-channel conv with 256 views, against 88 for the forward conv). There the
+  gradient is one matmul of the input patches with dy, [kh*kw*cin, n*h*w] x [n*h*w, cout] (110
+  GFLOP/s); the patches of a map that small are no bigger than the activations of a larger one.
+  Eigen's filter gradient is as fast as that matmul (102 against 93 GFLOP/s), so it keeps its own.
+
+The weights, their names and the forward result are those of `keras.layers.Conv2D`, so checkpoints
+and exports do not change.
 """
 
 import keras
@@ -29,6 +34,9 @@ def onednn_enabled():
 
 # Read once: TensorFlow fixes the choice when it loads.
 USE_FORWARD_INPUT_GRADIENT = not onednn_enabled()
+USE_MATMUL_FILTER_GRADIENT = onednn_enabled()
+# Output maps up to 4x4. On 8x8 maps the patches matmul is no faster than the op.
+MATMUL_FILTER_GRADIENT_MAX_POSITIONS = 16
 
 
 def _flipped_transposed(kernel):
@@ -36,33 +44,86 @@ def _flipped_transposed(kernel):
     return tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])
 
 
-@tf.custom_gradient
-def same_conv2d(inputs, kernel):
-    """Stride-1 "same" NHWC convolution whose input gradient is a forward convolution."""
-    outputs = tf.nn.conv2d(inputs, kernel, strides=1, padding="SAME")
+def _same_padded(inputs, kernel_shape):
+    """Zero-pads like a stride-1 "same" convolution with an odd kernel (centred)."""
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    return tf.pad(inputs, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
 
-    def grad(dy):
-        d_inputs = tf.nn.conv2d(dy, _flipped_transposed(kernel), strides=1, padding="SAME")
-        d_kernel = tf.raw_ops.Conv2DBackpropFilter(
-            input=inputs, filter_sizes=tf.shape(kernel), out_backprop=dy,
-            strides=[1, 1, 1, 1], padding="SAME")
-        return d_inputs, d_kernel
 
-    return outputs, grad
+def _filter_gradient_as_matmul(inputs, kernel_shape, dy, strides, padding):
+    """dW = patches(inputs)^T @ dy, with patches [n*h*w, kh*kw*cin] in (kh, kw, cin) order."""
+    kh, kw, cin, cout = kernel_shape
+    if padding == "SAME":
+        inputs = _same_padded(inputs, kernel_shape)
+    patches = tf.image.extract_patches(inputs, sizes=[1, kh, kw, 1],
+                                       strides=[1, strides, strides, 1], rates=[1, 1, 1, 1],
+                                       padding="VALID")
+    dw = tf.matmul(tf.reshape(patches, [-1, kh * kw * cin]), tf.reshape(dy, [-1, cout]),
+                   transpose_a=True)
+    return tf.reshape(dw, kernel_shape)
+
+
+def conv2d(inputs, kernel, strides, padding, forward_input_gradient, matmul_filter_gradient):
+    """NHWC `tf.nn.conv2d` (square `strides`, "SAME" or "VALID") with the chosen gradient paths.
+
+    `forward_input_gradient` needs stride 1, "SAME" and an odd kernel; `matmul_filter_gradient`
+    needs "VALID", or "SAME" with stride 1 and an odd kernel.
+    """
+
+    @tf.custom_gradient
+    def convolve(x, w):
+        def grad(dy):
+            if forward_input_gradient:
+                dx = tf.nn.conv2d(dy, _flipped_transposed(w), strides=1, padding="SAME")
+            else:
+                dx = tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=tf.shape(x), filter=w, out_backprop=dy,
+                    strides=[1, strides, strides, 1], padding=padding)
+            if matmul_filter_gradient:
+                dw = _filter_gradient_as_matmul(x, w.shape, dy, strides, padding)
+            else:
+                dw = tf.raw_ops.Conv2DBackpropFilter(
+                    input=x, filter_sizes=tf.shape(w), out_backprop=dy,
+                    strides=[1, strides, strides, 1], padding=padding)
+            return dx, dw
+
+        return tf.nn.conv2d(x, w, strides=strides, padding=padding), grad
+
+    return convolve(inputs, kernel)
 
 
 @keras.saving.register_keras_serializable(package="simclr_tf")
 class Conv2D(keras.layers.Conv2D):
-    """`keras.layers.Conv2D` that uses `same_conv2d` where it applies (see the module docstring)."""
+    """`keras.layers.Conv2D` with the gradient paths of the module docstring where they apply."""
 
-    def forward_input_gradient_applies(self):
-        """Stride-1, "same", undilated, ungrouped, odd-sized NHWC convolution on TensorFlow."""
-        return (self.padding == "same" and self.data_format == "channels_last"
-                and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1)
-                and self.groups == 1 and all(k % 2 == 1 for k in self.kernel_size)
+    def _plain_nhwc(self):
+        """Undilated, ungrouped, square-strided NHWC convolution on TensorFlow, padded so the
+        custom paths can reproduce it ("valid", or stride-1 "same" with an odd kernel)."""
+        same_ok = tuple(self.strides) == (1, 1) and all(k % 2 == 1 for k in self.kernel_size)
+        return (self.data_format == "channels_last" and self.strides[0] == self.strides[1]
+                and tuple(self.dilation_rate) == (1, 1) and self.groups == 1
+                and (self.padding == "valid" or (self.padding == "same" and same_ok))
                 and keras.backend.backend() == "tensorflow")
 
+    def forward_input_gradient_applies(self):
+        """Stride-1, "same", odd-sized plain NHWC convolution."""
+        return self._plain_nhwc() and self.padding == "same"
+
+    def matmul_filter_gradient_applies(self, input_shape):
+        """Plain NHWC convolution whose static output map has few enough positions."""
+        height, width = input_shape[1], input_shape[2]
+        if not self._plain_nhwc() or height is None or width is None:
+            return False
+        if self.padding == "valid":
+            height = (height - self.kernel_size[0]) // self.strides[0] + 1
+            width = (width - self.kernel_size[1]) // self.strides[1] + 1
+        return height * width <= MATMUL_FILTER_GRADIENT_MAX_POSITIONS
+
     def convolution_op(self, inputs, kernel):
-        if USE_FORWARD_INPUT_GRADIENT and self.forward_input_gradient_applies():
-            return same_conv2d(inputs, tf.cast(kernel, inputs.dtype))
-        return super().convolution_op(inputs, kernel)
+        forward_input = USE_FORWARD_INPUT_GRADIENT and self.forward_input_gradient_applies()
+        matmul_filter = (USE_MATMUL_FILTER_GRADIENT
+                         and self.matmul_filter_gradient_applies(inputs.shape))
+        if not (forward_input or matmul_filter):
+            return super().convolution_op(inputs, kernel)
+        return conv2d(inputs, tf.cast(kernel, inputs.dtype), self.strides[0],
+                      self.padding.upper(), forward_input, matmul_filter)
