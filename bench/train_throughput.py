@@ -4,7 +4,9 @@
     python bench/train_throughput.py --depth=50 --image_size=64 --batch=64 --replicas=2 --jit
 
 Definitions (so figures compare across runs):
-- matmul peak: best of 5 timed float32 2048x2048 `tf.matmul`s, in GFLOP/s.
+- matmul peak: best of 5 timed float32 2048x2048 `tf.matmul`s, in GFLOP/s; taken before the step
+  loops and again before each round of timed loops, and the best counts (on a shared machine the
+  same 5 matmuls measured 86-153 GFLOP/s from one process to the next).
 - FLOPs per example: 3 x the forward FLOPs of f for two views; forward FLOPs = 2 x the
   multiply-adds of every conv and dense layer.
 - bare encoder step: forward + backward of f alone on random inputs (2 x batch views), loss
@@ -13,7 +15,10 @@ Definitions (so figures compare across runs):
   in the same process on the same cores), NT-Xent, LARS with weight decay, the linear probe and the
   metrics, through `train.Pretrainer`'s compiled loop.
 - ratios: bare FLOP/s / peak, and full / bare examples/s.
-- each step figure is the best of `--repeats` timed loops of `--steps` steps, after two warm-up loops.
+- each step figure is the best of `--repeats` timed loops of `--steps` steps, after two warm-up loops;
+  the bare and full loops take turns (bare, full, bare, full, ...) in one process, so a slow spell of
+  the machine or of oneDNN's thread pool hits both (a pause before each loop lets the input
+  pipeline's prefetching settle).
 - `--onednn` (default, as `simclr_tf.run`) or `--noonednn` (TensorFlow's Eigen kernels, its default
   on AVX2-only CPUs): the peak, the bare step and the full step all run with the same kernels.
 One example = one image = two views.
@@ -71,19 +76,25 @@ def forward_flops_per_view(encoder, keras):
     return 2 * macs
 
 
-def time_calls(fn):
-    """Seconds of the fastest of FLAGS.repeats calls, after two warm-up calls (trace, caches)."""
-    fn()
-    fn()
-    best = float("inf")
+def best_seconds_taking_turns(loops, on_round):
+    """Seconds of the fastest of FLAGS.repeats calls of each loop, the loops taking turns, after
+    two warm-up calls of each (trace, caches); `on_round()` runs before each round."""
+    for loop in loops:
+        loop()
+        loop()
+    best = [float("inf")] * len(loops)
     for _ in range(FLAGS.repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        on_round()
+        for i, loop in enumerate(loops):
+            time.sleep(1.0)
+            t0 = time.perf_counter()
+            loop()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
-def bare_encoder_examples_per_sec(tf, strategy, config):
+def bare_encoder_loop(tf, strategy, config):
+    """A callable running FLAGS.steps bare encoder steps, and the encoder."""
     with strategy.scope():
         encoder = config.encoder.build(config.data.image_size,
                                        global_bn=strategy.num_replicas_in_sync > 1)
@@ -107,12 +118,13 @@ def bare_encoder_examples_per_sec(tf, strategy, config):
     def loop():
         for _ in tf.range(FLAGS.steps):
             strategy.run(step)
+        return tf.constant(0)
 
-    seconds = time_calls(lambda: loop())
-    return FLAGS.batch * FLAGS.steps / seconds, encoder
+    return lambda: loop().numpy(), encoder
 
 
-def full_step_examples_per_sec(tf, strategy, config):
+def full_step_loop(tf, strategy, config):
+    """A callable running FLAGS.steps full SimCLR steps through `train.Pretrainer`."""
     from simclr_tf import data, train
     info = data.dataset_info(config.data.dataset, config.data.train_split, config.data.data_dir)
     schedule = train.make_schedule(config.train, config.optimizer, info.num_examples)
@@ -121,8 +133,7 @@ def full_step_examples_per_sec(tf, strategy, config):
     iterator = iter(dataset)
     loop = trainer.make_train_loop()
     steps = tf.constant(FLAGS.steps)
-    seconds = time_calls(lambda: loop(iterator, steps)["loss"].numpy())
-    return FLAGS.batch * FLAGS.steps / seconds
+    return lambda: loop(iterator, steps)["loss"].numpy()
 
 
 def main(_):
@@ -148,8 +159,12 @@ def main(_):
         train=cfg.TrainConfig(train_batch_size=FLAGS.batch, train_steps=1000,
                               jit_compile=FLAGS.jit, precision=FLAGS.precision),
     )
-    peak = matmul_peak_gflops(tf)
-    bare, encoder = bare_encoder_examples_per_sec(tf, strategy, config)
+    peaks = [matmul_peak_gflops(tf)]
+    bare_loop, encoder = bare_encoder_loop(tf, strategy, config)
+    loops = [bare_loop] + ([full_step_loop(tf, strategy, config)] if FLAGS.full_step else [])
+    seconds = best_seconds_taking_turns(loops, lambda: peaks.append(matmul_peak_gflops(tf)))
+    peak = max(peaks)
+    bare = FLAGS.batch * FLAGS.steps / seconds[0]
     flops_per_example = 3 * 2 * forward_flops_per_view(encoder, keras)
     result = {
         "benchmark": "train_throughput",
@@ -158,13 +173,14 @@ def main(_):
         "replicas": strategy.num_replicas_in_sync, "jit_compile": FLAGS.jit,
         "precision": FLAGS.precision, "onednn": FLAGS.onednn,
         "matmul_peak_gflops": round(peak, 1),
+        "matmul_peak_samples": [round(p, 1) for p in peaks],
         "gflop_per_example": round(flops_per_example / 1e9, 3),
         "limit_examples_per_sec": round(peak * 1e9 / flops_per_example, 2),
         "bare_encoder_examples_per_sec": round(bare, 2),
         "bare_over_peak": round(bare * flops_per_example / (peak * 1e9), 3),
     }
     if FLAGS.full_step:
-        full = full_step_examples_per_sec(tf, strategy, config)
+        full = FLAGS.batch * FLAGS.steps / seconds[1]
         result.update(full_step_examples_per_sec=round(full, 2),
                       full_over_bare=round(full / bare, 3))
     print(json.dumps(result))
