@@ -111,13 +111,11 @@ class Conv2D(keras.layers.Conv2D):
 
     def matmul_filter_gradient_applies(self, input_shape):
         """Plain NHWC convolution whose static output map has few enough positions."""
-        height, width = input_shape[1], input_shape[2]
-        if not self._plain_nhwc() or height is None or width is None:
+        if not self._plain_nhwc():
             return False
-        if self.padding == "valid":
-            height = (height - self.kernel_size[0]) // self.strides[0] + 1
-            width = (width - self.kernel_size[1]) // self.strides[1] + 1
-        return height * width <= MATMUL_FILTER_GRADIENT_MAX_POSITIONS
+        height, width = self.compute_output_shape(input_shape)[1:3]
+        return height is not None and width is not None and (
+            height * width <= MATMUL_FILTER_GRADIENT_MAX_POSITIONS)
 
     def convolution_op(self, inputs, kernel):
         forward_input = USE_FORWARD_INPUT_GRADIENT and self.forward_input_gradient_applies()
