@@ -12,8 +12,14 @@ TensorFlow with it, before the module runs.
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # read by TensorFlow when it loads
+if sys.argv[:1] == ["-m"]:
+    # `python -m simclr_tf.<cli>` is importing this package, and TensorFlow below, before the CLI
+    # module runs: TensorFlow's INFO and WARNING lines are hidden here or not at all (those it
+    # prints before absl logging starts show whatever the level).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 from simclr_tf import augment

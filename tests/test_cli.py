@@ -1,5 +1,6 @@
 """The CLI: flags map onto the config, and bad values get one-line errors naming the flag."""
 
+import os
 import subprocess
 import sys
 
@@ -54,10 +55,12 @@ def test_config_json_round_trip(tmp_path):
 
 
 def test_cli_prints_one_line_error_without_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run(
         [sys.executable, "-m", "simclr_tf.run", "--resnet_depth=42",
-         f"--model_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+         f"--model_dir={tmp_path}"], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+    assert "This TensorFlow binary is optimized" not in result.stderr  # TF_CPP_MIN_LOG_LEVEL in time
     assert result.stderr.strip().splitlines()[-1] == (
         "error: resnet_depth must be one of [18, 34, 50, 101, 152, 200], got 42")
