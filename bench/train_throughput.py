@@ -14,7 +14,10 @@ Definitions (so figures compare across runs):
 - full SimCLR step: the real input pipeline (Fashion-MNIST from the offline default, augmentation
   in the same process on the same cores), NT-Xent, LARS with weight decay, the linear probe and the
   metrics, through `train.Pretrainer`'s compiled loop.
-- ratios: bare FLOP/s / peak, and full / bare examples/s.
+- ratios: bare FLOP/s / peak, and full / bare examples/s (of the fastest loops and best peak);
+  also the median over rounds of each ratio taken within a round (bare against the peak taken just
+  before it, full against the bare loop just before it), which a slow spell of the machine hits on
+  both sides (`*_rounds` list every round's figures).
 - each step figure is the best of `--repeats` timed loops of `--steps` steps, after two warm-up loops;
   the bare and full loops take turns (bare, full, bare, full, ...) in one process, so a slow spell of
   the machine or of oneDNN's thread pool hits both (a pause before each loop lets the input
@@ -26,6 +29,7 @@ One example = one image = two views.
 
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -42,7 +46,7 @@ flags.DEFINE_integer("replicas", 1, "Logical CPU replicas (MirroredStrategy when
 flags.DEFINE_boolean("jit", False, "XLA-compile the train step.")
 flags.DEFINE_string("precision", "float32", "float32, bfloat16 or float16.")
 flags.DEFINE_integer("steps", 3, "Steps per timed loop.")
-flags.DEFINE_integer("repeats", 3, "Timed loops per measurement; the fastest counts.")
+flags.DEFINE_integer("repeats", 5, "Rounds of timed loops; the fastest loop of each kind counts.")
 flags.DEFINE_boolean("onednn", True, "TF_ENABLE_ONEDNN_OPTS=1 (oneDNN CPU kernels), as the CLI.")
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset of the full step.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets directory.")
@@ -76,21 +80,23 @@ def forward_flops_per_view(encoder, keras):
     return 2 * macs
 
 
-def best_seconds_taking_turns(loops, on_round):
-    """Seconds of the fastest of FLAGS.repeats calls of each loop, the loops taking turns, after
-    two warm-up calls of each (trace, caches); `on_round()` runs before each round."""
+def seconds_taking_turns(loops, on_round):
+    """Seconds of each of FLAGS.repeats rounds in which every loop runs once, the loops taking
+    turns, after two warm-up calls of each (trace, caches); `on_round()` runs before each round.
+    Returns one list per round, one figure per loop."""
     for loop in loops:
         loop()
         loop()
-    best = [float("inf")] * len(loops)
+    rounds = []
     for _ in range(FLAGS.repeats):
         on_round()
-        for i, loop in enumerate(loops):
+        rounds.append([])
+        for loop in loops:
             time.sleep(1.0)
             t0 = time.perf_counter()
             loop()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+            rounds[-1].append(time.perf_counter() - t0)
+    return rounds
 
 
 def bare_encoder_loop(tf, strategy, config):
@@ -162,7 +168,8 @@ def main(_):
     peaks = [matmul_peak_gflops(tf)]
     bare_loop, encoder = bare_encoder_loop(tf, strategy, config)
     loops = [bare_loop] + ([full_step_loop(tf, strategy, config)] if FLAGS.full_step else [])
-    seconds = best_seconds_taking_turns(loops, lambda: peaks.append(matmul_peak_gflops(tf)))
+    rounds = seconds_taking_turns(loops, lambda: peaks.append(matmul_peak_gflops(tf)))
+    seconds = [min(times) for times in zip(*rounds)]
     peak = max(peaks)
     bare = FLAGS.batch * FLAGS.steps / seconds[0]
     flops_per_example = 3 * 2 * forward_flops_per_view(encoder, keras)
@@ -178,11 +185,21 @@ def main(_):
         "limit_examples_per_sec": round(peak * 1e9 / flops_per_example, 2),
         "bare_encoder_examples_per_sec": round(bare, 2),
         "bare_over_peak": round(bare * flops_per_example / (peak * 1e9), 3),
+        "bare_examples_per_sec_rounds": [round(FLAGS.batch * FLAGS.steps / r[0], 2)
+                                         for r in rounds],
+        # peaks[i + 1] was taken just before round i
+        "bare_over_peak_median_of_rounds": round(statistics.median(
+            FLAGS.batch * FLAGS.steps / r[0] * flops_per_example / (p * 1e9)
+            for r, p in zip(rounds, peaks[1:])), 3),
     }
     if FLAGS.full_step:
         full = FLAGS.batch * FLAGS.steps / seconds[1]
         result.update(full_step_examples_per_sec=round(full, 2),
-                      full_over_bare=round(full / bare, 3))
+                      full_over_bare=round(full / bare, 3),
+                      full_step_examples_per_sec_rounds=[
+                          round(FLAGS.batch * FLAGS.steps / r[1], 2) for r in rounds],
+                      full_over_bare_median_of_rounds=round(
+                          statistics.median(r[0] / r[1] for r in rounds), 3))
     print(json.dumps(result))
 
 
