@@ -1,11 +1,14 @@
-"""MultiWorkerMirroredStrategy with two local worker processes: same step as one worker, and a CLI
-run where only the chief writes and which resumes."""
+"""MultiWorkerMirroredStrategy with two local worker processes: same step as one worker, a CLI
+run where only the chief writes and which resumes, and a SIGTERM to one worker."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -30,6 +33,16 @@ def _free_ports(n):
 
 
 def _run_workers(args_for, timeout=600):
+    """Runs two workers to the end; asserts both exit 0 and returns their outputs."""
+    lines = [[], []]
+    procs = _start_workers(args_for, lambda index, line: lines[index].append(line))
+    _wait(procs, lines, timeout)
+    return ["".join(ls) for ls in lines]
+
+
+def _start_workers(args_for, on_line):
+    """Two workers on free local ports; each output line goes to on_line(index, line) from a
+    reader thread. Returns [(process, reader thread)]."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
@@ -37,19 +50,26 @@ def _run_workers(args_for, timeout=600):
         env = dict(os.environ, TF_CONFIG=json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}}),
             TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-        procs.append(subprocess.Popen(args_for(index), env=env, cwd=ROOT, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = []
+        p = subprocess.Popen(args_for(index), env=env, cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        reader = threading.Thread(
+            target=lambda p=p, i=index: [on_line(i, line) for line in p.stdout], daemon=True)
+        reader.start()
+        procs.append((p, reader))
+    return procs
+
+
+def _wait(procs, lines, timeout=600):
+    """Waits for both workers (killing them on failure); asserts both exited 0."""
     try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            outputs.append(out)
+        for p, reader in procs:
+            p.wait(timeout=timeout)
+            reader.join(timeout=60)
     finally:
-        for p in procs:
+        for p, _ in procs:
             p.kill()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
-    return outputs
+    for (p, _), ls in zip(procs, lines):
+        assert p.returncode == 0, "".join(ls)[-3000:]
 
 
 def test_two_workers_give_the_same_step_as_one_worker(tmp_path):
@@ -99,3 +119,48 @@ def test_cli_run_on_two_workers_writes_from_the_chief_and_resumes(tmp_path):
     assert "Resumed from" in outputs[0] and "at step 2" in outputs[0]
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
     assert sorted(os.listdir(model_dir / "export")) == ["2", "4"]
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_run_resumes(tmp_path):
+    """A preemption notice reaches one machine of a cluster: every worker must stop at the same
+    step (the chief saving the checkpoint), exit 0, and the same command must resume there."""
+    dataset = _image_folder(tmp_path / "images")
+    model_dir = tmp_path / "run"
+
+    def command(steps):
+        return lambda i: [
+            sys.executable, "-m", "simclr_tf.run", "--strategy=multi_worker",
+            f"--dataset={dataset}", f"--model_dir={model_dir}", "--resnet_depth=18",
+            "--image_size=16", "--train_batch_size=8", f"--train_steps={steps}",
+            "--steps_per_loop=1", "--checkpoint_steps=1000", "--proj_out_dim=16",
+            "--warmup_epochs=0"]
+
+    lines = [[], []]
+    step_two = threading.Event()
+
+    def on_line(index, line):
+        lines[index].append(line)
+        if index == 1 and re.search(r"step 2/1000 ", line):
+            step_two.set()
+
+    procs = _start_workers(command(1000), on_line)
+    if not step_two.wait(timeout=600):
+        for p, _ in procs:
+            p.kill()
+        pytest.fail("worker 1 never logged step 2:\n" + "".join(lines[1])[-3000:])
+    procs[1][0].send_signal(signal.SIGTERM)
+    _wait(procs, lines)
+    last = [ls[-1].strip() for ls in lines]
+    pattern = (r"preempted \({}\): stopped at step (\d+) of 1000; saved (\S+); to resume, run "
+               r"the same command again: python -m simclr_tf\.run .*")
+    chief = re.fullmatch(pattern.format("another worker was stopped"), last[0])
+    other = re.fullmatch(pattern.format("SIGTERM"), last[1])
+    assert chief and other, last
+    step = int(chief.group(1))
+    assert step >= 2 and int(other.group(1)) == step
+    assert chief.group(2) == other.group(2) == os.path.join(model_dir, f"ckpt-{step}")
+    assert tf.train.latest_checkpoint(str(model_dir)) == chief.group(2)
+    assert not os.path.exists(model_dir / ".workers") or not os.listdir(model_dir / ".workers")
+    outputs = _run_workers(command(step + 1))
+    assert f"at step {step}" in outputs[0] and "Resumed from" in outputs[0]
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith(f"ckpt-{step + 1}")
