@@ -150,12 +150,14 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_run_resumes(t
         pytest.fail("worker 1 never logged step 2:\n" + "".join(lines[1])[-3000:])
     procs[1][0].send_signal(signal.SIGTERM)
     _wait(procs, lines)
-    last = [ls[-1].strip() for ls in lines]
+    # the line each worker printed on stopping (TensorFlow may log more while shutting down)
+    last = [next((line.strip() for line in reversed(ls) if line.startswith("preempted")), "")
+            for ls in lines]
     pattern = (r"preempted \({}\): stopped at step (\d+) of 1000; saved (\S+); to resume, run "
                r"the same command again: python -m simclr_tf\.run .*")
     chief = re.fullmatch(pattern.format("another worker was stopped"), last[0])
     other = re.fullmatch(pattern.format("SIGTERM"), last[1])
-    assert chief and other, last
+    assert chief and other, ["".join(ls)[-2000:] for ls in lines]
     step = int(chief.group(1))
     assert step >= 2 and int(other.group(1)) == step
     assert chief.group(2) == other.group(2) == os.path.join(model_dir, f"ckpt-{step}")
