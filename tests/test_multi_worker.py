@@ -32,6 +32,16 @@ def _free_ports(n):
     return ports
 
 
+def _cli_command(dataset, model_dir, steps, steps_per_loop, checkpoint_steps):
+    """args_for(worker index) of a tiny multi-worker CLI run (the same on every worker)."""
+    return lambda index: [
+        sys.executable, "-m", "simclr_tf.run", "--strategy=multi_worker",
+        f"--dataset={dataset}", f"--model_dir={model_dir}", "--resnet_depth=18",
+        "--image_size=16", "--train_batch_size=8", f"--train_steps={steps}",
+        f"--steps_per_loop={steps_per_loop}", f"--checkpoint_steps={checkpoint_steps}",
+        "--proj_out_dim=16", "--warmup_epochs=0"]
+
+
 def _run_workers(args_for, timeout=600):
     """Runs two workers to the end; asserts both exit 0 and returns their outputs."""
     lines = [[], []]
@@ -104,12 +114,7 @@ def test_cli_run_on_two_workers_writes_from_the_chief_and_resumes(tmp_path):
     model_dir = tmp_path / "run"
 
     def command(steps):
-        return lambda i: [
-            sys.executable, "-m", "simclr_tf.run", "--strategy=multi_worker",
-            f"--dataset={dataset}", f"--model_dir={model_dir}", "--resnet_depth=18",
-            "--image_size=16", "--train_batch_size=8", f"--train_steps={steps}",
-            "--steps_per_loop=2", "--checkpoint_steps=2", "--proj_out_dim=16",
-            "--warmup_epochs=0"]
+        return _cli_command(dataset, model_dir, steps, steps_per_loop=2, checkpoint_steps=2)
 
     _run_workers(command(2))
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
@@ -128,12 +133,7 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_run_resumes(t
     model_dir = tmp_path / "run"
 
     def command(steps):
-        return lambda i: [
-            sys.executable, "-m", "simclr_tf.run", "--strategy=multi_worker",
-            f"--dataset={dataset}", f"--model_dir={model_dir}", "--resnet_depth=18",
-            "--image_size=16", "--train_batch_size=8", f"--train_steps={steps}",
-            "--steps_per_loop=1", "--checkpoint_steps=1000", "--proj_out_dim=16",
-            "--warmup_epochs=0"]
+        return _cli_command(dataset, model_dir, steps, steps_per_loop=1, checkpoint_steps=1000)
 
     lines = [[], []]
     step_two = threading.Event()
