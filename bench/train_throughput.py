@@ -165,6 +165,11 @@ def main(_):
         train=cfg.TrainConfig(train_batch_size=FLAGS.batch, train_steps=1000,
                               jit_compile=FLAGS.jit, precision=FLAGS.precision),
     )
+    try:
+        cfg.validate(config, strategy.num_replicas_in_sync,
+                     "mirrored" if FLAGS.replicas > 1 else "default")
+    except cfg.ConfigError as e:
+        sys.exit(f"error: {e}")
     peaks = [matmul_peak_gflops(tf)]
     bare_loop, encoder = bare_encoder_loop(tf, strategy, config)
     loops = [bare_loop] + ([full_step_loop(tf, strategy, config)] if FLAGS.full_step else [])

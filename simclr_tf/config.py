@@ -199,8 +199,11 @@ def _check(condition, message):
         raise ConfigError(message)
 
 
-def validate(config, num_replicas=1):
-    """Raises ConfigError (one line, naming the flag) for a setting that cannot run."""
+def validate(config, num_replicas=1, strategy="default"):
+    """Raises ConfigError (one line, naming the flag) for a setting that cannot run.
+
+    `strategy` is the --strategy name; with `num_replicas` it says how the step is distributed.
+    """
     data, enc, head, opt, train = (config.data, config.encoder, config.head, config.optimizer,
                                    config.train)
     try:
@@ -216,6 +219,13 @@ def validate(config, num_replicas=1):
     _check(train.train_batch_size % num_replicas == 0,
            f"train_batch_size={train.train_batch_size} is not divisible by the {num_replicas} "
            f"replicas: use a multiple of {num_replicas}")
+    # Keras 3 turns jit_compile off under tf.distribute for the same reason: the replicas'
+    # variables live on different devices, and XLA cannot compile the step's merge_call
+    # (gradient all-reduce, synchronised batch norm, gathered negatives). TPUStrategy compiles it.
+    _check(not train.jit_compile or num_replicas == 1 or strategy == "tpu",
+           f"jit_compile=True runs one replica (or --strategy=tpu), not {num_replicas} replicas of "
+           f"--strategy={strategy}: XLA cannot compile that step's cross-replica ops; drop "
+           f"--jit_compile or use one replica")
     _check(train.train_steps > 0 or train.train_epochs > 0,
            "set train_epochs or train_steps to a positive number")
     _check(train.train_steps >= 0, f"train_steps must be >= 0, got {train.train_steps}")

@@ -217,7 +217,7 @@ def main(argv):
         _fail(f"mode must be one of {MODES}, got {FLAGS.mode!r}")
     try:
         config = config_from_flags()
-        cfg.validate(config, _expected_replicas())
+        cfg.validate(config, _expected_replicas(), FLAGS.strategy)
         if FLAGS.mode == "eval":  # the model as it was trained, with these eval settings
             from simclr_tf.evaluate import config_for_evaluation
             config = config_for_evaluation(config)
@@ -238,7 +238,7 @@ def main(argv):
         keras.utils.set_random_seed(config.train.seed)
         if config.train.precision != "float32":
             keras.mixed_precision.set_dtype_policy(f"mixed_{config.train.precision}")
-        cfg.validate(config, strategy.num_replicas_in_sync)
+        cfg.validate(config, strategy.num_replicas_in_sync, FLAGS.strategy)
         if FLAGS.mode != "eval":
             from simclr_tf import finetune
             source = None

@@ -52,6 +52,11 @@ CLI_CASES = [
     ("batch_not_divisible_by_replicas", "run",
      ["--strategy=mirrored", "--num_cpu_replicas=3", "--train_batch_size=8"], {}, 2,
      "error: train_batch_size=8 is not divisible by the 3 replicas: use a multiple of 3"),
+    ("jit_compile_on_two_replicas", "run",
+     ["--strategy=mirrored", "--num_cpu_replicas=2", "--jit_compile"], {}, 2,
+     "error: jit_compile=True runs one replica (or --strategy=tpu), not 2 replicas of "
+     "--strategy=mirrored: XLA cannot compile that step's cross-replica ops; drop --jit_compile "
+     "or use one replica"),
     ("image_size_below_stem", "run", ["--image_size=4"], {}, 2,
      "error: image_size=4 is too small for the CIFAR stem: use at least 8"),
     ("unknown_dataset", "run", ["--dataset=no_such_dataset", "--model_dir={tmp}/runs/a"], {}, 2,

@@ -36,6 +36,19 @@ def test_bad_flags_raise_one_line_config_errors(parsed_flags, argv, replicas, me
     assert "\n" not in str(error.value)
 
 
+def test_jit_compile_is_refused_on_several_replicas_but_not_on_one_or_a_tpu(parsed_flags):
+    config = parsed_flags(["--jit_compile"])
+    with pytest.raises(cfg.ConfigError) as error:
+        cfg.validate(config, 2, "mirrored")
+    assert str(error.value) == (
+        "jit_compile=True runs one replica (or --strategy=tpu), not 2 replicas of "
+        "--strategy=mirrored: XLA cannot compile that step's cross-replica ops; drop "
+        "--jit_compile or use one replica")
+    cfg.validate(config, 1, "mirrored")
+    cfg.validate(config, 8, "tpu")
+    cfg.validate(parsed_flags([]), 2, "multi_worker")
+
+
 def test_flags_map_onto_config_with_small_image_defaults(parsed_flags):
     config = parsed_flags(["--image_size=32", "--resnet_depth=18", "--temperature=0.5"])
     assert config.encoder.cifar_stem and not config.augment.use_blur
