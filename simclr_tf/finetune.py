@@ -305,7 +305,8 @@ class Finetuner:
         return {"loss": loss, **metrics}
 
     def make_train_loop(self):
-        return compiled_train_loop(self.strategy, self.replica_step, self.metrics, self.optimizer)
+        return compiled_train_loop(self.strategy, self.replica_step, self.metrics, self.optimizer,
+                                   self.config.train.jit_compile)
 
 
 def make_schedule(config, num_examples):

@@ -79,7 +79,8 @@ flags.DEFINE_integer("keep_export_max", 5, "Exports kept in <model_dir>/export."
 flags.DEFINE_boolean("lineareval_while_pretraining", True,
                      "Train a linear probe on stop_gradient(h) when the dataset has labels.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and augmentations.")
-flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step.")
+flags.DEFINE_boolean("jit_compile", False,
+                     "XLA-compile the train step (pretraining, fine-tuning and distillation).")
 flags.DEFINE_string("precision", "float32", "float32, bfloat16 or float16 (Keras mixed precision).")
 # Modes, fine-tuning, distillation and evaluation
 flags.DEFINE_string("train_mode", "pretrain",

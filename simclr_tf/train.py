@@ -143,19 +143,21 @@ class Pretrainer:
 
     def make_train_loop(self):
         """A compiled function running `steps` replica steps and returning their mean metrics."""
-        step_fn = tf.function(self.replica_step, jit_compile=True) \
-            if self.config.train.jit_compile else self.replica_step
-        return compiled_train_loop(self.strategy, step_fn, METRICS, self.optimizer)
+        return compiled_train_loop(self.strategy, self.replica_step, METRICS, self.optimizer,
+                                   self.config.train.jit_compile)
 
 
-def compiled_train_loop(strategy, step_fn, metrics, optimizer):
+def compiled_train_loop(strategy, step_fn, metrics, optimizer, jit_compile=False):
     """A `tf.function(iterator, steps)` running `steps` replica steps under `strategy`.
 
     `step_fn(batch)` returns a dict with every name in `metrics` but "learning_rate"; the loop
     returns their means over the steps (and replicas) plus the optimiser's current learning rate,
-    with no host sync inside.
+    with no host sync inside. With `jit_compile`, XLA compiles `step_fn` (one replica or a TPU:
+    see `config.validate`).
     """
     keys = [k for k in metrics if k != "learning_rate"]
+    if jit_compile:
+        step_fn = tf.function(step_fn, jit_compile=True)
 
     @tf.function
     def train_loop(iterator, steps):

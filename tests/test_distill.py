@@ -74,12 +74,14 @@ def _teacher_run(model_dir, depth=18, num_classes=NUM_CLASSES):
     return teacher
 
 
-@pytest.mark.parametrize("teacher_depth", [18, 34], ids=["self", "big_to_small"])
-def test_distiller_step_keeps_the_teacher_frozen(tmp_path, teacher_depth):
+@pytest.mark.parametrize("teacher_depth,jit_compile", [(18, False), (34, False), (18, True)],
+                         ids=["self", "big_to_small", "self_xla"])
+def test_distiller_step_keeps_the_teacher_frozen(tmp_path, teacher_depth, jit_compile):
     original = _teacher_run(tmp_path / "teacher", teacher_depth)
     config = tiny_config(tmp_path / "student")
     config = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, train_mode="distill"),
+        config, train=dataclasses.replace(config.train, train_mode="distill",
+                                          jit_compile=jit_compile),
         distill=cfg.DistillConfig(str(tmp_path / "teacher"), 2.0, 0.25))
     schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
     trainer = distill.Distiller(config, tf.distribute.get_strategy(), schedule, NUM_CLASSES,

@@ -164,6 +164,18 @@ def test_linear_eval_keeps_f_frozen_and_separates_a_separable_problem():
     assert accuracy == 1.0
 
 
+def test_fine_tuning_loop_compiles_with_xla_and_keeps_f_frozen():
+    config = tiny_config(fine_tune_after_block=4)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, jit_compile=True))
+    trainer = make_finetuner(config)
+    before = _values(trainer.model.encoder.variables)
+    metrics = run_steps(trainer, colour_batch(), 2)
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(trainer.optimizer.iterations.numpy()) == 2
+    for v in trainer.model.encoder.variables:
+        np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
+
+
 def test_fine_tune_after_block_freezes_the_stem_and_early_groups():
     config = tiny_config(fine_tune_after_block=2)
     trainer = make_finetuner(config)
