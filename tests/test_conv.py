@@ -147,3 +147,27 @@ def test_importing_simclr_tf_turns_on_onednn_unless_the_environment_chose(enviro
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
     assert out.split() == [str(onednn), str(not onednn), str(onednn)]
+
+
+@pytest.mark.parametrize("code,environment,warns", [
+    ("import tensorflow, simclr_tf", None, True),   # unless TF turned oneDNN on itself (AVX-512)
+    ("import tensorflow, simclr_tf", "0", False),
+    ("import tensorflow, simclr_tf", "1", False),
+    ("import simclr_tf, tensorflow", None, False),
+])
+def test_importing_tensorflow_first_warns_once_that_onednn_is_off(code, environment, warns):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if environment is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = environment
+    code += "\nfrom simclr_tf import conv\nprint(conv.onednn_enabled())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    err = result.stderr
+    warns = warns and result.stdout.split() == ["False"]
+    lines = [line for line in err.splitlines() if "oneDNN CPU kernels are off" in line]
+    assert len(lines) == (1 if warns else 0), err
+    if warns:
+        assert "import simclr_tf first or set TF_ENABLE_ONEDNN_OPTS=1" in lines[0]
