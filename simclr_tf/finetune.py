@@ -31,8 +31,8 @@ from simclr_tf import guards
 from simclr_tf import label_subset
 from simclr_tf import supervised_data
 from simclr_tf.heads import ProjectionHead
-from simclr_tf.lars import is_bn_or_bias
-from simclr_tf.train import build_optimizer, compiled_train_loop
+from simclr_tf.train import (build_optimizer, compiled_train_loop, decayed_in_loss,
+                             l2_regularisation)
 from simclr_tf.train import make_schedule as train_schedule
 
 METRICS = ("loss", "supervised_loss", "train_acc", "learning_rate")
@@ -273,18 +273,15 @@ class Finetuner:
             self.optimizer.build(self.model.trainable_variables)
             self.checkpoint = tf.train.Checkpoint(optimizer=self.optimizer,
                                                   **self.model.checkpoint_items())
-        self._l2_variables = [v for v in self.model.trainable_variables if not is_bn_or_bias(v)]
+        self._l2_variables = decayed_in_loss(self.model.trainable_variables,
+                                             config.optimizer.optimizer)
 
     @property
     def step(self):
         return self.optimizer.iterations
 
     def _regularisation(self):
-        """Coupled L2 weight decay for momentum/adam (LARS applies it itself)."""
-        wd = self.config.optimizer.weight_decay
-        if self.config.optimizer.optimizer == "lars" or not wd or not self._l2_variables:
-            return 0.0
-        return wd * tf.add_n([tf.nn.l2_loss(v) for v in self._l2_variables])
+        return l2_regularisation(self.config.optimizer.weight_decay, self._l2_variables)
 
     def loss_and_metrics(self, batch):
         """The replica's loss (before regularisation) and metrics; overridden by distillation."""

@@ -9,6 +9,7 @@ logging, TensorBoard, checkpoints and resume.
 import dataclasses
 import math
 import os
+import re
 import time
 
 import keras
@@ -45,6 +46,29 @@ def make_schedule(train_config, optimizer_config, num_examples):
                     steps_per_epoch=steps_per_epoch)
 
 
+# The supervised heads: the linear probe's and the fine-tuning classifier's Dense layer (both named
+# "logits"). As the original's `head_supervised`, LARS neither adapts nor decays them (a trust
+# ratio would shrink a linear classifier's steps to ~eta of its norm); the loss carries their L2.
+SUPERVISED_HEAD = r"(^|/)logits/"
+
+
+def is_supervised_head(variable):
+    return re.search(SUPERVISED_HEAD, variable.path) is not None
+
+
+def decayed_in_loss(variables, optimizer_name):
+    """The variables whose L2 the loss carries: LARS decays the others itself."""
+    return [v for v in variables if not is_bn_or_bias(v)
+            and (optimizer_name != "lars" or is_supervised_head(v))]
+
+
+def l2_regularisation(weight_decay, variables):
+    """weight_decay * sum of ||v||^2 / 2 (0.0 when there is nothing to decay)."""
+    if not weight_decay or not variables:
+        return 0.0
+    return weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in variables])
+
+
 def build_optimizer(optimizer_config, batch_size, schedule):
     """The optimiser and its learning-rate schedule (peak LR scaled with the batch size)."""
     peak = scaled_learning_rate(optimizer_config.learning_rate, batch_size,
@@ -53,7 +77,7 @@ def build_optimizer(optimizer_config, batch_size, schedule):
     name = optimizer_config.optimizer
     if name == "lars":
         return LARS(lr, momentum=optimizer_config.momentum,
-                    weight_decay=optimizer_config.weight_decay)
+                    weight_decay=optimizer_config.weight_decay, exclude_names=(SUPERVISED_HEAD,))
     if name == "momentum":
         return keras.optimizers.SGD(lr, momentum=optimizer_config.momentum, nesterov=True)
     if name == "adam":
@@ -91,7 +115,8 @@ class Pretrainer:
             self.checkpoint = tf.train.Checkpoint(
                 encoder=self.encoder, projection_head=self.head, optimizer=self.optimizer,
                 **({"linear_probe": self.probe} if self.probe else {}))
-        self._l2_variables = [v for v in self.trainable_variables if not is_bn_or_bias(v)]
+        self._l2_variables = decayed_in_loss(self.trainable_variables,
+                                             config.optimizer.optimizer)
 
     @property
     def trainable_variables(self):
@@ -103,11 +128,7 @@ class Pretrainer:
         return self.optimizer.iterations
 
     def _regularisation(self):
-        """Coupled L2 weight decay for momentum/adam (LARS applies it itself)."""
-        wd = self.config.optimizer.weight_decay
-        if self.config.optimizer.optimizer == "lars" or not wd:
-            return 0.0
-        return wd * tf.add_n([tf.nn.l2_loss(v) for v in self._l2_variables])
+        return l2_regularisation(self.config.optimizer.weight_decay, self._l2_variables)
 
     def replica_step(self, batch):
         """One SimCLR step on this replica's batch; returns the replica's metrics."""

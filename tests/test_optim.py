@@ -84,3 +84,39 @@ def test_warmup_cosine():
     assert float(s(85)) == pytest.approx(1.0 + math.cos(math.pi * 0.75), rel=1e-5)
     assert float(s(110)) == pytest.approx(0.0, abs=1e-6)
     assert float(s(200)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lars_leaves_the_supervised_heads_to_momentum_and_their_l2_to_the_loss():
+    """As the original's head_supervised: the probe / classifier kernel is neither adapted nor
+    decayed by LARS (plain momentum SGD), and the loss carries its L2 instead."""
+    from simclr_tf import config as cfg
+    from simclr_tf import train
+    from simclr_tf.heads import LinearProbe
+
+    probe = LinearProbe(2, name="linear_probe")
+    probe.build((None, 2))
+    hidden = keras.layers.Dense(2, use_bias=False, name="hidden")
+    hidden.build((None, 2))
+    w0 = np.array([[3.0, 0.0], [0.0, 4.0]], np.float32)     # ||w|| = 5
+    for kernel in (probe.dense.kernel, hidden.kernel):
+        kernel.assign(w0)
+    variables = [hidden.kernel, probe.dense.kernel, probe.dense.bias]
+    lr, wd, eta = 0.5, 0.1, 0.001
+    config = cfg.OptimizerConfig("lars", lr, "linear", 0.9, wd, warmup_epochs=0)
+    opt = train.build_optimizer(config, 256, train.Schedule(10, 0, 1))
+    opt.build(variables)
+    g = np.full((2, 2), 0.5, np.float32)
+    opt.apply_gradients([(tf.constant(g), v) for v in variables[:2]]
+                        + [(tf.zeros([2]), variables[2])])
+
+    np.testing.assert_allclose(probe.dense.kernel.numpy(), w0 - lr * g, rtol=1e-6)
+    g_total = g + wd * w0
+    trust = eta * 5.0 / np.linalg.norm(g_total)
+    np.testing.assert_allclose(hidden.kernel.numpy(), w0 - lr * trust * g_total, rtol=1e-6)
+
+    assert train.decayed_in_loss(variables, "lars") == [probe.dense.kernel]
+    assert train.decayed_in_loss(variables, "momentum") == variables[:2]
+    want = wd * 0.5 * float(np.sum(probe.dense.kernel.numpy() ** 2))
+    got = train.l2_regularisation(wd, train.decayed_in_loss(variables, "lars"))
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    assert train.l2_regularisation(0.0, variables) == 0.0
