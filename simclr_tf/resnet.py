@@ -11,7 +11,9 @@ Architecture notes (from the SimCLR / SimCLRv2 papers and their reference code):
 - strided convs pad explicitly ("fixed padding") so the output does not depend on the input size
   parity, as in the TF reference ResNets.
 - `sk_ratio > 0` (SimCLRv2) replaces the 3x3 conv of bottleneck blocks by a two-path selective
-  kernel conv and uses the ResNet-D stem (three 3x3 convs) and avg-pool projection shortcuts.
+  kernel conv and uses the ResNet-D stem (three 3x3 convs) and avg-pool projection shortcuts
+  (group 1's stride-1 shortcut included).
+- `se_ratio > 0` squeezes to `se_ratio` x the block's (inner) width, as the reference code.
 - `cifar_stem`: one 3x3 stride-1 conv and no max-pool, for 32 px images.
 """
 
@@ -73,8 +75,13 @@ class _Builder:
         return keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
 
     def shortcut(self, x, filters, strides, name):
-        if self.sk_ratio > 0 and strides > 1:  # ResNet-D: average-pool, then 1x1 conv
-            x = keras.layers.AveragePooling2D(2, 2, padding="same", name=f"{name}_pool")(x)
+        if self.sk_ratio > 0:  # ResNet-D: a 2x2 average pool, then a 1x1 conv, as the reference
+            # code builds it: strided, with one row and column of zeros padded at the end (they
+            # count in the average); at stride 1 (group 1) too, "same", the padding not counted.
+            if strides > 1:
+                x = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}_pool_pad")(x)
+            padding = "valid" if strides > 1 else "same"
+            x = keras.layers.AveragePooling2D(2, strides, padding, name=f"{name}_pool")(x)
             strides = 1
         return self.conv_bn(x, filters, 1, strides, name, relu=False)
 
@@ -87,15 +94,19 @@ class _Builder:
                                     name=f"{name}_squeeze")(paths)
         mid = max(int(filters * self.sk_ratio), min_dim)
         fused = self.conv_bn(fused, mid, 1, 1, f"{name}_fc")
-        mix = Conv2D(2 * filters, 1, use_bias=False, name=f"{name}_mix")(fused)
+        mix = Conv2D(2 * filters, 1, use_bias=False, name=f"{name}_mix",
+                     kernel_initializer=keras.initializers.VarianceScaling())(fused)
         return keras.layers.Lambda(_select_kernels, name=f"{name}_select")([paths, mix])
 
-    def squeeze_excite(self, x, name):
-        filters = x.shape[-1]
+    def squeeze_excite(self, x, filters, name):
+        """Squeeze to filters * se_ratio channels (`filters`: the block's width, the bottleneck's
+        inner width, as the reference code), excite back to x's channels."""
         s = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(x)
-        s = Conv2D(max(1, int(filters * self.se_ratio)), 1, activation="relu",
-                                name=f"{name}_reduce")(s)
-        s = Conv2D(filters, 1, activation="sigmoid", name=f"{name}_expand")(s)
+        squeezed = max(1, int(filters * self.se_ratio))
+        s = Conv2D(squeezed, 1, activation="relu", name=f"{name}_reduce",
+                   kernel_initializer=keras.initializers.VarianceScaling())(s)
+        s = Conv2D(x.shape[-1], 1, activation="sigmoid", name=f"{name}_expand",
+                   kernel_initializer=keras.initializers.VarianceScaling())(s)
         return keras.layers.Multiply(name=f"{name}_scale")([x, s])
 
     def basic_block(self, x, filters, strides, projection, name):
@@ -103,7 +114,7 @@ class _Builder:
         x = self.conv_bn(x, filters, 3, strides, f"{name}_1")
         x = self.conv_bn(x, filters, 3, 1, f"{name}_2", relu=False, zero_init=True)
         if self.se_ratio > 0:
-            x = self.squeeze_excite(x, f"{name}_se")
+            x = self.squeeze_excite(x, filters, f"{name}_se")
         x = keras.layers.Add(name=f"{name}_add")([x, shortcut])
         return keras.layers.ReLU(name=f"{name}_out")(x)
 
@@ -116,7 +127,7 @@ class _Builder:
             x = self.conv_bn(x, filters, 3, strides, f"{name}_2")
         x = self.conv_bn(x, 4 * filters, 1, 1, f"{name}_3", relu=False, zero_init=True)
         if self.se_ratio > 0:
-            x = self.squeeze_excite(x, f"{name}_se")
+            x = self.squeeze_excite(x, filters, f"{name}_se")
         x = keras.layers.Add(name=f"{name}_add")([x, shortcut])
         return keras.layers.ReLU(name=f"{name}_out")(x)
 

@@ -1,5 +1,6 @@
 """Encoder f and heads: shapes, parameter counts against the papers, head structure."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -120,3 +121,33 @@ def test_public_api():
     assert model(tf.zeros([1, 32, 32, 3])).shape == (1, 512)
     for name in ("ProjectionHead", "nt_xent", "LARS", "preprocess_for_train_single"):
         assert hasattr(simclr_tf, name)
+
+
+def test_se_squeezes_to_se_ratio_of_the_blocks_inner_width_as_the_reference_code():
+    plain, se = resnet(50, cifar_stem=True), resnet(50, se_ratio=0.25, cifar_stem=True)
+    added = 0
+    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+        squeezed, out = int(width * 0.25), 4 * width
+        added += blocks * (out * squeezed + squeezed + squeezed * out + out)  # kernels + biases
+    assert trainable_params(se) - trainable_params(plain) == added
+
+
+def test_resnet_d_shortcut_average_pools_at_stride_one_and_pads_zeros_when_strided():
+    """The reference code's ResNet-D shortcut: 2x2 average pool at stride 1 ("same", padding not
+    counted) in group 1, and after one row/column of zeros at stride 2 (the zeros counted)."""
+    from simclr_tf.resnet import _Builder
+    builder = _Builder(0.9, 1e-5, False, sk_ratio=0.0625, se_ratio=0.0)
+    x = np.arange(25, dtype=np.float32).reshape(1, 5, 5, 1)
+    padded = np.pad(x[0, :, :, 0], ((0, 1), (0, 1)))
+    for strides in (1, 2):
+        inputs = keras.Input((5, 5, 1))
+        shortcut = keras.Model(inputs, builder.shortcut(inputs, 4, strides, f"s{strides}"))
+        model = keras.Model(inputs, shortcut.get_layer(f"s{strides}_pool").output)
+        pooled = model(x).numpy()[0, :, :, 0]
+        if strides == 1:
+            counts = np.pad(np.ones((5, 5)), ((0, 1), (0, 1)))
+            window = lambda a: a[:-1, :-1] + a[1:, :-1] + a[:-1, 1:] + a[1:, 1:]  # noqa: E731
+            want = window(padded) / window(counts)
+        else:
+            want = padded.reshape(3, 2, 3, 2).mean(axis=(1, 3))
+        np.testing.assert_allclose(pooled, want, rtol=1e-6)
