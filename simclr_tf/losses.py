@@ -5,10 +5,14 @@ image and the negatives are the other 2N - 2 views of the *global* batch. Each r
 own 2n anchors against the 2N gathered views, so its logits are [2n, 2N] and never the full
 [2N, 2N] on one device.
 
-Scaling convention: `nt_xent` returns the mean of the per-anchor losses over the anchors it is given
-(the replica's own), i.e. the paper's L when called on one replica. Inside a replica context the
-train step divides by `num_replicas_in_sync` before taking gradients, because tf.distribute sums
-gradients over replicas; the mean over replicas of the returned value is the paper's L.
+Scaling convention: every loss here returns, over the anchors it is given (the replica's own), the
+mean per-anchor loss of the a-views plus that of the b-views, as the reference code's NT-Xent
+(`reduce_mean(loss_a + loss_b)`): twice the paper's L = 1/(2N) sum over the 2N anchors. The
+paper's hyper-parameters (learning rates, weight decay) were tuned with that gradient scale; it
+matters for what LARS does not normalise (batch-norm parameters and biases, the weight-decay share
+of the trust ratio) and for plain momentum. Inside a replica context the train step divides by
+`num_replicas_in_sync` before taking gradients, because tf.distribute sums gradients over
+replicas; the mean over replicas of the returned value is the global batch's loss.
 """
 
 import tensorflow as tf
@@ -61,10 +65,11 @@ def nt_xent_with_metrics(z_a, z_b, temperature=0.1, hidden_norm=True):
       hidden_norm: l2-normalise z first (cosine similarity).
 
     Returns:
-      (loss, metrics): loss is the mean over this replica's 2n anchors of
-      -log softmax(positive); metrics has `contrast_acc` (fraction of anchors whose most similar
-      other view is the positive) and `contrast_entropy` (mean entropy of the softmax), both over the
-      a-anchors like the reference implementation.
+      (loss, metrics): loss is the mean over this replica's a-anchors of -log softmax(positive),
+      plus the same mean over its b-anchors (2x the paper's L, the reference code's scale);
+      metrics has `contrast_acc` (fraction of a-views whose most similar b-view of the global
+      batch is their own) and `contrast_entropy` (mean entropy of the softmax over those N
+      b-views), as the reference code computes them from its logits_ab.
     """
     z_a, z_b, all_a, all_b = _normalized_and_gathered(z_a, z_b, hidden_norm)
     n = tf.shape(z_a)[0]
@@ -82,17 +87,18 @@ def nt_xent_with_metrics(z_a, z_b, temperature=0.1, hidden_norm=True):
 
     losses_a, logits_a = anchor_losses(z_a, all_b, all_a)
     losses_b, _ = anchor_losses(z_b, all_a, all_b)
-    loss = (tf.reduce_mean(losses_a) + tf.reduce_mean(losses_b)) / 2.0
+    loss = tf.reduce_mean(losses_a) + tf.reduce_mean(losses_b)
 
-    probs = tf.nn.softmax(logits_a)
+    logits_ab = logits_a[:, :global_n]
+    probs = tf.nn.softmax(logits_ab)
     entropy = -tf.reduce_mean(tf.reduce_sum(probs * tf.math.log(probs + 1e-12), axis=1))
     accuracy = tf.reduce_mean(tf.cast(
-        tf.equal(tf.argmax(logits_a, axis=1, output_type=tf.int32), positives), tf.float32))
+        tf.equal(tf.argmax(logits_ab, axis=1, output_type=tf.int32), positives), tf.float32))
     return loss, {"contrast_acc": accuracy, "contrast_entropy": entropy}
 
 
 def nt_xent(z_a, z_b, temperature=0.1, hidden_norm=True):
-    """The paper's NT-Xent loss L for the two views (see `nt_xent_with_metrics`)."""
+    """NT-Xent of the two views, at the reference code's scale (see `nt_xent_with_metrics`)."""
     loss, _ = nt_xent_with_metrics(z_a, z_b, temperature, hidden_norm)
     return loss
 
@@ -104,8 +110,8 @@ def nt_xent(z_a, z_b, temperature=0.1, hidden_norm=True):
 # rows of this replica are [a-views; b-views], and each row's 2N columns are [the other view of
 # every global image; the same view of every global image], so for local image i (global index
 # g = replica offset + i) the positive is column g and the anchor itself is column N + g, in both
-# halves. Each returns (loss, metrics) with loss the mean over this replica's 2n anchors, the
-# scaling convention of `nt_xent_with_metrics`.
+# halves. Each returns (loss, metrics) with loss `_both_views(per-anchor losses)`, the scaling of
+# `nt_xent_with_metrics`.
 
 LOSSES = ("nt_xent", "nt_logistic", "margin_triplet", "supcon")
 SEMI_HARD_LOSSES = ("nt_logistic", "margin_triplet")
@@ -151,20 +157,27 @@ def _negative_mask(sims, positive_cols, self_mask, semi_hard):
     return negatives
 
 
+def _both_views(losses):
+    """Mean of the a-anchors' losses plus mean of the b-anchors' (rows [a; b], n each)."""
+    return 2.0 * tf.reduce_mean(losses)
+
+
 def _metrics(logits, positive_mask):
-    """`contrast_acc` and `contrast_entropy` over the a-anchors (the first half of the rows).
+    """`contrast_acc` and `contrast_entropy` of the a-anchors (the first half of the rows) over
+    the b-views (the first half of the columns), as `nt_xent_with_metrics`.
 
     Args:
       logits: [2n, 2N] scaled similarities with the self column already at float32.min.
       positive_mask: [2n, 2N] bool, the columns that count as a correct top-1.
     """
     n = tf.shape(logits)[0] // 2
-    logits_a = logits[:n]
-    probs = tf.nn.softmax(logits_a)
+    global_n = tf.shape(logits)[1] // 2
+    logits_ab = logits[:n, :global_n]
+    probs = tf.nn.softmax(logits_ab)
     entropy = -tf.reduce_mean(tf.reduce_sum(probs * tf.math.log(probs + 1e-12), axis=1))
-    top = tf.argmax(logits_a, axis=1, output_type=tf.int32)
+    top = tf.argmax(logits_ab, axis=1, output_type=tf.int32)
     accuracy = tf.reduce_mean(tf.cast(
-        tf.gather(positive_mask[:n], top, axis=1, batch_dims=1), tf.float32))
+        tf.gather(positive_mask[:n, :global_n], top, axis=1, batch_dims=1), tf.float32))
     return {"contrast_acc": accuracy, "contrast_entropy": entropy}
 
 
@@ -191,7 +204,7 @@ def nt_logistic_with_metrics(z_a, z_b, temperature=0.1, hidden_norm=True,
       semi_hard_negatives: keep only the negatives less similar than the positive.
 
     Returns:
-      (loss, metrics): loss is the mean of l(u) over this replica's 2n anchors; metrics as
+      (loss, metrics): loss is `_both_views` of l(u) over this replica's anchors; metrics as
       `nt_xent_with_metrics` (on the logits u.v / tau).
     """
     sims, positive_cols, self_mask = _anchor_rows(z_a, z_b, hidden_norm)
@@ -200,8 +213,8 @@ def nt_logistic_with_metrics(z_a, z_b, temperature=0.1, hidden_norm=True,
     negative_terms = tf.where(negatives, tf.nn.softplus(sims / temperature), 0.0)
     losses = tf.nn.softplus(-positive / temperature) + tf.reduce_sum(negative_terms, axis=1)
     positive_mask = tf.one_hot(positive_cols, tf.shape(sims)[1], on_value=True, off_value=False)
-    return tf.reduce_mean(losses), _metrics(_masked_logits(sims, self_mask, temperature),
-                                            positive_mask)
+    return _both_views(losses), _metrics(_masked_logits(sims, self_mask, temperature),
+                                         positive_mask)
 
 
 def margin_triplet_with_metrics(z_a, z_b, margin=DEFAULT_MARGIN, hidden_norm=True,
@@ -224,7 +237,7 @@ def margin_triplet_with_metrics(z_a, z_b, margin=DEFAULT_MARGIN, hidden_norm=Tru
       temperature: used only to scale the logits of `contrast_entropy`.
 
     Returns:
-      (loss, metrics): loss is the mean of l(u) over this replica's 2n anchors; metrics as
+      (loss, metrics): loss is `_both_views` of l(u) over this replica's anchors; metrics as
       `nt_xent_with_metrics`.
     """
     sims, positive_cols, self_mask = _anchor_rows(z_a, z_b, hidden_norm)
@@ -233,8 +246,8 @@ def margin_triplet_with_metrics(z_a, z_b, margin=DEFAULT_MARGIN, hidden_norm=Tru
     hinge = tf.nn.relu(sims - positive[:, None] + margin)
     losses = tf.reduce_sum(tf.where(negatives, hinge, 0.0), axis=1)
     positive_mask = tf.one_hot(positive_cols, tf.shape(sims)[1], on_value=True, off_value=False)
-    return tf.reduce_mean(losses), _metrics(_masked_logits(sims, self_mask, temperature),
-                                            positive_mask)
+    return _both_views(losses), _metrics(_masked_logits(sims, self_mask, temperature),
+                                         positive_mask)
 
 
 def supcon_with_metrics(z_a, z_b, labels, temperature=0.1, hidden_norm=True):
@@ -257,8 +270,8 @@ def supcon_with_metrics(z_a, z_b, labels, temperature=0.1, hidden_norm=True):
       hidden_norm: l2-normalise z first.
 
     Returns:
-      (loss, metrics): loss is the mean of l(i) over this replica's 2n anchors; `contrast_acc`
-      counts an a-anchor as right when its most similar other view is any positive.
+      (loss, metrics): loss is `_both_views` of l(i) over this replica's anchors; `contrast_acc`
+      counts an a-anchor as right when its most similar b-view is any positive.
     """
     sims, positive_cols, self_mask = _anchor_rows(z_a, z_b, hidden_norm)
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
@@ -272,7 +285,7 @@ def supcon_with_metrics(z_a, z_b, labels, temperature=0.1, hidden_norm=True):
     log_prob = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
     positive_log_prob = tf.reduce_sum(tf.where(positives, log_prob, 0.0), axis=1)
     losses = -positive_log_prob / tf.reduce_sum(tf.cast(positives, tf.float32), axis=1)
-    return tf.reduce_mean(losses), _metrics(logits, positives)
+    return _both_views(losses), _metrics(logits, positives)
 
 
 def contrastive_loss(name, z_a, z_b, labels=None, temperature=0.1, hidden_norm=True,
@@ -290,8 +303,8 @@ def contrastive_loss(name, z_a, z_b, labels=None, temperature=0.1, hidden_norm=T
       margin: m of "margin_triplet".
 
     Returns:
-      (loss, metrics) as `nt_xent_with_metrics`: the mean over this replica's 2n anchors, and
-      `contrast_acc`, `contrast_entropy`.
+      (loss, metrics) as `nt_xent_with_metrics`: the a-anchors' mean loss plus the b-anchors',
+      and `contrast_acc`, `contrast_entropy`.
     """
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")

@@ -16,6 +16,12 @@ def softplus(x):
     return math.log1p(math.exp(x))
 
 
+def both_views(per_anchor):
+    """The implementation's scale: the a-anchors' mean loss plus the b-anchors' (n each), i.e.
+    twice the mean over all 2n anchors (the reference code's NT-Xent scale)."""
+    return 2 * np.mean(per_anchor)
+
+
 # --------------------------------------------------------------------------------------------
 # Independent numpy references: one anchor at a time over the 2N views, like the paper's sums.
 
@@ -44,7 +50,7 @@ def numpy_nt_logistic(z_a, z_b, temperature, normalize=True, semi_hard=False):
         loss += sum(softplus(sim[i, k] / temperature)
                     for k in _negatives(sim, i, positive, semi_hard))
         per_anchor.append(loss)
-    return np.mean(per_anchor)
+    return both_views(per_anchor)
 
 
 def numpy_margin_triplet(z_a, z_b, margin, normalize=True, semi_hard=False):
@@ -54,7 +60,7 @@ def numpy_margin_triplet(z_a, z_b, margin, normalize=True, semi_hard=False):
         positive = (i + n) % (2 * n)
         per_anchor.append(sum(max(sim[i, k] - sim[i, positive] + margin, 0.0)
                               for k in _negatives(sim, i, positive, semi_hard)))
-    return np.mean(per_anchor)
+    return both_views(per_anchor)
 
 
 def numpy_supcon(z_a, z_b, labels, temperature, normalize=True):
@@ -68,7 +74,7 @@ def numpy_supcon(z_a, z_b, labels, temperature, normalize=True):
                      or (view_labels[i] >= 0 and view_labels[k] == view_labels[i])]
         per_anchor.append(-np.mean([sim[i, p] / temperature - log_denominator
                                     for p in positives]))
-    return np.mean(per_anchor)
+    return both_views(per_anchor)
 
 
 def random_views(n=6, d=5, seed=0):
@@ -91,11 +97,11 @@ HAND_B = np.array([[0.6, 0.8], [0.0, 1.0]], np.float32)
 def test_margin_triplet_hand_computed():
     # m = 1: a1: (0.8 - 0.6 + 1) + (0 - 0.6 + 1) = 1.6; b1: 1.36 + 1.2 = 2.56; a2: 2.56; b2: 1.6.
     loss, _ = losses.margin_triplet_with_metrics(HAND_A, HAND_B, margin=1.0)
-    np.testing.assert_allclose(loss.numpy(), (1.6 + 2.56 + 2.56 + 1.6) / 4, rtol=1e-6)
+    np.testing.assert_allclose(loss.numpy(), both_views([1.6, 2.56, 2.56, 1.6]), rtol=1e-6)
     # Semi-hard: only negatives below 0.6 remain: b2 for a1 (0.4) and a1 for b2 (0.4).
     loss, _ = losses.margin_triplet_with_metrics(HAND_A, HAND_B, margin=1.0,
                                                  semi_hard_negatives=True)
-    np.testing.assert_allclose(loss.numpy(), (0.4 + 0.4) / 4, rtol=1e-6)
+    np.testing.assert_allclose(loss.numpy(), both_views([0.4, 0, 0, 0.4]), rtol=1e-6)
 
 
 def test_nt_logistic_hand_computed():
@@ -105,11 +111,11 @@ def test_nt_logistic_hand_computed():
             positive + softplus(0.8) + softplus(0.96),    # a2
             positive + softplus(0.0) + softplus(0.8)]     # b2
     loss, _ = losses.nt_logistic_with_metrics(HAND_A, HAND_B, temperature=1.0)
-    np.testing.assert_allclose(loss.numpy(), np.mean(full), rtol=1e-6)
+    np.testing.assert_allclose(loss.numpy(), both_views(full), rtol=1e-6)
     semi_hard = [positive + softplus(0.0), positive, positive, positive + softplus(0.0)]
     loss, _ = losses.nt_logistic_with_metrics(HAND_A, HAND_B, temperature=1.0,
                                               semi_hard_negatives=True)
-    np.testing.assert_allclose(loss.numpy(), np.mean(semi_hard), rtol=1e-6)
+    np.testing.assert_allclose(loss.numpy(), both_views(semi_hard), rtol=1e-6)
 
 
 def test_supcon_hand_computed():
@@ -118,10 +124,10 @@ def test_supcon_hand_computed():
     log_denominator = math.log(math.e + 2)
     # Same class: all three other views are positives: -(1/3)((1 - lse) + 2 (0 - lse)).
     loss, _ = losses.supcon_with_metrics(z, z, np.array([3, 3]), temperature=1.0)
-    np.testing.assert_allclose(loss.numpy(), log_denominator - 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(loss.numpy(), 2 * (log_denominator - 1 / 3), rtol=1e-6)
     # Different classes: the only positive is the other view, which is NT-Xent.
     loss, _ = losses.supcon_with_metrics(z, z, np.array([3, 4]), temperature=1.0)
-    np.testing.assert_allclose(loss.numpy(), log_denominator - 1, rtol=1e-6)
+    np.testing.assert_allclose(loss.numpy(), 2 * (log_denominator - 1), rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

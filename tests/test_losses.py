@@ -8,7 +8,8 @@ from simclr_tf.losses import cross_replica_concat, nt_xent, nt_xent_with_metrics
 
 
 def numpy_nt_xent(z_a, z_b, temperature, normalize=True):
-    """The paper's L: mean over the 2N anchors of -log softmax of the positive."""
+    """Mean over the a-anchors of -log softmax of the positive, plus the same over the b-anchors:
+    the reference code's scale, twice the paper's L (the mean over all 2N anchors)."""
     z = np.concatenate([z_a, z_b]).astype(np.float64)
     if normalize:
         z = z / np.linalg.norm(z, axis=1, keepdims=True)
@@ -19,7 +20,7 @@ def numpy_nt_xent(z_a, z_b, temperature, normalize=True):
         positive = (i + n) % (2 * n)
         others = [sim[i, k] for k in range(2 * n) if k != i]
         losses.append(-(sim[i, positive] - np.log(np.sum(np.exp(others)))))
-    return np.mean(losses)
+    return 2 * np.mean(losses)
 
 
 @pytest.mark.parametrize("temperature,normalize", [(0.1, True), (0.5, True), (1.0, False)])
@@ -33,10 +34,24 @@ def test_nt_xent_matches_numpy(temperature, normalize):
 
 def test_hand_computed_two_images():
     # Orthogonal unit vectors: a1=b1=e1, a2=b2=e2, tau=1. Anchor a1: positive sim 1, negatives
-    # a2 (0) and b2 (0): loss = -log(e / (e + 2)) for every anchor.
+    # a2 (0) and b2 (0): -log(e / (e + 2)) for every anchor; the a-views' mean plus the b-views'.
     z = np.eye(2, dtype=np.float32)
     got = nt_xent(z, z, temperature=1.0).numpy()
-    np.testing.assert_allclose(got, -np.log(np.e / (np.e + 2)), rtol=1e-6)
+    np.testing.assert_allclose(got, -2 * np.log(np.e / (np.e + 2)), rtol=1e-6)
+
+
+def test_metrics_rank_each_a_view_among_the_b_views_as_the_reference_code():
+    # a1 = (1, 0), a2 = (0.9, 0.44): a1 is closer to a2 (0.9) than to its positive b1 = (0.8, 0.6)
+    # (0.8), but among the b-views (b1, b2 = (0, 1)) it ranks its positive first; a2 (sims 0.984
+    # with b1, 0.44 with b2) ranks b1 above its own b2: accuracy 1/2. Entropy over the b-views.
+    z_a = np.array([[1.0, 0.0], [0.9, 0.44]], np.float32)
+    z_b = np.array([[0.8, 0.6], [0.0, 1.0]], np.float32)
+    _, metrics = nt_xent_with_metrics(z_a, z_b, temperature=0.5, hidden_norm=False)
+    assert metrics["contrast_acc"].numpy() == 0.5
+    logits = z_a @ z_b.T / 0.5
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    want_entropy = -np.mean(np.sum(probs * np.log(probs), axis=1))
+    np.testing.assert_allclose(metrics["contrast_entropy"].numpy(), want_entropy, rtol=1e-5)
 
 
 def test_metrics_perfect_alignment():
