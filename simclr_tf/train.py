@@ -39,9 +39,13 @@ class Schedule:
 
 
 def make_schedule(train_config, optimizer_config, num_examples):
-    steps_per_epoch = max(num_examples // train_config.train_batch_size, 1)
-    total = train_config.train_steps or train_config.train_epochs * steps_per_epoch
-    warmup = int(round(optimizer_config.warmup_epochs * steps_per_epoch))
+    """Step counts as the reference code derives them: an epoch is num_examples examples (the
+    input pipeline repeats, so batches run across epoch boundaries), total = num_examples *
+    epochs // batch + 1 and warm-up = round(warmup_epochs * num_examples // batch)."""
+    batch = train_config.train_batch_size
+    steps_per_epoch = max(num_examples // batch, 1)
+    total = train_config.train_steps or num_examples * train_config.train_epochs // batch + 1
+    warmup = int(round(optimizer_config.warmup_epochs * num_examples // batch))
     return Schedule(total_steps=int(total), warmup_steps=min(warmup, int(total)),
                     steps_per_epoch=steps_per_epoch)
 

@@ -120,3 +120,22 @@ def test_lars_leaves_the_supervised_heads_to_momentum_and_their_l2_to_the_loss()
     got = train.l2_regularisation(wd, train.decayed_in_loss(variables, "lars"))
     assert float(got) == pytest.approx(want, rel=1e-6)
     assert train.l2_regularisation(0.0, variables) == 0.0
+
+
+@pytest.mark.parametrize("num_examples,batch,epochs,warmup_epochs,total,warmup", [
+    (1_281_167, 4096, 100, 10, 31_279, 3_127),   # ImageNet pretraining (r50 preset)
+    (12_811, 1024, 60, 0, 751, 0),               # fine-tuning on 1% of ImageNet
+    (60_000, 256, 10, 0.05, 2_344, 11),          # Fashion-MNIST
+])
+def test_schedule_counts_steps_as_the_reference_code(num_examples, batch, epochs, warmup_epochs,
+                                                     total, warmup):
+    from simclr_tf import config as cfg
+    from simclr_tf import train
+    schedule = train.make_schedule(
+        cfg.TrainConfig(train_batch_size=batch, train_epochs=epochs, train_steps=0),
+        cfg.OptimizerConfig(warmup_epochs=warmup_epochs), num_examples)
+    assert (schedule.total_steps, schedule.warmup_steps) == (total, warmup)
+    assert schedule.steps_per_epoch == num_examples // batch
+    assert train.make_schedule(
+        cfg.TrainConfig(train_batch_size=batch, train_epochs=epochs, train_steps=7),
+        cfg.OptimizerConfig(warmup_epochs=0), num_examples).total_steps == 7
