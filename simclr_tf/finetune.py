@@ -30,7 +30,7 @@ from simclr_tf import export as export_lib
 from simclr_tf import guards
 from simclr_tf import label_subset
 from simclr_tf import supervised_data
-from simclr_tf.heads import ProjectionHead
+from simclr_tf.heads import ProjectionHead, logits_initializer
 from simclr_tf.train import (build_optimizer, compiled_train_loop, decayed_in_loss,
                              l2_regularisation)
 from simclr_tf.train import make_schedule as train_schedule
@@ -101,7 +101,7 @@ class Classifier:
         feature_dim = (int(encoder.output.shape[-1]) if not ft_proj_selector
                        else head.dense_layers[ft_proj_selector - 1].units)
         self.logits_layer = keras.layers.Dense(
-            num_classes, kernel_initializer="zeros" if zero_init_logits_layer else "glorot_uniform",
+            num_classes, kernel_initializer=logits_initializer(zero_init_logits_layer),
             name="logits")
         self.logits_layer.build((None, feature_dim))
 

@@ -81,6 +81,12 @@ class ProjectionHead(keras.layers.Layer):
         return config
 
 
+def logits_initializer(zero_init=False):
+    """The supervised heads' kernel init: zeros (SimCLRv2's zero_init_logits_layer) or, as the
+    reference code's head_supervised, N(0, 0.01^2)."""
+    return "zeros" if zero_init else keras.initializers.RandomNormal(stddev=0.01)
+
+
 class LinearProbe(keras.layers.Layer):
     """A linear classifier on stop_gradient(h): labels never reach f or g through it."""
 
@@ -88,8 +94,7 @@ class LinearProbe(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.dense = keras.layers.Dense(
-            num_classes, kernel_initializer="zeros" if zero_init else "glorot_uniform",
-            name="logits")
+            num_classes, kernel_initializer=logits_initializer(zero_init), name="logits")
 
     def build(self, input_shape):
         self.dense.build(input_shape)

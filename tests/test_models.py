@@ -151,3 +151,14 @@ def test_resnet_d_shortcut_average_pools_at_stride_one_and_pads_zeros_when_strid
         else:
             want = padded.reshape(3, 2, 3, 2).mean(axis=(1, 3))
         np.testing.assert_allclose(pooled, want, rtol=1e-6)
+
+
+def test_supervised_heads_start_as_the_reference_code_or_at_zero():
+    probe = LinearProbe(10)
+    probe.build((None, 512))
+    kernel = probe.dense.kernel.numpy()
+    assert 0.009 < kernel.std() < 0.011 and abs(kernel.mean()) < 0.001   # N(0, 0.01^2)
+    assert np.all(probe.dense.bias.numpy() == 0)
+    zero = LinearProbe(10, zero_init=True)
+    zero.build((None, 512))
+    assert np.all(zero.dense.kernel.numpy() == 0)
