@@ -11,7 +11,9 @@ images, test: 10,000), all accuracies top-1 on the whole test split unless named
 2. random encoder: the encoder below with its initial weights (batch-norm moving statistics
    estimated on 30 batches of training images): fast linear evaluation and kNN of h.
 3. SimCLR: pretraining of ResNet-18 (CIFAR stem) on 16 px views for `--budget_minutes` of training
-   time (LARS, batch 256, tau 0.5, colour jitter 0.5, no blur, the paper's small-image recipe);
+   time (LARS, batch 256, colour jitter 0.5, no blur: the paper's small-image recipe, but tau 0.2:
+   after 80 steps its kNN accuracy (5k bank) was 70.1-70.5% against 67.5% with the paper's 0.5,
+   which is tuned for hundreds of epochs);
    at `--curve_points` checkpoints a kNN accuracy with a 5,000-image bank (the curve), at the end
    the fast linear evaluation and kNN with the whole train split, and the linear probe trained
    during pretraining.
@@ -59,7 +61,7 @@ flags.DEFINE_integer("batch", 256, "Global batch of both trainers.")
 flags.DEFINE_integer("curve_points", 4, "Evaluations during each training (the plot's points).")
 flags.DEFINE_integer("seed", 0, "Seed of weights, augmentations and the held-out split.")
 flags.DEFINE_float("simclr_learning_rate", 0.075, "LARS base LR (x sqrt(batch)).")
-flags.DEFINE_float("temperature", 0.5, "NT-Xent temperature.")
+flags.DEFINE_float("temperature", 0.2, "NT-Xent temperature.")
 flags.DEFINE_float("color_jitter_strength", 0.5, "Colour jitter strength.")
 flags.DEFINE_float("supervised_learning_rate", 0.2, "Momentum SGD LR (x batch / 256).")
 FLAGS = flags.FLAGS
@@ -354,6 +356,7 @@ def main(_):
     base = simclr_config(os.path.join(FLAGS.out_dir, "unused"), 1)
     report = {"benchmark": "quality", "dataset": DATASET, "image_size": FLAGS.image_size,
               "encoder": "resnet18x1_cifar_stem", "batch": FLAGS.batch,
+              "temperature": FLAGS.temperature,
               "budget_minutes_per_model": FLAGS.budget_minutes}
     timings = {}
 
