@@ -322,8 +322,9 @@ def run_pretraining(config, strategy, on_checkpoint=None, stop_requested=None, o
                 f"loss is {metrics['loss']} at step {step}: stopping without saving; the last "
                 f"good checkpoint is {manager.latest_checkpoint}")
         logging.info(
-            "step %d/%d  loss %.4f  contrast_acc %.3f  entropy %.3f  probe_acc %.3f  lr %.4g  "
-            "%.1f images/s  ETA %s", step, total, metrics["loss"], metrics["contrast_acc"],
+            "step %d/%d  loss %.4f (contrast %.4f, probe %.4f)  contrast_acc %.3f  entropy %.3f  "
+            "probe_acc %.3f  lr %.4g  %.1f images/s  ETA %s", step, total, metrics["loss"],
+            metrics["contrast_loss"], metrics["probe_loss"], metrics["contrast_acc"],
             metrics["contrast_entropy"], metrics["probe_acc"], metrics["learning_rate"],
             images_per_sec, _format_eta(eta))
         with writer.as_default(step=step):
