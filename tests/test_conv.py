@@ -1,5 +1,9 @@
 """The encoder's Conv2D: same outputs and gradients as TensorFlow's convolution, same weights."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -133,19 +137,21 @@ def test_layer_under_bfloat16_policy_and_xla(monkeypatch):
     np.testing.assert_allclose(dw, want_dw, rtol=0.05, atol=0.05 * float(tf.reduce_max(want_dw)))
 
 
+def _run_python(code, onednn_environment):
+    """Runs `code` in a fresh interpreter with TF_ENABLE_ONEDNN_OPTS unset or set as given."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if onednn_environment is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn_environment
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
 @pytest.mark.parametrize("environment,onednn", [(None, True), ("0", False), ("1", True)])
 def test_importing_simclr_tf_turns_on_onednn_unless_the_environment_chose(environment, onednn):
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    if environment is not None:
-        env["TF_ENABLE_ONEDNN_OPTS"] = environment
     code = ("import simclr_tf\nfrom simclr_tf import conv\n"
             "print(conv.onednn_enabled(), conv.USE_FORWARD_INPUT_GRADIENT,"
             " conv.USE_MATMUL_FILTER_GRADIENT)")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    out = _run_python(code, environment).stdout
     assert out.split() == [str(onednn), str(not onednn), str(onednn)]
 
 
@@ -156,15 +162,8 @@ def test_importing_simclr_tf_turns_on_onednn_unless_the_environment_chose(enviro
     ("import simclr_tf, tensorflow", None, False),
 ])
 def test_importing_tensorflow_first_warns_once_that_onednn_is_off(code, environment, warns):
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    if environment is not None:
-        env["TF_ENABLE_ONEDNN_OPTS"] = environment
-    code += "\nfrom simclr_tf import conv\nprint(conv.onednn_enabled())"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    result = _run_python(code + "\nfrom simclr_tf import conv\nprint(conv.onednn_enabled())",
+                         environment)
     err = result.stderr
     warns = warns and result.stdout.split() == ["False"]
     lines = [line for line in err.splitlines() if "oneDNN CPU kernels are off" in line]
