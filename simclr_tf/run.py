@@ -231,7 +231,6 @@ def main(argv):
 
     import keras
     import tensorflow as tf
-    from simclr_tf import train
 
     try:
         # Before any other TF op: MultiWorkerMirroredStrategy must be created at start-up.
