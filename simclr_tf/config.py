@@ -120,7 +120,7 @@ class FinetuneConfig:
     """Fine-tuning / linear evaluation (train_mode=finetune) and the distillation student."""
     checkpoint: str | None = None  # pretraining run, checkpoint or export to start from
     fine_tune_after_block: int = -1  # -1 all of f trains, 0 after the stem, k after group k, 4 none
-    ft_proj_selector: int = 0  # 0: classify h; j: the output of projection-head layer j
+    ft_proj_selector: int = 0  # 0: classify h; j: the output of head layer j; -1: the last
     zero_init_logits_layer: bool = False
     train_label_fraction: float = 1.0
     train_label_ids: str | None = None  # file of example ids (indices or file names)
@@ -296,7 +296,6 @@ def _validate_evaluation(config):
     _check(-1 <= ft.fine_tune_after_block <= 4,
            f"fine_tune_after_block must be in -1..4 (-1: all layers, 4: linear eval), got "
            f"{ft.fine_tune_after_block}")
-    _check(ft.ft_proj_selector >= 0, f"ft_proj_selector must be >= 0, got {ft.ft_proj_selector}")
     _check(0.0 < ft.train_label_fraction <= 1.0,
            f"train_label_fraction must be in (0, 1] (0.01 = 1% of the labels), got "
            f"{ft.train_label_fraction}")

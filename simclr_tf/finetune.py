@@ -82,10 +82,12 @@ class Classifier:
         if not -1 <= fine_tune_after_block <= LINEAR_EVAL_BLOCK:
             raise FinetuneError(f"fine_tune_after_block must be in -1..4, got "
                                 f"{fine_tune_after_block}")
-        if ft_proj_selector and (head is None or ft_proj_selector > head.num_layers):
+        if ft_proj_selector < 0 or (ft_proj_selector and (
+                head is None or ft_proj_selector > head.num_layers)):
             raise FinetuneError(
                 f"ft_proj_selector={ft_proj_selector} needs a projection head with at least that "
-                f"many layers; this one has {0 if head is None else head.num_layers}")
+                f"many layers (and counts from 0 here); this one has "
+                f"{0 if head is None else head.num_layers}")
         self.encoder = encoder
         self.head = head if ft_proj_selector else None
         self.ft_proj_selector = ft_proj_selector
@@ -223,11 +225,22 @@ def with_source_architecture(config, source):
     return dataclasses.replace(config, encoder=encoder, head=head)
 
 
-def check_selector(config):
+def resolve_selector(config):
+    """`config` with a negative ft_proj_selector counted from the head's end; checks the range.
+
+    As the original code indexes [h, layer 1, ..., layer L] in Python, -1 picks the last layer's
+    output and -(L + 1) picks h; the resolved layer number is what the run saves.
+    """
     layers = head_layers(config.head)
-    if config.finetune.ft_proj_selector > layers:
-        raise FinetuneError(f"ft_proj_selector={config.finetune.ft_proj_selector} is larger than "
-                            f"the {layers} layers of the projection head")
+    selector = config.finetune.ft_proj_selector
+    if not -(layers + 1) <= selector <= layers:
+        raise FinetuneError(
+            f"ft_proj_selector={selector} is outside {-(layers + 1)}..{layers} for the {layers} "
+            "layers of the projection head (0: h, j: the output of layer j, -1: of the last)")
+    if selector >= 0:
+        return config
+    finetune_config = dataclasses.replace(config.finetune, ft_proj_selector=layers + 1 + selector)
+    return dataclasses.replace(config, finetune=finetune_config)
 
 
 def initialize_from(model, source):
@@ -410,8 +423,7 @@ def prepare(config):
     if config.finetune.checkpoint:
         source = resolve_source(config.finetune.checkpoint)
         config = with_source_architecture(config, source)
-    check_selector(config)
-    return config, source
+    return resolve_selector(config), source
 
 
 def run_finetuning(config, strategy, source=None, on_checkpoint=None, stop_requested=None):

@@ -97,7 +97,8 @@ flags.DEFINE_integer("fine_tune_after_block", -1,
                      "Freeze f up to: -1 nothing, 0 the stem, 1..3 block group k, 4 all of f "
                      "(linear evaluation).")
 flags.DEFINE_integer("ft_proj_selector", 0,
-                     "Classify the output of projection-head layer j (SimCLRv2); 0: h.")
+                     "Classify the output of projection-head layer j (SimCLRv2); 0: h; "
+                     "negative counts from the end as the original (-1: the last layer).")
 flags.DEFINE_boolean("zero_init_logits_layer", False, "Start the classifier at zero.")
 flags.DEFINE_float("train_label_fraction", 1.0,
                    "Class-balanced fraction of the train split that keeps its labels (0.01, 0.1).")

@@ -212,8 +212,21 @@ def test_ft_proj_selector_and_zero_init_logits_layer():
     trained = {id(v) for v in model.trainable_variables}
     assert all(id(v) in trained for v in model.head.dense_layers[1].trainable_variables)
     assert not any(id(v) in trained for v in model.head.dense_layers[2].trainable_variables)
-    with pytest.raises(finetune.FinetuneError, match="ft_proj_selector=4"):
-        finetune.check_selector(tiny_config(ft_proj_selector=4))
+
+
+def test_negative_ft_proj_selector_counts_from_the_end_of_the_head_as_the_original():
+    layers = finetune.head_layers(tiny_config().head)
+    assert layers == 3
+    resolved = {s: finetune.resolve_selector(tiny_config(ft_proj_selector=s)).finetune
+                .ft_proj_selector for s in (-1, -2, -4, 0, 2, 3)}
+    assert resolved == {-1: 3, -2: 2, -4: 0, 0: 0, 2: 2, 3: 3}
+    for selector in (4, -5):
+        with pytest.raises(finetune.FinetuneError, match=f"ft_proj_selector={selector} is "
+                           "outside -4..3 for the 3 layers"):
+            finetune.resolve_selector(tiny_config(ft_proj_selector=selector))
+    with pytest.raises(finetune.FinetuneError, match="counts from 0 here"):
+        finetune.Classifier(make_finetuner(tiny_config()).model.encoder, NUM_CLASSES,
+                            ft_proj_selector=-1)
 
 
 def test_one_and_two_replicas_fine_tune_alike():
@@ -245,7 +258,6 @@ BAD_FLAGS = [
     (["--train_label_fraction=0"], "train_label_fraction must be in (0, 1]"),
     (["--train_label_fraction=1.5"], "train_label_fraction must be in (0, 1]"),
     (["--train_mode=semi"], "train_mode must be one of"),
-    (["--ft_proj_selector=-1"], "ft_proj_selector must be >= 0"),
     (["--train_mode=distill"], "needs --teacher"),
     (["--distill_temperature=0"], "distill_temperature must be positive"),
     (["--distill_label_weight=1"], "distill_label_weight must be in [0, 1)"),
@@ -316,7 +328,7 @@ def test_pretrain_then_finetune_on_one_percent_and_from_the_export(tmp_path):
     ft_dir = tmp_path / "ft"
     result = _cli(*SMALL_DATA, "--train_mode=finetune", "--mode=train_then_eval",
                   f"--checkpoint={tmp_path / 'pre'}", f"--model_dir={ft_dir}",
-                  "--fine_tune_after_block=4", "--ft_proj_selector=1",
+                  "--fine_tune_after_block=4", "--ft_proj_selector=-3",  # layer 1 of 3
                   "--zero_init_logits_layer", "--train_label_fraction=0.1",
                   "--optimizer=momentum", "--learning_rate=0.1", "--weight_decay=0",
                   "--warmup_epochs=0", "--train_batch_size=8", "--train_steps=2",
@@ -325,6 +337,7 @@ def test_pretrain_then_finetune_on_one_percent_and_from_the_export(tmp_path):
     saved = cfg.load(str(ft_dir))
     assert saved.encoder == dataclasses.replace(pre.encoder, global_bn=True)  # from the source
     assert saved.head == pre.head
+    assert saved.finetune.ft_proj_selector == 1  # resolved against the source's head
     with open(ft_dir / "results.json") as f:
         results = json.load(f)
     assert results["step"] == 2 and results["num_examples"] == 200
