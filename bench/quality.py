@@ -17,6 +17,9 @@ images, test: 10,000), all accuracies top-1 on the whole test split unless named
    at `--curve_points` checkpoints a kNN accuracy with a 5,000-image bank (the curve), at the end
    the fast linear evaluation and kNN with the whole train split, and the linear probe trained
    during pretraining.
+   With `--nocifar_stem --image_size=32` the step is 2.7x cheaper and SimCLR runs 3 epochs in
+   18 minutes, but its linear evaluation was lower (85.4% against 86.6%; kNN 79.4% against
+   78.8%; supervised 88.3% against 86.1%), so the CIFAR stem at 16 px stays the default.
 4. supervised: the same encoder plus a linear layer trained with all labels (crop + flip,
    cross-entropy, momentum SGD with weight decay) for the same time budget; its test accuracy.
 
@@ -57,6 +60,9 @@ flags.DEFINE_float("budget_minutes", 18.0, "Training time of SimCLR, and of the 
 flags.DEFINE_string("out_dir", "/tmp/simclr_tf_quality", "Runs, quality.json and quality.svg.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets directory.")
 flags.DEFINE_integer("image_size", 16, "Side of the encoder's input.")
+flags.DEFINE_bool("cifar_stem", True,
+                  "CIFAR stem (3x3 stride 1, no max-pool); false: the ImageNet stem (7x7 stride 2 "
+                  "and max-pool), whose blocks see 1/16 of the positions at the same size.")
 flags.DEFINE_integer("batch", 256, "Global batch of both trainers.")
 flags.DEFINE_integer("curve_points", 4, "Evaluations during each training (the plot's points).")
 flags.DEFINE_integer("seed", 0, "Seed of weights, augmentations and the held-out split.")
@@ -132,7 +138,7 @@ def simclr_config(model_dir, total_steps):
         data=cfg.DataConfig(DATASET, FLAGS.data_dir, "train", "test", FLAGS.image_size,
                             cache_dataset=True),
         augment=cfg.AugmentConfig(FLAGS.color_jitter_strength, use_blur=False),
-        encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True, global_bn=False),
+        encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=FLAGS.cifar_stem, global_bn=False),
         head=cfg.HeadConfig("nonlinear", 2, 128),
         loss=cfg.LossConfig(temperature=FLAGS.temperature),
         optimizer=cfg.OptimizerConfig("lars", FLAGS.simclr_learning_rate, "sqrt", 0.9, 1e-6,
@@ -355,7 +361,8 @@ def main(_):
     data_lib.dataset_info(DATASET, "train", FLAGS.data_dir)  # prepares it offline if needed
     base = simclr_config(os.path.join(FLAGS.out_dir, "unused"), 1)
     report = {"benchmark": "quality", "dataset": DATASET, "image_size": FLAGS.image_size,
-              "encoder": "resnet18x1_cifar_stem", "batch": FLAGS.batch,
+              "encoder": "resnet18x1" + ("_cifar_stem" if FLAGS.cifar_stem else ""),
+              "batch": FLAGS.batch,
               "temperature": FLAGS.temperature,
               "budget_minutes_per_model": FLAGS.budget_minutes}
     timings = {}
