@@ -82,8 +82,7 @@ class Classifier:
         if not -1 <= fine_tune_after_block <= LINEAR_EVAL_BLOCK:
             raise FinetuneError(f"fine_tune_after_block must be in -1..4, got "
                                 f"{fine_tune_after_block}")
-        if ft_proj_selector < 0 or (ft_proj_selector and (
-                head is None or ft_proj_selector > head.num_layers)):
+        if ft_proj_selector and (head is None or not 0 < ft_proj_selector <= head.num_layers):
             raise FinetuneError(
                 f"ft_proj_selector={ft_proj_selector} needs a projection head with at least that "
                 f"many layers (and counts from 0 here); this one has "
