@@ -123,51 +123,65 @@ def _scale_to_unit(resized, source_dtype):
 # --------------------------------------------------------------------------------------------
 # Crop and resize.
 
-def _fallback_crop_size(height, width, aspect_ratio_range):
-    """Largest full-height or full-width box with aspect clamped into the range (torchvision)."""
-    min_ratio, max_ratio = aspect_ratio_range
-    image_ratio = width / height
-    too_tall = image_ratio < min_ratio
-    too_wide = image_ratio > max_ratio
-    crop_h = tf.where(too_tall, tf.round(width / min_ratio), height)
-    crop_w = tf.where(too_wide, tf.round(height * max_ratio), width)
-    return tf.clip_by_value(crop_h, 1.0, height), tf.clip_by_value(crop_w, 1.0, width)
+def _crop_sizes(unit_ratio, unit_height, height, width, area_range, aspect_ratio_range):
+    """Candidate crop (h, w) in whole pixels, and whether each meets the area constraints.
+
+    The original SimCLR code's sampler, `tf.image.sample_distorted_bounding_box`: the aspect ratio
+    is uniform in its range, then the height is a uniform whole number of pixels between those of
+    the smallest and the largest allowed area (the largest clipped to fit the image), and the
+    width follows from the ratio. Crops come out smaller than with an area drawn uniformly
+    (torchvision's way), because the area grows as the square of the uniform height.
+    """
+    ratio = _in_range(unit_ratio, *aspect_ratio_range)
+    min_area = area_range[0] * height * width
+    max_area = area_range[1] * height * width
+    low = tf.round(tf.sqrt(min_area / ratio))
+    high = tf.round(tf.sqrt(max_area / ratio))
+    # The tallest height whose rounded width still fits the image.
+    widest = tf.floor((width + 0.5 - 1e-7) / ratio)
+    widest = tf.where(tf.round(widest * ratio) > width, widest - 1.0, widest)
+    high = tf.where(tf.round(high * ratio) > width, widest, high)
+    high = tf.minimum(high, height)
+    low = tf.minimum(low, high)
+    crop_h = low + tf.minimum(tf.floor(unit_height * (high - low + 1.0)), high - low)
+    crop_w = tf.round(crop_h * ratio)
+    # Pixel rounding may leave the area just outside its range: one pixel of height more or less.
+    crop_h = tf.where(crop_h * crop_w < min_area, crop_h + 1.0, crop_h)
+    crop_w = tf.round(crop_h * ratio)
+    crop_h = tf.where(crop_h * crop_w > max_area, crop_h - 1.0, crop_h)
+    crop_w = tf.round(crop_h * ratio)
+    area = crop_h * crop_w
+    valid = ((area >= min_area) & (area <= max_area) & (crop_h >= 1.0) & (crop_w >= 1.0)
+             & (crop_h <= height) & (crop_w <= width))
+    return crop_h, crop_w, valid
 
 
 def _sample_crop_boxes(seed, batch_size, height, width, area_range, aspect_ratio_range,
-                       max_attempts):
+                       max_attempts, min_object_covered):
     """Samples one random-resized-crop box per image, as int32 [B, 4] rows (top, left, h, w).
 
-    Per image, `max_attempts` candidates (area fraction uniform in `area_range`, log aspect ratio
-    uniform in log(`aspect_ratio_range`), sides rounded to pixels) are drawn at once and the first
-    that fits inside the image is placed uniformly at random. If none fits, the box is the centred
-    largest box whose aspect ratio is clamped into the range (torchvision's fallback).
+    Per image, `max_attempts` candidates are drawn at once (see `_crop_sizes`); the first whose
+    area is in `area_range` and at least `min_object_covered` of the image is placed uniformly at
+    random. If none is, the box is the whole image, as in the original code.
     """
     height = tf.cast(height, tf.float32)
     width = tf.cast(width, tf.float32)
-    # Per image: (area, log-ratio) draws for each attempt, then one (top, left) placement draw.
+    # Per image: (ratio, height) draws for each attempt, then one (top, left) placement draw.
     draws = _uniform(seed, batch_size, max_attempts + 1, 2)
-    area_draws, ratio_draws = tf.unstack(draws[:, :-1], axis=2)
+    ratio_draws, height_draws = tf.unstack(draws[:, :-1], axis=2)
     u_top, u_left = tf.unstack(draws[:, -1], axis=1)
 
-    target_area = height * width * _in_range(area_draws, *area_range)
-    ratio = tf.exp(_in_range(ratio_draws, math.log(aspect_ratio_range[0]),
-                             math.log(aspect_ratio_range[1])))
-    crop_w = tf.round(tf.sqrt(target_area * ratio))
-    crop_h = tf.round(tf.sqrt(target_area / ratio))
-    fits = (crop_w >= 1.0) & (crop_w <= width) & (crop_h >= 1.0) & (crop_h <= height)
-
-    first_fit = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
-    found = tf.reduce_any(fits, axis=1)
-    fallback_h, fallback_w = _fallback_crop_size(height, width, aspect_ratio_range)
-    crop_h = tf.where(found, tf.gather(crop_h, first_fit, axis=1, batch_dims=1), fallback_h)
-    crop_w = tf.where(found, tf.gather(crop_w, first_fit, axis=1, batch_dims=1), fallback_w)
+    crop_h, crop_w, valid = _crop_sizes(ratio_draws, height_draws, height, width, area_range,
+                                        aspect_ratio_range)
+    valid &= crop_h * crop_w >= min_object_covered * height * width
+    first_valid = tf.argmax(tf.cast(valid, tf.int32), axis=1, output_type=tf.int32)
+    found = tf.reduce_any(valid, axis=1)
+    crop_h = tf.where(found, tf.gather(crop_h, first_valid, axis=1, batch_dims=1), height)
+    crop_w = tf.where(found, tf.gather(crop_w, first_valid, axis=1, batch_dims=1), width)
 
     # The minimum guards against float rounding of u * n up to n for u just below 1.
-    random_top = tf.minimum(tf.floor(u_top * (height - crop_h + 1.0)), height - crop_h)
-    random_left = tf.minimum(tf.floor(u_left * (width - crop_w + 1.0)), width - crop_w)
-    top = tf.where(found, random_top, tf.floor((height - crop_h) / 2.0))
-    left = tf.where(found, random_left, tf.floor((width - crop_w) / 2.0))
+    top = tf.minimum(tf.floor(u_top * (height - crop_h + 1.0)), height - crop_h)
+    left = tf.minimum(tf.floor(u_left * (width - crop_w + 1.0)), width - crop_w)
     return tf.cast(tf.stack([top, left, crop_h, crop_w], axis=1), tf.int32)
 
 
@@ -231,8 +245,13 @@ def _resize(images, size):
 
 
 def random_resized_crop(images, seed, size, area_range=(0.08, 1.0),
-                        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=100):
+                        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=100,
+                        min_object_covered=0.1):
     """Inception-style random crop, resized bilinearly to a square, with its own box per image.
+
+    The boxes follow the original SimCLR code's `tf.image.sample_distorted_bounding_box` with
+    these arguments (see `_crop_sizes`), batched and XLA-compilable; the placement is uniform
+    over every free position (the TF op never uses the last one).
 
     Args:
       images: [B, H, W, C] uint8 or float images (H, W may be dynamic).
@@ -240,8 +259,9 @@ def random_resized_crop(images, seed, size, area_range=(0.08, 1.0),
       size: output side in pixels.
       area_range: range of the crop area as a fraction of the image area.
       aspect_ratio_range: range of the crop's width / height.
-      max_attempts: candidates drawn per image before falling back to a centre crop of the
-        largest box with its aspect ratio clamped into `aspect_ratio_range`.
+      max_attempts: candidates drawn per image before falling back to the whole image.
+      min_object_covered: smallest fraction of the image a crop must cover (the original's 0.1
+        raises the default area range's lower end from 0.08 to 0.1).
 
     Returns:
       float32 [B, size, size, C] in [0, 1].
@@ -255,8 +275,10 @@ def random_resized_crop(images, seed, size, area_range=(0.08, 1.0),
     if not 0.0 < aspect_ratio_range[0] <= aspect_ratio_range[1]:
         raise ValueError(f"aspect_ratio_range must satisfy 0 < low <= high, got "
                          f"{aspect_ratio_range}")
+    if not 0.0 <= min_object_covered <= 1.0:
+        raise ValueError(f"min_object_covered must be in [0, 1], got {min_object_covered}")
     boxes = _sample_crop_boxes(seed, _dim(images, 0), tf.shape(images)[1], tf.shape(images)[2],
-                               area_range, aspect_ratio_range, max_attempts)
+                               area_range, aspect_ratio_range, max_attempts, min_object_covered)
     return _scale_to_unit(_crop_and_resize(images, boxes, size), images.dtype)
 
 
