@@ -3,8 +3,8 @@
 This module owns turning the encoder f — in memory at the end of training, or restored from a
 run's checkpoint — into `<export_base>/<global_step>/`, a SavedModel that
 
-* TF Serving serves (integer version directories; written to `.tmp-<step>-<pid>` and renamed into
-  place, so a server watching `export_base` never sees half a version);
+* TF Serving serves (integer version directories; written to `.tmp-<step>-<host>-<pid>` and
+  renamed into place, so a server watching `export_base` never sees half a version);
 * `hub.KerasLayer` (tf-keras) loads and fine-tunes: the TF Hub "reusable SavedModel" API,
   `__call__(images, training=False)` -> h plus `variables`, `trainable_variables` and
   `regularization_losses`;
@@ -38,6 +38,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from simclr_tf import config as config_lib
+from simclr_tf import guards
 from simclr_tf.augment import preprocess_for_eval
 from simclr_tf.resnet import BLOCK_GROUP_ENDPOINTS, feature_extractor
 
@@ -54,7 +55,6 @@ CROP_PROPORTION = 0.875
 # Serving inputs may miss [0, 1] by float rounding; anything further is a caller bug (0-255 pixels,
 # mean/std normalisation) that would silently give meaningless embeddings.
 VALUE_TOLERANCE = 1e-3
-_TMP_PREFIX = ".tmp-"
 _OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
@@ -353,7 +353,7 @@ def _build_module(encoder, image_size, include_feature_maps, metadata_file):
 
     @tf.function
     def call(images, training=False):
-        return encoder(images, training=training)
+        return encoder(_checked_images(images), training=training)
 
     spec = tf.TensorSpec([None, None, None, 3], tf.float32)
     for training in (False, True):
@@ -366,13 +366,20 @@ def _build_module(encoder, image_size, include_feature_maps, metadata_file):
 
     crop = image_size > 32
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)])
+    # Unknown rank, as for images: with [None] declared, Grappler folds a rank check away.
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name=IMAGE_BYTES)])
     def serving_bytes(image_bytes):
         def decode(data):
             image = tf.io.decode_image(data, channels=3, expand_animations=False)
             return preprocess_for_eval(image[None], image_size, crop=crop,
                                        crop_proportion=CROP_PROPORTION)[0]
 
+        rank_assert = tf.debugging.Assert(
+            tf.equal(tf.size(tf.shape(image_bytes)), 1),
+            ["image_bytes must be a [batch] string tensor of image files (a list, even of one); "
+             "got shape", tf.shape(image_bytes)], summarize=8)
+        with tf.control_dependencies([rank_assert]):
+            image_bytes = tf.ensure_shape(image_bytes, [None])
         images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
             [image_size, image_size, 3], tf.float32))
         return {EMBEDDING: encoder(images, training=False)}
@@ -392,21 +399,25 @@ def _build_module(encoder, image_size, include_feature_maps, metadata_file):
 
 
 def _checked_images(images):
-    """`images` as [B, H, W, 3] in [0, 1], or an InvalidArgument error saying what is expected."""
+    """`images` as [B, H, W, 3] in [0, 1], or an InvalidArgument error saying what is expected.
+
+    Every value checked here is computable for an input of any rank and size, because in the
+    saved graph the optimiser (Grappler) ran ops ordered after a check before it: a rank check
+    followed by reduce_max let a rank-3 input fail inside reduce_max with an unrelated message.
+    """
     expected = "images must be float32 [batch, height, width, 3] with values in [0, 1]"
     shape = tf.shape(images)
-    # Each check runs only after the previous one passed, so the first failure is the message.
-    rank_ok = tf.debugging.Assert(tf.equal(tf.rank(images), 4), [expected, "; got shape", shape],
-                                  summarize=8)
-    with tf.control_dependencies([rank_ok]):
-        channels_ok = tf.debugging.Assert(tf.equal(shape[-1], 3),
-                                          [expected, "; got shape", shape], summarize=8)
-    with tf.control_dependencies([channels_ok]):
-        low, high = tf.reduce_min(images), tf.reduce_max(images)
-        range_ok = tf.debugging.Assert(
+    padded = tf.concat([tf.ones([4], tf.int32), shape], axis=0)  # [-4:] exists for any rank
+    shape_ok = (tf.equal(tf.size(shape), 4) & tf.equal(padded[-1], 3)
+                & tf.reduce_all(padded[-4:-1] > 0))
+    shape_assert = tf.debugging.Assert(shape_ok, [expected, "; got shape", shape], summarize=8)
+    flat = tf.reshape(images, [-1])
+    low, high = tf.reduce_min(flat), tf.reduce_max(flat)  # +inf, -inf if empty (in range)
+    with tf.control_dependencies([shape_assert]):
+        range_assert = tf.debugging.Assert(
             tf.logical_and(low >= -VALUE_TOLERANCE, high <= 1.0 + VALUE_TOLERANCE),
             [expected, "(divide uint8 pixels by 255); got values from", low, "to", high])
-    with tf.control_dependencies([range_ok]):
+    with tf.control_dependencies([shape_assert, range_assert]):
         return tf.ensure_shape(images, [None, None, None, 3])
 
 
@@ -460,8 +471,9 @@ def _write_version(encoder, export_base, step, run_config, include_feature_maps,
     if tf.io.gfile.exists(version_dir):
         return _same_export(version_dir, digest, include_feature_maps)
     meta = _metadata(run_config, step, encoder, digest, include_feature_maps, source)
+    guards.remove_stale_exports(export_base)
     tf.io.gfile.makedirs(export_base)
-    tmp_dir = os.path.join(export_base, f"{_TMP_PREFIX}{step}-{os.getpid()}")
+    tmp_dir = os.path.join(export_base, guards.export_temporary_name(step))
     if tf.io.gfile.exists(tmp_dir):
         tf.io.gfile.rmtree(tmp_dir)
     try:
@@ -496,7 +508,8 @@ def _same_export(version_dir, digest, include_feature_maps):
     if existing.get("fingerprint") != digest:
         raise ExportError(f"{version_dir} already holds a different model (fingerprint "
                           f"{existing.get('fingerprint')}, this one {digest}): refusing to "
-                          "overwrite; export to another --export_dir")
+                          "overwrite; move it away, or write elsewhere (--export_dir of "
+                          "python -m export, a new --model_dir for training)")
     if bool(existing.get("include_feature_maps")) != bool(include_feature_maps):
         raise ExportError(f"{version_dir} holds this model with include_feature_maps="
                           f"{existing.get('include_feature_maps')}: delete it to re-export with "

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import uuid
 
 import numpy as np
@@ -179,7 +180,7 @@ def remove_stale_temporaries(model_dir):
     """Deletes what a killed run left half-written under temporary names (local dirs only).
 
     `ckpt-N_temp/` (a checkpoint being written; TF documents it as safe to remove), temporary
-    config/state files, and `export/.tmp-<step>-<pid>` of processes that are gone.
+    config/state files, and half-written exports (`remove_stale_exports`).
     """
     if not _is_local(model_dir) or not os.path.isdir(model_dir):
         return
@@ -192,15 +193,33 @@ def remove_stale_temporaries(model_dir):
         elif re.fullmatch(r"(config\.json\.tmp-\d+|checkpoint\.tmp[0-9a-f]+)", name):
             os.remove(path)
             removed.append(path)
-    export_dir = os.path.join(model_dir, "export")
-    if os.path.isdir(export_dir):
-        for name in os.listdir(export_dir):
-            match = re.fullmatch(r"\.tmp-\d+-(\d+)", name)
-            if match and not _process_alive(int(match.group(1))):
-                shutil.rmtree(os.path.join(export_dir, name), ignore_errors=True)
-                removed.append(os.path.join(export_dir, name))
     if removed:
         logging.info("Removed what an interrupted run left half-written: %s", ", ".join(removed))
+    remove_stale_exports(os.path.join(model_dir, "export"))
+
+
+def export_temporary_name(step):
+    """`.tmp-<step>-<host>-<pid>`: TF Serving skips dot names; host and pid tell who wrote it."""
+    return f".tmp-{step}-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_exports(export_base):
+    """Deletes `export_temporary_name` directories in `export_base` (local) whose writer is gone.
+
+    Only this host's: a writer on another host sharing the directory may still be at work.
+    """
+    if not _is_local(export_base) or not os.path.isdir(export_base):
+        return
+    removed = []
+    for name in os.listdir(export_base):
+        match = re.fullmatch(r"\.tmp-\d+-(.+)-(\d+)", name)
+        if (match and match.group(1) == socket.gethostname()
+                and not _process_alive(int(match.group(2)))):
+            shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
+            removed.append(os.path.join(export_base, name))
+    if removed:
+        logging.info("Removed what an interrupted export left half-written: %s",
+                     ", ".join(removed))
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ first trace takes about a minute here, and the checkpoint layout does not depend
 """
 
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -19,7 +20,7 @@ from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
 
 from export import serving_client
 from simclr_tf import config as config_lib
-from simclr_tf import export
+from simclr_tf import export, guards
 from simclr_tf.augment import preprocess_for_eval
 from simclr_tf.train import Pretrainer, make_schedule
 
@@ -247,8 +248,8 @@ def test_saved_model_cli_shows_and_runs_the_signatures(reference, version_dir, t
     assert "outputs['embedding'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 512)" \
         in default
     bytes_sig = show[show.index("signature_def['serving_bytes']"):]
-    assert "inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" \
-        in bytes_sig
+    assert ("inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        "
+            "shape: unknown_rank") in bytes_sig
     assert "signature_def['feature_maps']" in show
     assert "Function Name: '__call__'" in show
 
@@ -342,20 +343,38 @@ def test_bad_images_give_invalid_argument_saying_what_is_expected(loaded):
     expected = "images must be float32 [batch, height, width, 3] with values in [0, 1]"
     cases = [
         (np.zeros([2, IMAGE_SIZE, IMAGE_SIZE], np.float32), "got shape] [2 16 16]"),
+        # One image without its batch axis, whose last axis *is* 3: only the rank is wrong.
+        (np.zeros([IMAGE_SIZE, IMAGE_SIZE, 3], np.float32), "got shape] [16 16 3]"),
+        (np.float32(0.5), "got shape] []"),
+        (np.zeros([1, 2, IMAGE_SIZE, IMAGE_SIZE, 3], np.float32), "got shape] [1 2 16 16 3]"),
+        (np.zeros([2, 0, 0, 3], np.float32), "got shape] [2 0 0 3]"),  # else NaN embeddings
+        (np.zeros([0, IMAGE_SIZE, IMAGE_SIZE, 3], np.float32), "got shape] [0 16 16 3]"),
         (np.zeros([2, IMAGE_SIZE, IMAGE_SIZE, 4], np.float32), "got shape] [2 16 16 4]"),
         (np.full([1, IMAGE_SIZE, IMAGE_SIZE, 3], 255.0, np.float32), "divide uint8 pixels by 255"),
     ]
-    for images, detail in cases:
-        with pytest.raises(tf.errors.InvalidArgumentError) as info:
-            serve(images=tf.constant(images))
-        assert expected in info.value.message and detail in info.value.message
+    for signature in ("serving_default", "feature_maps"):
+        for images, detail in cases:
+            with pytest.raises(tf.errors.InvalidArgumentError) as info:
+                loaded.signatures[signature](images=tf.constant(images))
+            assert expected in info.value.message and detail in info.value.message, signature
     # The signature itself rejects another dtype.
     with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a float tensor"):
         serve(images=tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.int32))
 
 
+def test_hub_call_checks_values_as_the_signatures(loaded):
+    """`__call__` (hub.KerasLayer's path) refuses 0-255 pixels rather than embed them."""
+    for training in (False, True):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="divide uint8 pixels by 255"):
+            loaded(tf.fill([1, IMAGE_SIZE, IMAGE_SIZE, 3], 255.0), training=training)
+    assert loaded(tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3])).shape == (1, 512)
+
+
 def test_undecodable_bytes_give_invalid_argument(loaded):
     serve = loaded.signatures["serving_bytes"]
+    # One file not in a list: a [batch] string tensor is expected, and the error says so.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a list, even of one.*got shape"):
+        serve(image_bytes=tf.constant(_png(np.zeros([8, 8, 3], np.uint8))))
     with pytest.raises(tf.errors.InvalidArgumentError, match="Unknown image file format"):
         serve(image_bytes=tf.constant([b"not an image"]))
     truncated = _png(np.zeros([8, 8, 3], np.uint8))[:30]
@@ -404,6 +423,20 @@ def test_prune_exports_keeps_the_newest_integer_versions(tmp_path):
     assert [s for s, _ in export.list_versions(str(tmp_path))] == [10, 40]
     with pytest.raises(export.ExportError):
         export.prune_exports(str(tmp_path), keep_max=0)
+
+
+def test_export_removes_what_a_killed_export_of_this_host_left(run, tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    killed = tmp_path / f".tmp-3-{socket.gethostname()}-{dead_pid}"
+    writing = tmp_path / guards.export_temporary_name(3)  # this process: still alive
+    elsewhere = tmp_path / f".tmp-3-another-host-{dead_pid}"  # maybe alive on its own host
+    for directory in (killed, writing, elsewhere):
+        (directory / "variables").mkdir(parents=True)
+    version_dir = export.export_checkpoint(run.model_dir, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [writing.name, elsewhere.name, os.path.basename(version_dir)])
 
 
 # --------------------------------------------------------------------------------------------
