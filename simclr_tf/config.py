@@ -231,6 +231,7 @@ def validate(config, num_replicas=1, strategy="default"):
     _check(train.train_steps >= 0, f"train_steps must be >= 0, got {train.train_steps}")
     _check(train.train_epochs >= 0, f"train_epochs must be >= 0, got {train.train_epochs}")
     _check(train.export_every >= 0, f"export_every must be >= 0, got {train.export_every}")
+    _check(0 <= train.seed < 2**32, f"seed must be in 0..2**32-1, got {train.seed}")
     for name in ("steps_per_loop", "checkpoint_steps", "keep_checkpoint_max", "keep_export_max"):
         _check(getattr(train, name) > 0, f"{name} must be positive, got {getattr(train, name)}")
     _check(train.precision in PRECISIONS,
@@ -296,6 +297,8 @@ def _validate_evaluation(config):
     _check(-1 <= ft.fine_tune_after_block <= 4,
            f"fine_tune_after_block must be in -1..4 (-1: all layers, 4: linear eval), got "
            f"{ft.fine_tune_after_block}")
+    _check(0 <= ft.train_label_seed < 2**32,
+           f"train_label_seed must be in 0..2**32-1, got {ft.train_label_seed}")
     _check(0.0 < ft.train_label_fraction <= 1.0,
            f"train_label_fraction must be in (0, 1] (0.01 = 1% of the labels), got "
            f"{ft.train_label_fraction}")

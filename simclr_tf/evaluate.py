@@ -273,6 +273,13 @@ def evaluate_checkpoint(config, path):
             probe = LinearProbe(info.num_classes, name=PROBE_CHECKPOINT_KEY)
             probe.build((None, config.encoder.output_dim))
             tf.train.Checkpoint(linear_probe=probe).read(path).expect_partial()
+        elif "probe" in protocols:
+            if set(protocols) == {"probe"}:
+                raise ValueError(f"checkpoint {path} has no linear probe (it was trained with "
+                                 "--lineareval_while_pretraining=false): use --eval_protocols="
+                                 "knn or linear")
+            logging.warning("Checkpoint %s has no linear probe: evaluating %s only", path,
+                            ",".join(p for p in protocols if p != "probe"))
         results.update(evaluate_encoder(encoder, config, info.num_classes, protocols, probe))
         main = next((p for p in ("linear", "probe", "knn") if f"{p}_top1" in results), None)
         if main:

@@ -74,7 +74,8 @@ flags.DEFINE_integer("steps_per_loop", 10, "Steps per compiled loop call (and pe
 flags.DEFINE_integer("checkpoint_steps", 500, "Checkpoint every this many steps.")
 flags.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints kept.")
 flags.DEFINE_integer("export_every", 0,
-                     "Also export f every this many checkpoints (0: only at the end).")
+                     "Also export f at every this many checkpoints, i.e. at the multiples of "
+                     "checkpoint_steps x export_every (0: only at the end).")
 flags.DEFINE_integer("keep_export_max", 5, "Exports kept in <model_dir>/export.")
 flags.DEFINE_boolean("lineareval_while_pretraining", True,
                      "Train a linear probe on stop_gradient(h) when the dataset has labels.")

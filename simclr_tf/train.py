@@ -295,7 +295,6 @@ def run_pretraining(config, strategy, on_checkpoint=None, stop_requested=None, o
                  start, total, schedule.steps_per_epoch, config.train.train_batch_size,
                  strategy.num_replicas_in_sync)
     chief = distribute.is_chief(strategy)
-    saves = 0
     last_saved = start
     t_start = time.time()
     should_stop = guards.agreed(strategy, stop_requested)
@@ -334,10 +333,10 @@ def run_pretraining(config, strategy, on_checkpoint=None, stop_requested=None, o
         if step % config.train.checkpoint_steps == 0 or step >= total:
             path = guards.save_checkpoint(manager, trainer, step)  # checks finite; one-line errors
             last_saved = step
-            saves += 1
             logging.info("Saved checkpoint %s", path)
-            every = config.train.export_every
-            if chief and every and saves % every == 0 and step < total:
+            # Counted from step 0, so a resumed run exports at the same steps.
+            every = config.train.export_every * config.train.checkpoint_steps
+            if chief and every and step % every == 0 and step < total:
                 export_encoder(trainer, config, step)
             if on_checkpoint is not None:
                 on_checkpoint(trainer, path)

@@ -24,6 +24,8 @@ BAD_FLAGS = [
     (["--precision=float8"], 1, "precision must be one of"),
     (["--steps_per_loop=0"], 1, "steps_per_loop must be positive"),
     (["--train_epochs=0", "--train_steps=0"], 1, "set train_epochs or train_steps"),
+    (["--seed=-1"], 1, "seed must be in 0..2**32-1, got -1"),
+    (["--seed=4294967296"], 1, "seed must be in 0..2**32-1"),
 ]
 
 

@@ -172,3 +172,25 @@ def test_features_of_an_encoder_built_under_mirrored_strategy():
         "image": images, "label": np.zeros(6, np.int32), "mask": np.ones(6, np.float32)}).batch(4)
     out, _ = evaluate.extract(lambda x: mirrored(x, training=False), dataset)
     np.testing.assert_allclose(out, plain(images, training=False).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_probe_only_evaluation_of_a_run_without_a_probe_is_a_one_line_error(tmp_path):
+    from simclr_tf import train
+
+    image = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        (tmp_path / "images" / label / "0.png").write_bytes(image)
+    config = cfg.RunConfig(
+        data=cfg.DataConfig(dataset=f"folder:{tmp_path / 'images'}", image_size=8,
+                            eval_split="train"),
+        encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True),
+        train=cfg.TrainConfig(train_batch_size=2, lineareval_while_pretraining=False),
+        eval=cfg.EvalConfig(eval_protocols="probe"))
+    trainer = train.Pretrainer(config, tf.distribute.get_strategy(),
+                               train.Schedule(total_steps=1, warmup_steps=0, steps_per_epoch=1))
+    path = trainer.checkpoint.save(str(tmp_path / "run" / "ckpt"))
+    with pytest.raises(ValueError, match="has no linear probe .* use --eval_protocols=knn or "
+                                         "linear") as error:
+        evaluate.evaluate_checkpoint(config, path)
+    assert "\n" not in str(error.value)

@@ -257,6 +257,7 @@ BAD_FLAGS = [
     (["--fine_tune_after_block=5"], "fine_tune_after_block must be in -1..4"),
     (["--train_label_fraction=0"], "train_label_fraction must be in (0, 1]"),
     (["--train_label_fraction=1.5"], "train_label_fraction must be in (0, 1]"),
+    (["--train_label_seed=-3"], "train_label_seed must be in 0..2**32-1"),
     (["--train_mode=semi"], "train_mode must be one of"),
     (["--train_mode=distill"], "needs --teacher"),
     (["--distill_temperature=0"], "distill_temperature must be positive"),

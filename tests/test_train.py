@@ -132,6 +132,12 @@ def test_training_runs_checkpoints_and_resumes_at_the_same_step(tmp_path):
     trainer, _ = train.run_pretraining(longer, tf.distribute.get_strategy())
     assert int(trainer.step.numpy()) == 6
     assert sorted(os.listdir(model_dir / "export")) == ["4", "6"]
+    # export_every counts checkpoints from step 0, not from where this process resumed: with a
+    # checkpoint every 2 steps and export_every=2, exports at multiples of 4 (and the end).
+    every_other = cfg.RunConfig(**{**config.__dict__, "train": cfg.TrainConfig(
+        **{**config.train.__dict__, "train_steps": 10, "export_every": 2})})
+    train.run_pretraining(every_other, tf.distribute.get_strategy())
+    assert sorted(os.listdir(model_dir / "export"), key=int) == ["4", "6", "8", "10"]
 
 
 def test_training_reads_from_a_tf_data_service(tmp_path):
