@@ -105,7 +105,7 @@ class LogisticRegression:
     full-batch steps (each of which reads every feature).
     """
 
-    def __init__(self, num_classes, l2=1e-4, epochs=30, batch_size=1024, learning_rate=0.01,
+    def __init__(self, num_classes, l2=1e-4, epochs=100, batch_size=1024, learning_rate=0.01,
                  min_steps=300, seed=0):
         self.num_classes = num_classes
         self.l2 = l2
@@ -177,7 +177,7 @@ def _fit_softmax(x, y, num_classes, l2, steps, batch, learning_rate, seed):
 
 
 def linear_eval_fast(train_features, train_labels, eval_features, eval_labels, num_classes,
-                     l2_grid=L2_GRID, holdout=0.1, seed=0, epochs=30):
+                     l2_grid=L2_GRID, holdout=0.1, seed=0, epochs=100):
     """Fits logistic regression on training features and scores the eval features.
 
     The L2 strength is the grid value with the best accuracy on a seeded `holdout` fraction of
