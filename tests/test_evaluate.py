@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import config as cfg
-from simclr_tf import evaluate, knn
+from simclr_tf import evaluate, knn, train
+from test_train import _image_folder
 
 
 def test_knn_scores_match_hand_computation():
@@ -175,15 +176,9 @@ def test_features_of_an_encoder_built_under_mirrored_strategy():
 
 
 def test_probe_only_evaluation_of_a_run_without_a_probe_is_a_one_line_error(tmp_path):
-    from simclr_tf import train
-
-    image = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy()
-    for label in ("a", "b"):
-        (tmp_path / "images" / label).mkdir(parents=True)
-        (tmp_path / "images" / label / "0.png").write_bytes(image)
     config = cfg.RunConfig(
-        data=cfg.DataConfig(dataset=f"folder:{tmp_path / 'images'}", image_size=8,
-                            eval_split="train"),
+        data=cfg.DataConfig(dataset=_image_folder(tmp_path / "images", per_class=1, size=8),
+                            image_size=8, eval_split="train"),
         encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True),
         train=cfg.TrainConfig(train_batch_size=2, lineareval_while_pretraining=False),
         eval=cfg.EvalConfig(eval_protocols="probe"))
