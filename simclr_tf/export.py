@@ -56,6 +56,9 @@ CROP_PROPORTION = 0.875
 # mean/std normalisation) that would silently give meaningless embeddings.
 VALUE_TOLERANCE = 1e-3
 _OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+# Dtypes `__call__` names in a clear refusal (rather than the SavedModel's "Could not find matching
+# concrete function"): decoded images (uint8), numpy's default integers and floats, half floats.
+REFUSED_CALL_DTYPES = (tf.uint8, tf.int32, tf.int64, tf.float16, tf.float64)
 
 
 class ExportError(ValueError):
@@ -353,11 +356,15 @@ def _build_module(encoder, image_size, include_feature_maps, metadata_file):
 
     @tf.function
     def call(images, training=False):
+        if images.dtype != tf.float32:
+            return _refused_dtype(images, encoder.output.shape[-1])
         return encoder(_checked_images(images), training=training)
 
-    spec = tf.TensorSpec([None, None, None, 3], tf.float32)
-    for training in (False, True):
-        call.get_concrete_function(spec, training)
+    # Unknown rank, so a wrong shape meets the checks rather than the function matching; the
+    # other dtypes a caller is likely to pass get functions that only refuse them.
+    for dtype in (tf.float32,) + REFUSED_CALL_DTYPES:
+        for training in (False, True):
+            call.get_concrete_function(tf.TensorSpec(None, dtype), training)
     root.__call__ = call
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name=IMAGES)])
@@ -418,7 +425,22 @@ def _checked_images(images):
             tf.logical_and(low >= -VALUE_TOLERANCE, high <= 1.0 + VALUE_TOLERANCE),
             [expected, "(divide uint8 pixels by 255); got values from", low, "to", high])
     with tf.control_dependencies([shape_assert, range_assert]):
+        # Through a cond, whose output has no static shape: a caller's tensor of a bad static
+        # shape (`__call__` is traced with it) then reaches the asserts instead of failing shape
+        # inference in the encoder's first op (or in ensure_shape) with an unrelated message.
+        images = tf.cond(shape_ok, lambda: tf.identity(images), lambda: tf.zeros([1, 1, 1, 3]))
         return tf.ensure_shape(images, [None, None, None, 3])
+
+
+def _refused_dtype(images, embedding_size):
+    """For `__call__` with non-float32 images: an InvalidArgument error saying what to do."""
+    hint = "tf.cast(images, tf.float32) / 255" if images.dtype.is_integer else "cast to float32"
+    refusal = tf.debugging.Assert(
+        tf.constant(False),
+        [f"images must be float32 [batch, height, width, 3] with values in [0, 1] ({hint}); "
+         f"got {images.dtype.name}"])
+    with tf.control_dependencies([refusal]):
+        return tf.zeros([0, embedding_size], tf.float32)
 
 
 def _metadata(run_config, step, encoder, digest, include_feature_maps, source):

@@ -362,12 +362,31 @@ def test_bad_images_give_invalid_argument_saying_what_is_expected(loaded):
         serve(images=tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.int32))
 
 
-def test_hub_call_checks_values_as_the_signatures(loaded):
-    """`__call__` (hub.KerasLayer's path) refuses 0-255 pixels rather than embed them."""
-    for training in (False, True):
-        with pytest.raises(tf.errors.InvalidArgumentError, match="divide uint8 pixels by 255"):
-            loaded(tf.fill([1, IMAGE_SIZE, IMAGE_SIZE, 3], 255.0), training=training)
+def test_hub_call_checks_shapes_dtypes_and_values_as_the_signatures(loaded, version_dir):
+    """`__call__` (hub.KerasLayer's path) says what is wrong with bad images rather than embed
+    them or fail in the SavedModel's function matching ("Could not find matching concrete
+    function"), which happened for any rank, channel count or dtype but float32 [b, h, w, 3]."""
+    import tensorflow_hub as hub
+
+    expected = "images must be float32 [batch, height, width, 3] with values in [0, 1]"
+    cases = [
+        (tf.fill([1, IMAGE_SIZE, IMAGE_SIZE, 3], 255.0), "divide uint8 pixels by 255"),
+        (tf.zeros([IMAGE_SIZE, IMAGE_SIZE, 3]), "got shape] [16 16 3]"),
+        (tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 1]), "got shape] [1 16 16 1]"),
+        (tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8), "tf.float32) / 255); got uint8"),
+        (tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.int64), "/ 255); got int64"),
+        (tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float64), "(cast to float32); got float64"),
+    ]
+    for images, detail in cases:
+        for training in (False, True):
+            with pytest.raises(tf.errors.InvalidArgumentError) as info:
+                loaded(images, training=training)
+            assert expected in info.value.message and detail in info.value.message
+    layer = hub.KerasLayer(version_dir)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"/ 255\); got uint8"):
+        layer(tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8))
     assert loaded(tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3])).shape == (1, 512)
+    assert layer(tf.zeros([2, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float64)).shape == (2, 512)
 
 
 def test_undecodable_bytes_give_invalid_argument(loaded):
