@@ -40,6 +40,7 @@ now used add about 1.5); the default budget of 18 minutes per model is sized for
 to stay under 60 minutes.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,6 +74,9 @@ flags.DEFINE_float("simclr_learning_rate", 0.075, "LARS base LR (x sqrt(batch)).
 flags.DEFINE_float("temperature", 0.2, "NT-Xent temperature.")
 flags.DEFINE_float("color_jitter_strength", 0.5, "Colour jitter strength.")
 flags.DEFINE_float("supervised_learning_rate", 0.2, "Momentum SGD LR (x batch / 256).")
+flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
+                  "Compute precision of both trainers (Keras mixed policy, as --precision of "
+                  "simclr_tf.run); evaluation models and the random encoder stay float32.")
 FLAGS = flags.FLAGS
 
 DATASET = "fashion_mnist"
@@ -96,6 +100,18 @@ class Clock:
 
     def over(self):
         return self.training_seconds() >= self.budget
+
+
+@contextlib.contextmanager
+def training_precision():
+    """Layers built inside take --precision; those built later (evaluation) stay float32."""
+    previous = keras.config.dtype_policy()
+    if FLAGS.precision != "float32":
+        keras.config.set_dtype_policy(f"mixed_{FLAGS.precision}")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def calibrate(loop, iterator, steps=4):
@@ -151,7 +167,8 @@ def simclr_config(model_dir, total_steps):
                               # Rounded up, so the last point is the end of training rather
                               # than a checkpoint a few steps before it.
                               checkpoint_steps=max(-(-total_steps // FLAGS.curve_points), 1),
-                              keep_checkpoint_max=2, seed=FLAGS.seed, summary_images=0),
+                              keep_checkpoint_max=2, seed=FLAGS.seed, summary_images=0,
+                              precision=FLAGS.precision),
         eval=cfg.EvalConfig(eval_batch_size=500, knn_bank_size=0))
 
 
@@ -192,7 +209,9 @@ def simclr():
     # Calibration: a throwaway trainer on the real pipeline.
     probe_config = simclr_config(out + "_calibration", 1000)
     schedule = train.make_schedule(probe_config.train, probe_config.optimizer, info.num_examples)
-    trainer = train.Pretrainer(probe_config, tf.distribute.get_strategy(), schedule, NUM_CLASSES)
+    with training_precision():
+        trainer = train.Pretrainer(probe_config, tf.distribute.get_strategy(), schedule,
+                                   NUM_CLASSES)
     dataset = train.make_dataset_fn(probe_config, FLAGS.seed)(tf.distribute.InputContext())
     per_step, overhead = calibrate(trainer.make_train_loop(), iter(dataset))
     del trainer, dataset
@@ -219,13 +238,15 @@ def simclr():
 
     cfg.save(config, out)
     try:
-        trainer, metrics = train.run_pretraining(config, tf.distribute.get_strategy(),
-                                                 on_checkpoint=on_checkpoint,
-                                                 stop_requested=clock.over)
+        with training_precision():
+            trainer, metrics = train.run_pretraining(config, tf.distribute.get_strategy(),
+                                                     on_checkpoint=on_checkpoint,
+                                                     stop_requested=clock.over)
     except guards.Preempted:  # the deadline: the last checkpoint holds the final weights
-        trainer = train.Pretrainer(config, tf.distribute.get_strategy(),
-                                   train.make_schedule(config.train, config.optimizer,
-                                                       info.num_examples), NUM_CLASSES)
+        with training_precision():
+            trainer = train.Pretrainer(config, tf.distribute.get_strategy(),
+                                       train.make_schedule(config.train, config.optimizer,
+                                                           info.num_examples), NUM_CLASSES)
         trainer.checkpoint.restore(tf.train.latest_checkpoint(out)).expect_partial()
     train_minutes = clock.training_seconds() / 60
     steps = int(trainer.step.numpy())
@@ -246,8 +267,9 @@ def supervised():
     info = data_lib.dataset_info(DATASET, "train", FLAGS.data_dir)
     probe_config = supervised_config(out + "_calibration", 1000)
     schedule = finetune.make_schedule(probe_config, info.num_examples)
-    trainer = finetune.Finetuner(probe_config, tf.distribute.get_strategy(), schedule,
-                                 NUM_CLASSES)
+    with training_precision():
+        trainer = finetune.Finetuner(probe_config, tf.distribute.get_strategy(), schedule,
+                                     NUM_CLASSES)
     dataset = finetune.make_dataset_fn(probe_config, None)(tf.distribute.InputContext(),
                                                            FLAGS.seed)
     per_step, overhead = calibrate(trainer.make_train_loop(), iter(dataset))
@@ -273,7 +295,9 @@ def supervised():
 
     cfg.save(config, out)
     schedule = finetune.make_schedule(config, info.num_examples)
-    trainer = finetune.Finetuner(config, tf.distribute.get_strategy(), schedule, NUM_CLASSES)
+    with training_precision():
+        trainer = finetune.Finetuner(config, tf.distribute.get_strategy(), schedule,
+                                     NUM_CLASSES)
     try:
         finetune.train_classifier(trainer, config, tf.distribute.get_strategy(),
                                   finetune.make_dataset_fn(config, None),
@@ -368,7 +392,7 @@ def main(_):
     report = {"benchmark": "quality", "dataset": DATASET, "image_size": FLAGS.image_size,
               "encoder": "resnet18x1" + ("_cifar_stem" if FLAGS.cifar_stem else ""),
               "batch": FLAGS.batch,
-              "temperature": FLAGS.temperature,
+              "temperature": FLAGS.temperature, "precision": FLAGS.precision,
               "budget_minutes_per_model": FLAGS.budget_minutes}
     timings = {}
 
