@@ -304,12 +304,15 @@ run {tmp_path}/ro/run 2> {tmp_path}/out/ro.err; echo $? > {tmp_path}/out/ro.rc
 mount -t tmpfs -o size=260m tmpfs {tmp_path}/mid
 run {tmp_path}/mid/run 2> {tmp_path}/out/mid.err &
 pid=$!
-for i in $(seq 1 1200); do
-  grep -q ckpt-2 {tmp_path}/mid/run/checkpoint 2>/dev/null && break; sleep 0.5
+for i in $(seq 1 6000); do
+  grep -q ckpt-2 {tmp_path}/mid/run/checkpoint 2>/dev/null && break; sleep 0.1
 done
-# Another process fills the disk, leaving 2 MB: enough for the logs, not for a checkpoint.
+# Another process fills the disk, leaving 2 MB: enough for the logs, not for a checkpoint. The run
+# is paused meanwhile, else a fast machine writes another checkpoint or two while dd runs.
+kill -STOP $pid
 avail=$(df --output=avail -k {tmp_path}/mid | tail -1)
 dd if=/dev/zero of={tmp_path}/mid/filler bs=1k count=$((avail - 2048)) 2>/dev/null
+kill -CONT $pid
 wait $pid; echo $? > {tmp_path}/out/mid.rc
 rm {tmp_path}/mid/filler
 cp -a {tmp_path}/mid/run {tmp_path}/out/mid_run
@@ -337,14 +340,18 @@ cp -a {tmp_path}/mid/run {tmp_path}/out/mid_run
     rc, line = result("mid")
     assert rc == 2
     mid = f"{tmp_path}/mid/run"
-    assert re.fullmatch(
-        rf"error: writing checkpoint {mid}/ckpt-4 failed \(.*No space left on device.*\): the "
-        rf"last complete checkpoint is {mid}/ckpt-2; free space and run the same command again "
-        r"to resume from it", line), line
+    # Normally ckpt-4 fails; the run may have been a checkpoint further when it was paused.
+    match = re.fullmatch(
+        rf"error: writing checkpoint {mid}/ckpt-(\d+) failed \(.*No space left on device.*\): the "
+        rf"last complete checkpoint is {mid}/ckpt-(\d+); free space and run the same command "
+        r"again to resume from it", line)
+    assert match, line
+    failed, last = int(match[1]), int(match[2])
+    assert failed >= 4 and last == failed - 2, line
     copy = str(out / "mid_run")
-    assert tf.train.latest_checkpoint(copy) == os.path.join(copy, "ckpt-2")
-    _assert_complete_and_finite(os.path.join(copy, "ckpt-2"))
-    assert not [n for n in os.listdir(copy) if n.startswith("ckpt-4")]  # partial files removed
+    assert tf.train.latest_checkpoint(copy) == os.path.join(copy, f"ckpt-{last}")
+    _assert_complete_and_finite(os.path.join(copy, f"ckpt-{last}"))
+    assert not [n for n in os.listdir(copy) if n.startswith(f"ckpt-{failed}")]  # partial files
 
 
 def _first_losses(config, steps):
