@@ -55,6 +55,7 @@ CROP_PROPORTION = 0.875
 # Serving inputs may miss [0, 1] by float rounding; anything further is a caller bug (0-255 pixels,
 # mean/std normalisation) that would silently give meaningless embeddings.
 VALUE_TOLERANCE = 1e-3
+_EXPECTED_IMAGES = "images must be float32 [batch, height, width, 3] with values in [0, 1]"
 _OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 # Dtypes `__call__` names in a clear refusal (rather than the SavedModel's "Could not find matching
 # concrete function"): decoded images (uint8), numpy's default integers and floats, half floats.
@@ -412,18 +413,18 @@ def _checked_images(images):
     saved graph the optimiser (Grappler) ran ops ordered after a check before it: a rank check
     followed by reduce_max let a rank-3 input fail inside reduce_max with an unrelated message.
     """
-    expected = "images must be float32 [batch, height, width, 3] with values in [0, 1]"
     shape = tf.shape(images)
     padded = tf.concat([tf.ones([4], tf.int32), shape], axis=0)  # [-4:] exists for any rank
     shape_ok = (tf.equal(tf.size(shape), 4) & tf.equal(padded[-1], 3)
                 & tf.reduce_all(padded[-4:-1] > 0))
-    shape_assert = tf.debugging.Assert(shape_ok, [expected, "; got shape", shape], summarize=8)
+    shape_assert = tf.debugging.Assert(shape_ok, [_EXPECTED_IMAGES, "; got shape", shape],
+                                        summarize=8)
     flat = tf.reshape(images, [-1])
     low, high = tf.reduce_min(flat), tf.reduce_max(flat)  # +inf, -inf if empty (in range)
     with tf.control_dependencies([shape_assert]):
         range_assert = tf.debugging.Assert(
             tf.logical_and(low >= -VALUE_TOLERANCE, high <= 1.0 + VALUE_TOLERANCE),
-            [expected, "(divide uint8 pixels by 255); got values from", low, "to", high])
+            [_EXPECTED_IMAGES, "(divide uint8 pixels by 255); got values from", low, "to", high])
     with tf.control_dependencies([shape_assert, range_assert]):
         # Through a cond, whose output has no static shape: a caller's tensor of a bad static
         # shape (`__call__` is traced with it) then reaches the asserts instead of failing shape
@@ -437,8 +438,7 @@ def _refused_dtype(images, embedding_size):
     hint = "tf.cast(images, tf.float32) / 255" if images.dtype.is_integer else "cast to float32"
     refusal = tf.debugging.Assert(
         tf.constant(False),
-        [f"images must be float32 [batch, height, width, 3] with values in [0, 1] ({hint}); "
-         f"got {images.dtype.name}"])
+        [f"{_EXPECTED_IMAGES} ({hint}); got {images.dtype.name}"])
     with tf.control_dependencies([refusal]):
         return tf.zeros([0, embedding_size], tf.float32)
 
