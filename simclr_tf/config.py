@@ -144,6 +144,7 @@ class EvalConfig:
     knn_temperature: float = 0.1
     knn_bank_size: int = 0  # training examples in the kNN bank; 0 = the whole train split
     eval_timeout: int = 0  # mode=eval: stop after this many seconds without a new checkpoint
+    eval_image_size: int = 0  # side of the images evaluation sees; 0 = data.image_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +293,11 @@ def parse_protocols(text):
 
 def _validate_evaluation(config):
     train, ft, distill, ev = config.train, config.finetune, config.distill, config.eval
+    min_size = min_image_size(config.encoder.cifar_stem)
+    _check(ev.eval_image_size == 0 or ev.eval_image_size >= min_size,
+           f"eval_image_size={ev.eval_image_size} is too small for the "
+           f"{'CIFAR' if config.encoder.cifar_stem else 'ImageNet'} stem: use at least "
+           f"{min_size}, or 0 for image_size")
     _check(train.train_mode in TRAIN_MODES,
            f"train_mode must be one of {TRAIN_MODES}, got {train.train_mode!r}")
     _check(-1 <= ft.fine_tune_after_block <= 4,

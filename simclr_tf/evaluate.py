@@ -12,6 +12,8 @@ What a checkpoint reports depends on the run that wrote it:
   `--train_mode=finetune --fine_tune_after_block=4`, whose checkpoints are evaluated below.
 * a fine-tuning or distillation checkpoint: its classifier's top-1 / top-5.
 
+Evaluation images are `eval_image_size` pixels a side (default: the training `image_size`).
+
 Every eval example counts exactly once (the padded rows of `data.eval_dataset` are dropped by
 their mask). Results go to TensorBoard (`<model_dir>/eval_<split>/`) and to
 `<model_dir>/results.json` (the latest evaluated checkpoint; `eval_<split>/results-<step>.json`
@@ -48,12 +50,44 @@ def eval_crop(image_size):
     return image_size > 32
 
 
+def eval_image_size(config):
+    """Side of the evaluation images: `eval.eval_image_size`, else the training `image_size`."""
+    return config.eval.eval_image_size or config.data.image_size
+
+
 def eval_batches(config, split, batch_size=None):
     """One pass over `split` with the evaluation preprocessing, in masked full batches."""
+    size = eval_image_size(config)
     return data_lib.eval_dataset(
-        config.data.dataset, split, batch_size or config.eval.eval_batch_size,
-        config.data.image_size, data_dir=config.data.data_dir,
-        crop=eval_crop(config.data.image_size))
+        config.data.dataset, split, batch_size or config.eval.eval_batch_size, size,
+        data_dir=config.data.data_dir, crop=eval_crop(size))
+
+
+def _takes_size(model, size):
+    shape = getattr(model, "input_shape", None)
+    return shape is None or shape[1] in (None, size)
+
+
+def encoder_for_evaluation(encoder, config):
+    """`encoder` itself if it takes the evaluation size; else a copy (same weights) for any size.
+
+    A trained f has a static input side, its training `image_size`; `eval_image_size` may differ.
+    """
+    if _takes_size(encoder, eval_image_size(config)):
+        return encoder
+    copy = config.encoder.build(None, global_bn=False)
+    copy.set_weights(encoder.get_weights())
+    return copy
+
+
+def classifier_for_evaluation(model, config):
+    """As `encoder_for_evaluation`, for a `finetune.Classifier`."""
+    if _takes_size(model.encoder, eval_image_size(config)):
+        return model
+    copy = finetune.build_classifier(config, model.logits_layer.units, image_size=None)
+    for name, part in model.checkpoint_items().items():
+        copy.checkpoint_items()[name].set_weights(part.get_weights())
+    return copy
 
 
 def extract(fn, dataset, max_examples=0):
@@ -224,6 +258,7 @@ def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), 
       Flat dict of metrics (`knn_top1`, `linear_top5`, ...) and `num_examples`.
     """
     ev = config.eval
+    encoder = encoder_for_evaluation(encoder, config)
     features = lambda images: encoder(images, training=False)  # noqa: E731
     eval_h, eval_y = extract(features, eval_batches(config, config.data.eval_split))
     results = {"num_examples": int(len(eval_y))}
@@ -244,6 +279,7 @@ def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), 
 
 def evaluate_classifier(model, config):
     """top-1 / top-5 of a `finetune.Classifier` (inference mode) on the eval split."""
+    model = classifier_for_evaluation(model, config)
     logits, labels = extract(lambda images: model(images, training=False),
                              eval_batches(config, config.data.eval_split))
     return {"num_examples": int(len(labels)), **accuracies(logits, labels)}
@@ -266,7 +302,7 @@ def evaluate_checkpoint(config, path):
                "eval_split": config.data.eval_split}
     if mode == "pretrain":
         protocols = config_lib.parse_protocols(config.eval.eval_protocols)
-        encoder = config.encoder.build(config.data.image_size, global_bn=False)
+        encoder = config.encoder.build(eval_image_size(config), global_bn=False)
         export_lib.restore_encoder(encoder, path)
         probe = None
         if "probe" in protocols and _has_probe(path):
@@ -286,7 +322,8 @@ def evaluate_checkpoint(config, path):
             results.update(protocol=main, top1=results[f"{main}_top1"],
                            top5=results[f"{main}_top5"])
     else:
-        model = finetune.build_classifier(config, info.num_classes)
+        model = finetune.build_classifier(config, info.num_classes,
+                                          image_size=eval_image_size(config))
         status = tf.train.Checkpoint(**model.checkpoint_items()).read(path)
         status.assert_existing_objects_matched()
         status.expect_partial()  # optimiser slots

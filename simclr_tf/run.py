@@ -125,6 +125,10 @@ flags.DEFINE_integer("knn_bank_size", 0,
                      "Training examples in the kNN (and fast linear eval) bank; 0: all.")
 flags.DEFINE_integer("eval_timeout", 0,
                      "mode=eval: stop after this many seconds without a new checkpoint; 0: never.")
+flags.DEFINE_integer("eval_image_size", 0,
+                     "Side of the images every evaluation sees (kNN, linear eval, probe, "
+                     "classifier accuracy); 0: image_size. Larger can pay: random resized crops "
+                     "enlarge objects in training (Touvron et al. 2019, FixRes).")
 # Distribution
 flags.DEFINE_string("strategy", "default", "default, mirrored, multi_worker or tpu.")
 flags.DEFINE_integer("num_cpu_replicas", 0, "With --strategy=mirrored and no GPU: logical CPUs.")
@@ -168,7 +172,7 @@ def config_from_flags():
                                   FLAGS.distill_label_weight),
         eval=cfg.EvalConfig(FLAGS.eval_batch_size, FLAGS.eval_protocols, FLAGS.eval_every,
                             FLAGS.knn_k, FLAGS.knn_temperature, FLAGS.knn_bank_size,
-                            FLAGS.eval_timeout),
+                            FLAGS.eval_timeout, FLAGS.eval_image_size),
     )
 
 

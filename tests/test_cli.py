@@ -16,6 +16,8 @@ BAD_FLAGS = [
     (["--train_batch_size=30"], 4, "not divisible by the 4 replicas"),
     (["--image_size=4"], 1, "image_size=4 is too small for the CIFAR stem"),
     (["--image_size=16", "--cifar_stem=false"], 1, "too small for the ImageNet stem"),
+    (["--image_size=224", "--eval_image_size=16"], 1,
+     "eval_image_size=16 is too small for the ImageNet stem: use at least 32"),
     (["--optimizer=sgdw"], 1, "optimizer must be one of"),
     (["--learning_rate_scaling=cubic"], 1, "learning_rate_scaling must be one of"),
     (["--learning_rate=-1"], 1, "learning_rate must be positive"),
@@ -57,6 +59,8 @@ def test_flags_map_onto_config_with_small_image_defaults(parsed_flags):
     assert config.encoder.resnet_depth == 18 and config.loss.temperature == 0.5
     big = parsed_flags(["--image_size=224"])
     assert not big.encoder.cifar_stem and big.augment.use_blur
+    assert big.eval.eval_image_size == 0
+    assert parsed_flags(["--image_size=16", "--eval_image_size=28"]).eval.eval_image_size == 28
     cfg.validate(big)
 
 

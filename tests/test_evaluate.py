@@ -189,3 +189,48 @@ def test_probe_only_evaluation_of_a_run_without_a_probe_is_a_one_line_error(tmp_
                                          "linear") as error:
         evaluate.evaluate_checkpoint(config, path)
     assert "\n" not in str(error.value)
+
+
+def test_evaluation_at_another_image_size_uses_the_trained_weights(tmp_path):
+    # f trained at 8 px, evaluated at 12 px (FixRes): 12-px images, the trained weights.
+    from simclr_tf import finetune
+    config = cfg.RunConfig(
+        data=cfg.DataConfig(dataset=_image_folder(tmp_path / "images", per_class=3, size=16),
+                            image_size=8, eval_split="train"),
+        encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True),
+        train=cfg.TrainConfig(train_batch_size=2),
+        eval=cfg.EvalConfig(eval_batch_size=4, eval_image_size=12, eval_protocols="probe,knn"))
+    assert evaluate.eval_image_size(config) == 12
+    images = next(iter(evaluate.eval_batches(config, "train")))["image"]
+    assert images.shape == (4, 12, 12, 3)
+    trainer = train.Pretrainer(config, tf.distribute.get_strategy(),
+                               train.Schedule(total_steps=1, warmup_steps=0, steps_per_epoch=1),
+                               num_classes=2)
+    at_training_size = dataclasses.replace(config, eval=cfg.EvalConfig(eval_image_size=8))
+    assert evaluate.encoder_for_evaluation(trainer.encoder, at_training_size) is trainer.encoder
+    reference = config.encoder.build(12, global_bn=False)
+    reference.set_weights(trainer.encoder.get_weights())
+    expected = reference(images, training=False).numpy()
+    copy = evaluate.encoder_for_evaluation(trainer.encoder, config)
+    np.testing.assert_allclose(copy(images, training=False), expected, rtol=1e-5, atol=1e-6)
+
+    # A checkpoint evaluated at 12 px gives the same kNN as the in-process encoder.
+    path = trainer.checkpoint.save(str(tmp_path / "run" / "ckpt"))
+    from_checkpoint = evaluate.evaluate_checkpoint(config, path)
+    in_process = evaluate.evaluate_encoder(trainer.encoder, config, 2, ("knn", "probe"),
+                                           probe=trainer.probe)
+    assert from_checkpoint["num_examples"] == in_process["num_examples"] == 6
+    for key in ("knn_top1", "probe_top1"):
+        assert from_checkpoint[key] == in_process[key]
+
+    # A classifier (the supervised or fine-tuned model) likewise.
+    classifier = finetune.build_classifier(config, 2)
+    reference = finetune.build_classifier(config, 2, image_size=12)
+    for name, part in classifier.checkpoint_items().items():
+        reference.checkpoint_items()[name].set_weights(part.get_weights())
+    copy = evaluate.classifier_for_evaluation(classifier, config)
+    np.testing.assert_allclose(copy(images), reference(images).numpy(), rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(cfg.ConfigError, match="eval_image_size=6 is too small for the CIFAR "
+                                              "stem: use at least 8, or 0 for image_size"):
+        cfg.validate(dataclasses.replace(config, eval=cfg.EvalConfig(eval_image_size=6)))
