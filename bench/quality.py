@@ -27,7 +27,8 @@ train-test resolution discrepancy"):
    86.1%; both runs with the earlier uniform-area crops), so the CIFAR stem at 16 px stays the
    default.
 4. supervised: the same encoder plus a linear layer trained with all labels (crop + flip,
-   cross-entropy, momentum SGD with weight decay) for the same time budget; its test accuracy.
+   cross-entropy, momentum SGD with weight decay) for the same time budget; its test accuracy at
+   the training size (its classifier was fitted to h of 16-px images).
 
 The training budget is wall-clock training time: a short calibration measures the seconds per step
 of each trainer, the cosine schedule is sized to fill the budget, and a deadline stops training
@@ -184,7 +185,10 @@ def simclr_config(model_dir, total_steps):
 def supervised_config(model_dir, total_steps):
     base = simclr_config(model_dir, total_steps)
     return cfg.RunConfig(
-        data=base.data, encoder=base.encoder, eval=base.eval,
+        # Its own classifier is scored at the size it was trained at: its logits layer is fitted
+        # to h of 16-px images, and at 28 px it scored 80.7% after 3.1 epochs (16 px: 84-86%).
+        data=base.data, encoder=base.encoder,
+        eval=dataclasses.replace(base.eval, eval_image_size=0),
         optimizer=cfg.OptimizerConfig("momentum", FLAGS.supervised_learning_rate, "linear", 0.9,
                                       5e-4, warmup_epochs=0.2),
         train=cfg.TrainConfig(**{**base.train.__dict__, "train_mode": "finetune"}),

@@ -55,9 +55,10 @@ def eval_image_size(config):
     return config.eval.eval_image_size or config.data.image_size
 
 
-def eval_batches(config, split, batch_size=None):
-    """One pass over `split` with the evaluation preprocessing, in masked full batches."""
-    size = eval_image_size(config)
+def eval_batches(config, split, batch_size=None, image_size=None):
+    """One pass over `split` with the evaluation preprocessing, in masked full batches, of
+    `image_size` (default: `eval_image_size(config)`) pixels a side."""
+    size = image_size or eval_image_size(config)
     return data_lib.eval_dataset(
         config.data.dataset, split, batch_size or config.eval.eval_batch_size, size,
         data_dir=config.data.data_dir, crop=eval_crop(size))
@@ -252,18 +253,25 @@ def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), 
       config: the run's `RunConfig` (data, eval settings).
       num_classes: classes of the dataset.
       protocols: subset of ("probe", "knn", "linear").
-      probe: the `LinearProbe` for "probe" (skipped if None).
+      probe: the `LinearProbe` for "probe" (skipped if None). It was fitted on h of views of
+        the training `image_size`, so it is scored on eval images of that size whatever
+        `eval_image_size` is (h's statistics change with the size).
 
     Returns:
       Flat dict of metrics (`knn_top1`, `linear_top5`, ...) and `num_examples`.
     """
-    ev = config.eval
-    encoder = encoder_for_evaluation(encoder, config)
+    ev, split = config.eval, config.data.eval_split
+    trained = encoder
+    encoder = encoder_for_evaluation(trained, config)
     features = lambda images: encoder(images, training=False)  # noqa: E731
-    eval_h, eval_y = extract(features, eval_batches(config, config.data.eval_split))
+    eval_h, eval_y = extract(features, eval_batches(config, split))
     results = {"num_examples": int(len(eval_y))}
     if "probe" in protocols and probe is not None:
-        results.update(accuracies(np.asarray(probe(tf.constant(eval_h))), eval_y, "probe_"))
+        probe_h = eval_h
+        if eval_image_size(config) != config.data.image_size:
+            probe_h, _ = extract(lambda images: trained(images, training=False),
+                                 eval_batches(config, split, image_size=config.data.image_size))
+        results.update(accuracies(np.asarray(probe(tf.constant(probe_h))), eval_y, "probe_"))
     if "knn" in protocols or "linear" in protocols:
         train_h, train_y = extract(features, eval_batches(config, config.data.train_split),
                                    max_examples=ev.knn_bank_size)
@@ -302,7 +310,7 @@ def evaluate_checkpoint(config, path):
                "eval_split": config.data.eval_split}
     if mode == "pretrain":
         protocols = config_lib.parse_protocols(config.eval.eval_protocols)
-        encoder = config.encoder.build(eval_image_size(config), global_bn=False)
+        encoder = config.encoder.build(config.data.image_size, global_bn=False)
         export_lib.restore_encoder(encoder, path)
         probe = None
         if "probe" in protocols and _has_probe(path):
@@ -322,8 +330,7 @@ def evaluate_checkpoint(config, path):
             results.update(protocol=main, top1=results[f"{main}_top1"],
                            top5=results[f"{main}_top5"])
     else:
-        model = finetune.build_classifier(config, info.num_classes,
-                                          image_size=eval_image_size(config))
+        model = finetune.build_classifier(config, info.num_classes)
         status = tf.train.Checkpoint(**model.checkpoint_items()).read(path)
         status.assert_existing_objects_matched()
         status.expect_partial()  # optimiser slots

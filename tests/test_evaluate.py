@@ -222,6 +222,13 @@ def test_evaluation_at_another_image_size_uses_the_trained_weights(tmp_path):
     assert from_checkpoint["num_examples"] == in_process["num_examples"] == 6
     for key in ("knn_top1", "probe_top1"):
         assert from_checkpoint[key] == in_process[key]
+    # The probe, fitted on h of 8-px views, is scored on h of 8-px eval images.
+    seen = []
+    evaluate.evaluate_encoder(trainer.encoder, config, 2, ("probe",),
+                              probe=lambda h: seen.append(h.numpy()) or trainer.probe(h))
+    h8, _ = evaluate.extract(lambda x: trainer.encoder(x, training=False),
+                             evaluate.eval_batches(config, "train", image_size=8))
+    np.testing.assert_allclose(seen[0], h8, rtol=1e-6)
 
     # A classifier (the supervised or fine-tuned model) likewise.
     classifier = finetune.build_classifier(config, 2)
