@@ -38,11 +38,12 @@ actually used, the load average, and whether the targets were met (SimCLR linear
 >= 5 points above the random encoder's, the whole run <= 60 min). `<out_dir>/quality.svg` plots
 accuracy against training minutes for every line.
 
-Cost on 2 lightly loaded cores: 2 x budget_minutes of training plus about 17 minutes of
-calibration, feature extraction (3 x 70,000 images), logistic regressions and curve points (the
-default run of 2026-11-26 took 51.1 minutes with 30-epoch logistic regressions; the 100 epochs
-now used add about 1.5); the default budget of 18 minutes per model is sized for the whole run
-to stay under 60 minutes.
+Cost on 2 lightly loaded cores: 2 x budget_minutes of training plus calibration, feature
+extraction (3 x 70,000 images at 28 px), logistic regressions and curve points. The run of
+2026-11-26 with `--precision=bfloat16` on a 2-core AVX-512 EPYC took 56.5 minutes, 21 of them
+outside training (its supervised curve was still evaluated at 28 px, about a minute more than
+now); the default budget of 18 minutes per model is sized for the whole run to stay under 60
+minutes there. A slower machine evaluates more slowly: lower --budget_minutes to stay under 60.
 """
 
 import contextlib
