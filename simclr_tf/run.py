@@ -126,9 +126,9 @@ flags.DEFINE_integer("knn_bank_size", 0,
 flags.DEFINE_integer("eval_timeout", 0,
                      "mode=eval: stop after this many seconds without a new checkpoint; 0: never.")
 flags.DEFINE_integer("eval_image_size", 0,
-                     "Side of the images every evaluation sees (kNN, linear eval, probe, "
-                     "classifier accuracy); 0: image_size. Larger can pay: random resized crops "
-                     "enlarge objects in training (Touvron et al. 2019, FixRes).")
+                     "Side of the images kNN, linear eval and classifier accuracy see (the "
+                     "pretraining probe stays at image_size); 0: image_size. Larger can pay: "
+                     "random resized crops enlarge objects in training (Touvron et al. 2019).")
 # Distribution
 flags.DEFINE_string("strategy", "default", "default, mirrored, multi_worker or tpu.")
 flags.DEFINE_integer("num_cpu_replicas", 0, "With --strategy=mirrored and no GPU: logical CPUs.")
