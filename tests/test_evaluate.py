@@ -66,6 +66,14 @@ def test_fast_linear_eval_separates_linearly_separable_features():
     assert results["linear_top1"] >= 0.99
     assert results["linear_top5"] == 1.0
     assert results["linear_l2"] in (1e-4, 1e-2)
+    assert results["linear_heldout_top1"] >= 0.99  # 80 held-out training examples
+
+    shuffled = evaluate.linear_eval_fast(train_x, rng.permutation(train_y), eval_x, eval_y,
+                                         num_classes, l2_grid=(1e-4, 1e-2), epochs=20)
+    assert shuffled["linear_heldout_top1"] < 0.5  # chance is 0.25: nothing to learn
+    single = evaluate.linear_eval_fast(train_x, train_y, eval_x, eval_y, num_classes,
+                                       l2_grid=(1e-3,), epochs=20)
+    assert "linear_heldout_top1" not in single and single["linear_l2"] == 1e-3
 
 
 def test_logistic_regression_reaches_the_optimum():
