@@ -434,7 +434,8 @@ def main(_):
               "eval_image_size": evaluate.eval_image_size(base),
               "encoder": "resnet18x1" + ("_cifar_stem" if FLAGS.cifar_stem else ""),
               "batch": FLAGS.batch,
-              "temperature": FLAGS.temperature, "precision": FLAGS.precision,
+              "temperature": FLAGS.temperature,
+              "color_jitter_strength": FLAGS.color_jitter_strength, "precision": FLAGS.precision,
               "budget_minutes_per_model": FLAGS.budget_minutes}
     timings = {}
 
