@@ -44,10 +44,9 @@ targets are then judged on what ran); compare settings on the SimCLR line's
 `linear_heldout_top1` (the held-out 10% of train that picks the L2), not on the test split.
 
 Cost on 2 lightly loaded cores: 2 x budget_minutes of training plus calibration, feature
-extraction (3 x 70,000 images at 28 px), logistic regressions and curve points. The run of
-2026-11-26 with `--precision=bfloat16` on a 2-core AVX-512 EPYC took 56.5 minutes, 21 of them
-outside training (its supervised curve was still evaluated at 28 px, about a minute more than
-now); the default budget of 18 minutes per model is sized for the whole run to stay under 60
+extraction (2 x 70,000 images at 28 px, and the supervised test split at 16 px), logistic
+regressions and curve points. The run of 2026-11-26 17:56 with `--precision=bfloat16` on a 2-core
+AVX-512 EPYC took 54.5 minutes, 18.6 of them outside training; the default budget of 18 minutes per model is sized for the whole run to stay under 60
 minutes there. A slower machine evaluates more slowly: lower --budget_minutes to stay under 60.
 """
 
