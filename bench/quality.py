@@ -46,8 +46,9 @@ targets are then judged on what ran); compare settings on the SimCLR line's
 Cost on 2 lightly loaded cores: 2 x budget_minutes of training plus calibration, feature
 extraction (2 x 70,000 images at 28 px, and the supervised test split at 16 px), logistic
 regressions and curve points. The run of 2026-11-26 17:56 with `--precision=bfloat16` on a 2-core
-AVX-512 EPYC took 54.5 minutes, 18.6 of them outside training; the default budget of 18 minutes per model is sized for the whole run to stay under 60
-minutes there. A slower machine evaluates more slowly: lower --budget_minutes to stay under 60.
+AVX-512 EPYC took 54.5 minutes, 18.6 of them outside training; the default budget of 18 minutes
+per model is sized for the whole run to stay under 60 minutes there. A slower machine evaluates
+more slowly: lower --budget_minutes to stay under 60.
 """
 
 import contextlib
@@ -414,10 +415,9 @@ def targets(report, total_minutes):
     met = {}
     if "simclr" in report:
         met["simclr_linear_ge_90"] = report["simclr"]["linear_top1"] >= TARGET_LINEAR
-        if "random_encoder" in report:
-            margin = report["simclr"]["linear_top1"] - report["random_encoder"]["linear_top1"]
-            report["simclr_minus_random_linear"] = round(margin, 4)
-            met["simclr_5_points_above_random"] = margin >= TARGET_MARGIN
+    if "simclr_minus_random_linear" in report:
+        met["simclr_5_points_above_random"] = (report["simclr_minus_random_linear"]
+                                               >= TARGET_MARGIN)
     if set(report["lines"]) == set(LINES):
         met["total_le_60_minutes"] = total_minutes <= TARGET_MINUTES
     return met
@@ -456,6 +456,9 @@ def main(_):
     if "supervised" in FLAGS.lines:
         report["supervised"], report["curves"]["supervised"] = timed("supervised", supervised)
     total_minutes = (time.time() - t_start) / 60
+    if "simclr" in report and "random_encoder" in report:
+        report["simclr_minus_random_linear"] = round(
+            report["simclr"]["linear_top1"] - report["random_encoder"]["linear_top1"], 4)
     report["targets"] = targets(report, total_minutes)
     report["minutes"] = {**timings, "total": round(total_minutes, 2)}
     report["machine"] = {"cpus": os.cpu_count(), "load_average_start": load_start[0],
