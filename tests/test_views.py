@@ -1,0 +1,34 @@
+"""The views of the paper's recipe stay what they were: a recorded fixture at 32 and 224 px."""
+import os
+
+import numpy as np
+import tensorflow as tf
+
+import simclr_tf
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "data", "default_views.npz")
+FIXTURE_SEED = tf.constant([20261130, 7], tf.int64)
+# (view side, source side, images, blur as the recipe sets it, stride of the recorded samples)
+FIXTURE_CASES = ((32, 40, 4, False, 3), (224, 256, 2, True, 16))
+
+
+def fixture_images(size, source, count):
+    rng = np.random.default_rng(size)
+    return rng.integers(0, 256, size=(count, source, source + 8, 3), dtype=np.uint8)
+
+
+def test_default_views_match_the_recorded_ones_at_32_and_224_px():
+    """tests/data/default_views.npz holds `two_views` of these images as commit c86c48a made them
+    (every 3rd / 16th pixel, and per-image channel sums), with oneDNN on, on a 2-core AVX2 EPYC.
+    Bit-identical there; 1e-6 allows another CPU's rounding of the blur's matmuls."""
+    recorded = np.load(FIXTURE)
+    for size, source, count, blur, stride in FIXTURE_CASES:
+        images = tf.constant(fixture_images(size, source, count))
+        views = simclr_tf.two_views(images, FIXTURE_SEED, size, use_blur=blur)
+        for name, view in zip("ab", views):
+            view = view.numpy()
+            key = f"v{size}_{name}"
+            np.testing.assert_allclose(view[:, ::stride, ::stride], recorded[f"{key}_sample"],
+                                       rtol=0, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(view.astype(np.float64).sum(axis=(1, 2)),
+                                       recorded[f"{key}_sum"], rtol=1e-6, err_msg=key)
