@@ -127,16 +127,18 @@ def variant_config(study, overrides, steps):
 def build(config, tf, keras):
     """A fresh f and g from the config's seed, their compiled loop and the input iterator."""
     from simclr_tf import data as data_lib
-    from simclr_tf import train
+    from simclr_tf import pretrain as pretrain_lib
+    from simclr_tf.schedules import make_schedule
 
     keras.utils.set_random_seed(config.train.seed)
     strategy = tf.distribute.get_strategy()
     info = data_lib.dataset_info(config.data.dataset, config.data.train_split,
                                  config.data.data_dir)
-    schedule = train.make_schedule(config.train, config.optimizer, info.num_examples)
-    trainer = train.Pretrainer(config, strategy, schedule, num_classes=0)
+    schedule = make_schedule(config.train, config.optimizer, info.num_examples)
+    trainer = pretrain_lib.Pretrainer(config, strategy, schedule, num_classes=0)
+    dataset_fn = pretrain_lib.make_dataset_fn(config)
     dataset = strategy.distribute_datasets_from_function(
-        train.make_dataset_fn(config, seed=config.train.seed))
+        lambda context: dataset_fn(context, config.train.seed))
     return trainer, trainer.make_train_loop(), iter(dataset)
 
 

@@ -2,7 +2,7 @@
 
     python bench/augment_throughput.py
 
-Times `augment.two_views` (crop + flip, colour jitter, grayscale, blur as the paper sets them:
+Times `views.two_views` (crop + flip, colour jitter, grayscale, blur as the paper sets them:
 no blur at 32 px, blur at 224 px) inside a `tf.function` on uint8 batches, with TensorFlow limited
 to one thread, best of 5. The step's consumption is bounded by the machine's limit for ResNet-18
 (CIFAR stem) at 32 px: 2 views x (matmul peak on all cores / FLOPs per example), measured in the same
@@ -25,7 +25,7 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 
 import keras  # noqa: E402
 
-from simclr_tf import augment  # noqa: E402
+from simclr_tf import views  # noqa: E402
 from simclr_tf.resnet import resnet  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,7 @@ from train_throughput import forward_flops_per_view  # noqa: E402
 
 def views_per_sec(batch, in_size, out_size, use_blur, repeats=5):
     images = tf.cast(tf.random.uniform([batch, in_size, in_size, 3], 0, 256, tf.int32), tf.uint8)
-    fn = tf.function(lambda x, s: augment.two_views(x, s, out_size, use_blur=use_blur))
+    fn = tf.function(lambda x, s: views.two_views(x, s, out_size, use_blur=use_blur))
     seed = tf.constant([1, 2], tf.int64)
     fn(images, seed)[0].numpy()
     best = float("inf")

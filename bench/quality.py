@@ -70,7 +70,10 @@ import tensorflow as tf  # noqa: E402
 
 from simclr_tf import config as cfg  # noqa: E402
 from simclr_tf import data as data_lib  # noqa: E402
-from simclr_tf import evaluate, finetune, guards, knn, train  # noqa: E402
+from simclr_tf import checkpoints, evaluate, finetune, knn, loop, models  # noqa: E402
+from simclr_tf import pretrain as pretrain_lib  # noqa: E402
+from simclr_tf.preemption import Preempted  # noqa: E402
+from simclr_tf.schedules import make_schedule  # noqa: E402
 
 flags.DEFINE_float("budget_minutes", 18.0, "Training time of SimCLR, and of the supervised model.")
 flags.DEFINE_string("out_dir", "/tmp/simclr_tf_quality", "Runs, quality.json and quality.svg.")
@@ -213,7 +216,8 @@ def random_encoder(config, bn_batches=30):
     any training run, SimCLR included, fixes them within its first steps.
     """
     keras.utils.set_random_seed(FLAGS.seed)
-    encoder = config.encoder.build(evaluate.eval_image_size(config), global_bn=False)
+    encoder = models.build_encoder(config.encoder, evaluate.eval_image_size(config),
+                                   global_bn=False)
     weights = [w.copy() for w in encoder.get_weights()]
     update_statistics = tf.function(lambda images: encoder(images, training=True))
     for batch in evaluate.eval_batches(config, "train", 256).take(bn_batches):
@@ -231,11 +235,11 @@ def simclr():
     info = data_lib.dataset_info(DATASET, "train", FLAGS.data_dir)
     # Calibration: a throwaway trainer on the real pipeline.
     probe_config = simclr_config(out + "_calibration", 1000)
-    schedule = train.make_schedule(probe_config.train, probe_config.optimizer, info.num_examples)
+    schedule = make_schedule(probe_config.train, probe_config.optimizer, info.num_examples)
     with training_precision():
-        trainer = train.Pretrainer(probe_config, tf.distribute.get_strategy(), schedule,
-                                   NUM_CLASSES)
-    dataset = train.make_dataset_fn(probe_config, FLAGS.seed)(tf.distribute.InputContext())
+        trainer = pretrain_lib.Pretrainer(probe_config, tf.distribute.get_strategy(), schedule,
+                                          NUM_CLASSES)
+    dataset = pretrain_lib.make_dataset_fn(probe_config)(tf.distribute.InputContext(), FLAGS.seed)
     per_step, overhead = calibrate(trainer.make_train_loop(), iter(dataset))
     del trainer, dataset
     total = steps_for(budget, per_step, overhead)
@@ -262,15 +266,16 @@ def simclr():
     cfg.save(config, out)
     try:
         with training_precision():
-            trainer, metrics = train.run_pretraining(config, tf.distribute.get_strategy(),
-                                                     on_checkpoint=on_checkpoint,
-                                                     stop_requested=clock.over)
-    except guards.Preempted:  # the deadline: the last checkpoint holds the final weights
+            trainer, metrics = pretrain_lib.run_pretraining(
+                config, tf.distribute.get_strategy(), on_checkpoint=on_checkpoint,
+                stop_requested=clock.over)
+    except Preempted:  # the deadline: the last checkpoint holds the final weights
         with training_precision():
-            trainer = train.Pretrainer(config, tf.distribute.get_strategy(),
-                                       train.make_schedule(config.train, config.optimizer,
-                                                           info.num_examples), NUM_CLASSES)
-        trainer.checkpoint.restore(tf.train.latest_checkpoint(out)).expect_partial()
+            trainer = pretrain_lib.Pretrainer(
+                config, tf.distribute.get_strategy(),
+                make_schedule(config.train, config.optimizer, info.num_examples), NUM_CLASSES)
+        checkpoints.restore(tf.train.Checkpoint(**trainer.checkpoint_items()),
+                            checkpoints.latest(out))
     train_minutes = clock.training_seconds() / 60
     steps = int(trainer.step.numpy())
     if not curve or curve[-1]["step"] != steps:
@@ -289,7 +294,7 @@ def supervised():
     shutil.rmtree(out, ignore_errors=True)
     info = data_lib.dataset_info(DATASET, "train", FLAGS.data_dir)
     probe_config = supervised_config(out + "_calibration", 1000)
-    schedule = finetune.make_schedule(probe_config, info.num_examples)
+    schedule = finetune.schedule_for(probe_config, num_examples=info.num_examples)
     with training_precision():
         trainer = finetune.Finetuner(probe_config, tf.distribute.get_strategy(), schedule,
                                      NUM_CLASSES)
@@ -317,15 +322,15 @@ def supervised():
         clock.paused += time.time() - t0
 
     cfg.save(config, out)
-    schedule = finetune.make_schedule(config, info.num_examples)
+    schedule = finetune.schedule_for(config, num_examples=info.num_examples)
     with training_precision():
         trainer = finetune.Finetuner(config, tf.distribute.get_strategy(), schedule,
                                      NUM_CLASSES)
     try:
-        finetune.train_classifier(trainer, config, tf.distribute.get_strategy(),
-                                  finetune.make_dataset_fn(config, None),
-                                  on_checkpoint=on_checkpoint, stop_requested=clock.over)
-    except guards.Preempted:
+        loop.run(trainer, config, tf.distribute.get_strategy(),
+                 finetune.make_dataset_fn(config, None), on_checkpoint=on_checkpoint,
+                 stop_requested=clock.over)
+    except Preempted:
         pass  # the deadline; the trainer holds the last weights
     train_minutes = clock.training_seconds() / 60
     steps = int(trainer.step.numpy())

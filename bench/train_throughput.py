@@ -13,7 +13,7 @@ Definitions (so figures compare across runs):
   mean(h^2), plain SGD update.
 - full SimCLR step: the real input pipeline (Fashion-MNIST from the offline default, augmentation
   in the same process on the same cores), NT-Xent, LARS with weight decay, the linear probe and the
-  metrics, through `train.Pretrainer`'s compiled loop.
+  metrics, through `pretrain.Pretrainer`'s compiled loop.
 - ratios: bare FLOP/s / peak, and full / bare examples/s (of the fastest loops and best peak);
   also the median over rounds of each ratio taken within a round (bare against the peak taken just
   before it, full against the bare loop just before it), which a slow spell of the machine hits on
@@ -101,8 +101,9 @@ def seconds_taking_turns(loops, on_round):
 
 def bare_encoder_loop(tf, strategy, config):
     """A callable running FLAGS.steps bare encoder steps, and the encoder."""
+    from simclr_tf import models
     with strategy.scope():
-        encoder = config.encoder.build(config.data.image_size,
+        encoder = models.build_encoder(config.encoder, config.data.image_size,
                                        global_bn=strategy.num_replicas_in_sync > 1)
         sgd = __import__("keras").optimizers.SGD(0.01)
         sgd.build(encoder.trainable_variables)
@@ -130,12 +131,14 @@ def bare_encoder_loop(tf, strategy, config):
 
 
 def full_step_loop(tf, strategy, config):
-    """A callable running FLAGS.steps full SimCLR steps through `train.Pretrainer`."""
-    from simclr_tf import data, train
+    """A callable running FLAGS.steps full SimCLR steps through `pretrain.Pretrainer`."""
+    from simclr_tf import data, pretrain
+    from simclr_tf.schedules import make_schedule
     info = data.dataset_info(config.data.dataset, config.data.train_split, config.data.data_dir)
-    schedule = train.make_schedule(config.train, config.optimizer, info.num_examples)
-    trainer = train.Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
-    dataset = strategy.distribute_datasets_from_function(train.make_dataset_fn(config, seed=0))
+    schedule = make_schedule(config.train, config.optimizer, info.num_examples)
+    trainer = pretrain.Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
+    dataset_fn = pretrain.make_dataset_fn(config)
+    dataset = strategy.distribute_datasets_from_function(lambda context: dataset_fn(context, 0))
     iterator = iter(dataset)
     loop = trainer.make_train_loop()
     steps = tf.constant(FLAGS.steps)
@@ -155,13 +158,11 @@ def main(_):
         keras.mixed_precision.set_dtype_policy(f"mixed_{FLAGS.precision}")
     strategy = (distribute.build_strategy("mirrored", FLAGS.replicas) if FLAGS.replicas > 1
                 else tf.distribute.get_strategy())
-    small = FLAGS.image_size <= 32
+    # The CIFAR stem and no blur at 32 px and below, as the config derives them.
     config = cfg.RunConfig(
         data=cfg.DataConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
                             image_size=FLAGS.image_size),
-        augment=cfg.AugmentConfig(use_blur=not small),
-        encoder=cfg.EncoderConfig(resnet_depth=FLAGS.depth, width_multiplier=FLAGS.width,
-                                  cifar_stem=small),
+        encoder=cfg.EncoderConfig(resnet_depth=FLAGS.depth, width_multiplier=FLAGS.width),
         train=cfg.TrainConfig(train_batch_size=FLAGS.batch, train_steps=1000,
                               jit_compile=FLAGS.jit, precision=FLAGS.precision),
     )
@@ -180,7 +181,8 @@ def main(_):
     flops_per_example = 3 * 2 * forward_flops_per_view(encoder, keras)
     result = {
         "benchmark": "train_throughput",
-        "model": f"resnet{FLAGS.depth}x{FLAGS.width}{'_cifar_stem' if small else ''}",
+        "model": (f"resnet{FLAGS.depth}x{FLAGS.width}"
+                  f"{'_cifar_stem' if config.encoder.cifar_stem else ''}"),
         "image_size": FLAGS.image_size, "global_batch": FLAGS.batch,
         "replicas": strategy.num_replicas_in_sync, "jit_compile": FLAGS.jit,
         "precision": FLAGS.precision, "onednn": FLAGS.onednn,

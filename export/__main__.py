@@ -37,13 +37,13 @@ def main(argv):
     if not FLAGS.model_dir:
         _fail("--model_dir is required: the directory of the training run to export")
     import tensorflow as tf
-    from simclr_tf import export
+    from simclr_tf import checkpoints, export
 
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
     try:
         path = export.export_checkpoint(FLAGS.model_dir, export_dir, FLAGS.checkpoint,
                                         include_feature_maps=FLAGS.include_feature_maps)
-    except export.ExportError as e:
+    except (export.ExportError, checkpoints.CheckpointError) as e:
         _fail(str(e))
     except tf.errors.OpError as e:
         _fail(f"{type(e).__name__}: {e.message.strip().splitlines()[0]}")

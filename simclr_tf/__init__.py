@@ -1,7 +1,8 @@
 """simclr_tf: SimCLR and SimCLRv2 in TensorFlow 2 / Keras 3.
 
 The public pieces: the encoder f (`resnet`), the heads (`ProjectionHead`, `LinearProbe`), the loss
-(`nt_xent`), the optimiser (`LARS`) and the augmentations (`augment`, `preprocess_for_train_single`).
+(`nt_xent`), the optimiser (`LARS`), the transforms (`augment`) and the views made of them
+(`views`, `two_views`, `preprocess_for_train_single`).
 
 Importing simclr_tf before TensorFlow turns on TensorFlow's oneDNN CPU kernels
 (`TF_ENABLE_ONEDNN_OPTS=1`) unless the environment already chose: on CPUs where TensorFlow does
@@ -24,8 +25,9 @@ if sys.argv[:1] == ["-m"]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-from simclr_tf import augment, conv
-from simclr_tf.augment import preprocess_for_eval, preprocess_for_train_single, two_views
+from simclr_tf import augment, conv, views
+from simclr_tf.augment import preprocess_for_eval
+from simclr_tf.views import preprocess_for_train_single, two_views
 from simclr_tf.batchnorm import BatchNorm
 from simclr_tf.heads import LinearProbe, ProjectionHead
 from simclr_tf.lars import LARS
@@ -41,7 +43,7 @@ if _TF_LOADED_FIRST and not conv.onednn_enabled():
         "TF_ENABLE_ONEDNN_OPTS=1 (=0 keeps TensorFlow's kernels and silences this)")
 
 __all__ = [
-    "augment", "preprocess_for_eval", "preprocess_for_train_single", "two_views", "BatchNorm",
-    "LinearProbe", "ProjectionHead", "LARS", "nt_xent", "nt_xent_with_metrics", "resnet",
-    "feature_extractor", "WarmupCosine", "scaled_learning_rate",
+    "augment", "views", "preprocess_for_eval", "preprocess_for_train_single", "two_views",
+    "BatchNorm", "LinearProbe", "ProjectionHead", "LARS", "nt_xent", "nt_xent_with_metrics",
+    "resnet", "feature_extractor", "WarmupCosine", "scaled_learning_rate",
 ]

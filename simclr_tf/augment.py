@@ -1,8 +1,10 @@
-"""SimCLR's view augmentations (Chen et al. 2020, appendix A), batched and graph-only.
+"""SimCLR's image transforms (Chen et al. 2020, appendix A and Figure 4), batched and graph-only.
 
 This module owns the transforms that turn a batch of images into augmented views: random resized
 crop (+ resize), horizontal flip, colour jitter in a random order, random grayscale, Gaussian blur,
-and the evaluation centre crop. Every transform
+the other transforms of the paper's augmentation study (cutout, Sobel, noise, rotation), and the
+evaluation centre crop. Which transforms make a view, in which order, is a recipe (`views`).
+Every transform
 
 * works on a whole batch [B, H, W, 3] with per-image random parameters, vectorised (no per-image
   loop, no `tf.map_fn`), with graph ops only, so it runs inside `tf.data` `map` and inside
@@ -32,7 +34,7 @@ _HUE = 0.2
 # --------------------------------------------------------------------------------------------
 # Randomness and small helpers.
 
-def _as_seed(seed):
+def as_seed(seed):
     """Validates a seed and casts it to int64.
 
     stateless_split draws sub-seeds in the seed's own dtype, so without the cast an int32 and an
@@ -46,8 +48,15 @@ def _as_seed(seed):
     return tf.cast(seed, tf.int64)
 
 
-def _split_seed(seed, num):
-    return tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), num, alg=_RNG_ALG))
+def split_seed(seed, num):
+    """`num` independent seeds [2] drawn from `seed`."""
+    return tf.unstack(tf.random.experimental.stateless_split(as_seed(seed), num, alg=_RNG_ALG))
+
+
+def fold_seed(seed, value):
+    """A seed [2] derived from `seed` and the integer `value`."""
+    # An explicit algorithm: "auto_select" folds large int64 seeds differently under XLA.
+    return tf.random.experimental.stateless_fold_in(as_seed(seed), value, alg=_RNG_ALG)
 
 
 def _uniform(seed, batch_size, *dims):
@@ -57,7 +66,7 @@ def _uniform(seed, batch_size, *dims):
     few tenths of a second of XLA compile time, and a kernel launch per batch without XLA.
     """
     shape = tf.stack([batch_size, *dims])
-    bits = tf.random.stateless_uniform(shape, _as_seed(seed), minval=None, maxval=None,
+    bits = tf.random.stateless_uniform(shape, as_seed(seed), minval=None, maxval=None,
                                        dtype=tf.int32, alg=_RNG_ALG)
     low_bits = tf.bitwise.bitwise_and(bits, (1 << _UNIFORM_BITS) - 1)
     return tf.cast(low_bits, tf.float32) * (2.0 ** -_UNIFORM_BITS)
@@ -237,7 +246,7 @@ def _whole_image_boxes(images):
     return tf.tile(box[None], tf.stack([batch_size, 1]))
 
 
-def _resize(images, size):
+def resize(images, size):
     """Bilinear resize of whole images to float32 [B, size, size, C] in [0, 1]."""
     images = tf.convert_to_tensor(images)
     resized = _crop_and_resize(images, _whole_image_boxes(images), size)
@@ -306,7 +315,7 @@ def preprocess_for_eval(images, image_size, crop=True, crop_proportion=0.875):
     images = tf.convert_to_tensor(images)
     _check_images(images)
     if not crop:
-        return _resize(images, image_size)
+        return resize(images, image_size)
     if not 0.0 < crop_proportion <= 1.0:
         raise ValueError(f"crop_proportion must be in (0, 1], got {crop_proportion}")
     box = _centre_square_box(tf.shape(images)[1], tf.shape(images)[2], crop_proportion)
@@ -368,7 +377,7 @@ def to_grayscale(images):
     return tf.tile(_luma(to_float(images)), [1, 1, 1, 3])
 
 
-def _clip_unit(images):
+def clip_unit(images):
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
@@ -386,7 +395,7 @@ def _linear_colour_op(images, factor, luma_weight, mean_luma_weight):
     mean_luma = tf.reduce_mean(luma, axis=[1, 2, 3], keepdims=True)
     # The luma terms are summed on one channel before broadcasting to three.
     offset = _per_image(luma_weight) * luma + _per_image(mean_luma_weight) * mean_luma
-    return _clip_unit(_per_image(factor) * images + offset)
+    return clip_unit(_per_image(factor) * images + offset)
 
 
 def _adjust_hue(images, delta):
@@ -394,7 +403,7 @@ def _adjust_hue(images, delta):
     hue, saturation, value = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
     hue = hue + delta[:, None, None]
     hue = hue - tf.floor(hue)
-    return _clip_unit(tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1)))
+    return clip_unit(tf.image.hsv_to_rgb(tf.stack([hue, saturation, value], axis=-1)))
 
 
 def _sample_jitter_params(seed, batch_size, strength, random_order):
@@ -492,7 +501,7 @@ def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
     _check_probability("p_grayscale", p_grayscale)
     images = to_float(images)
     batch_size = _dim(images, 0)
-    jitter_seed, choice_seed = _split_seed(seed, 2)
+    jitter_seed, choice_seed = split_seed(seed, 2)
     jitter_draw, grayscale_draw = tf.unstack(_uniform(choice_seed, batch_size, 2), axis=1)
     jittered = color_jitter(images, jitter_seed, strength)
     images = _select_per_image(jitter_draw < p_jitter, jittered, images)
@@ -573,125 +582,18 @@ def random_gaussian_blur(images, seed, p=0.5, sigma_range=(0.1, 2.0)):
     sigma_draw, apply_draw = tf.unstack(_uniform(seed, batch_size, 2), axis=1)
     sigma = _in_range(sigma_draw, *sigma_range)
     kernels = _gaussian_kernels(sigma, _dim(images, 1) // 20)
-    blurred = _clip_unit(_blur_with_kernels(images, kernels))
+    blurred = clip_unit(_blur_with_kernels(images, kernels))
     return _select_per_image(apply_draw < p, blurred, images)
 
 
 # --------------------------------------------------------------------------------------------
-# Views.
+# The other transforms of the paper's Figure 4 (its augmentation study). The paper does not state
+# the cutout size or the noise level; those here are our choices.
 
-def train_view(images, seed, image_size, color_jitter_strength=1.0, use_blur=True, crop=True,
-               flip=True):
-    """One SimCLR training view per image: crop + resize, flip, colour distortion, blur.
-
-    Args:
-      images: [B, H, W, 3] uint8 or float images (H, W may be dynamic).
-      seed: int32/int64 tensor of shape [2]; the same seed gives the same view.
-      image_size: output side S in pixels.
-      color_jitter_strength: the colour-distortion strength s.
-      use_blur: apply Gaussian blur with p=0.5 (the paper uses it on ImageNet, not CIFAR-10).
-      crop: random resized crop; if False the whole image is only resized to S.
-      flip: random horizontal flip with p=0.5.
-
-    Returns:
-      float32 [B, S, S, 3] in [0, 1].
-    """
-    crop_seed, flip_seed, color_seed, blur_seed = _split_seed(seed, 4)
-    if crop:
-        views = random_resized_crop(images, crop_seed, image_size)
-    else:
-        views = _resize(images, image_size)
-    if flip:
-        views = random_flip_left_right(views, flip_seed)
-    views = random_color_jitter(views, color_seed, color_jitter_strength)
-    if use_blur:
-        views = random_gaussian_blur(views, blur_seed)
-    return _clip_unit(views)
-
-
-def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True, crop=True,
-              flip=True, augmentations=None, asymmetric=False):
-    """Two independently augmented views of each image (the positive pair).
-
-    Args:
-      images: [B, H, W, 3] uint8 or float images (H, W may be dynamic).
-      seed: int32/int64 tensor of shape [2]; each view gets its own seed split from it.
-      image_size, color_jitter_strength, use_blur, crop, flip: as in `train_view`.
-      augmentations: None for the paper's recipe (`train_view`), else an ordered list of
-        AUGMENTATIONS names (see `composed_view`; use_blur, crop and flip are then ignored).
-      asymmetric: augment view_a only; view_b is the untransformed image resized to S (the
-        paper's Figure 5 setting).
-
-    Returns:
-      (view_a, view_b), each float32 [B, S, S, 3] in [0, 1].
-    """
-    seed_a, seed_b = _split_seed(seed, 2)
-    options = dict(image_size=image_size, color_jitter_strength=color_jitter_strength,
-                   use_blur=use_blur, crop=crop, flip=flip)
-    if augmentations is not None or asymmetric:
-        return _ablation_views(images, seed_a, seed_b, options, augmentations, asymmetric)
-    return train_view(images, seed_a, **options), train_view(images, seed_b, **options)
-
-
-def preprocess_for_train_single(image, seed, image_size, **kwargs):
-    """The augmentation function for one image: `train_view` on a batch of one.
-
-    Args:
-      image: [H, W, 3] uint8 or float image (H, W may be dynamic).
-      seed: int32/int64 tensor of shape [2].
-      image_size: output side S in pixels.
-      **kwargs: the remaining `train_view` options.
-
-    Returns:
-      float32 [S, S, 3] in [0, 1].
-    """
-    return train_view(tf.convert_to_tensor(image)[None], seed, image_size, **kwargs)[0]
-
-
-# --------------------------------------------------------------------------------------------
-# The augmentation ablation (the paper's Figure 4 set, section 3 and Figure 5).
-#
-# `--augmentations` picks and orders transforms by name. Each name is one transform of Figure 4,
-# with the paper's probabilities where it gives them and always applied otherwise:
-#   crop    random resized crop (+ resize to S) and horizontal flip with p=0.5
-#   cutout  one square of zeros, half the image side, placed uniformly inside the image
-#   color   colour jitter with p=0.8, then grayscale with p=0.2 (strength s as the recipe)
-#   sobel   Sobel gradient magnitude of the luma (an edge map), as 3 equal channels
-#   noise   additive Gaussian noise, sigma drawn per image from [0, 0.1]
-#   blur    Gaussian blur with p=0.5 (as the recipe)
-#   rotate  rotation by 90, 180 or 270 degrees, drawn uniformly per image
-# The paper does not state the cutout size or the noise level; those here are our choices.
-
-AUGMENTATIONS = ("crop", "cutout", "color", "sobel", "noise", "blur", "rotate")
 CUTOUT_FRACTION = 0.5
 NOISE_STDDEV_RANGE = (0.0, 0.1)
 # Sobel responses are divided by this so that a sharp black-to-white edge maps to 1.
 _SOBEL_SCALE = 4.0
-
-
-def parse_augmentations(augmentations):
-    """'crop,color' (or a sequence of names) -> ('crop', 'color'), validated.
-
-    Raises:
-      ValueError: one line naming the allowed transforms, for an empty list, an unknown name or a
-        name given twice.
-    """
-    if isinstance(augmentations, str):
-        names = tuple(name.strip() for name in augmentations.split(","))
-    else:
-        names = tuple(augmentations)
-    allowed = ",".join(AUGMENTATIONS)
-    if not names or not all(names):
-        raise ValueError(f"augmentations={augmentations!r} has an empty name: give an ordered "
-                         f"comma-separated list from {allowed}")
-    unknown = [name for name in names if name not in AUGMENTATIONS]
-    if unknown:
-        raise ValueError(f"augmentations: unknown {','.join(unknown)}: give an ordered "
-                         f"comma-separated list from {allowed}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"augmentations={','.join(names)} names a transform twice: give each "
-                         f"of {allowed} at most once")
-    return names
 
 
 def cutout(images, seed, size_fraction=CUTOUT_FRACTION):
@@ -752,7 +654,7 @@ def sobel(images):
     kernels = tf.stack([d_dx, tf.transpose(d_dx)], axis=-1)[:, :, None, :]  # [3, 3, 1, 2]
     gradients = tf.nn.conv2d(luma, kernels, strides=1, padding="VALID")
     magnitude = tf.sqrt(tf.reduce_sum(tf.square(gradients), axis=-1, keepdims=True))
-    edges = _clip_unit(magnitude / _SOBEL_SCALE)
+    edges = clip_unit(magnitude / _SOBEL_SCALE)
     return tf.ensure_shape(tf.tile(edges, [1, 1, 1, 3]), images.shape)
 
 
@@ -778,12 +680,12 @@ def random_gaussian_noise(images, seed, stddev_range=NOISE_STDDEV_RANGE):
         raise ValueError(f"stddev_range must satisfy 0 <= low <= high, got {stddev_range}")
     images = to_float(images)
     _check_images(images)
-    sigma_seed, noise_seed = _split_seed(seed, 2)
+    sigma_seed, noise_seed = split_seed(seed, 2)
     batch_size = _dim(images, 0)
     sigma = _in_range(_uniform(sigma_seed, batch_size), *stddev_range)
     shape = tf.shape(images)
     noise = _standard_normal(noise_seed, batch_size, shape[1], shape[2], shape[3])
-    return _clip_unit(images + _per_image(sigma) * tf.reshape(noise, shape))
+    return clip_unit(images + _per_image(sigma) * tf.reshape(noise, shape))
 
 
 def rotate90(images, k):
@@ -830,63 +732,3 @@ def random_rotation(images, seed):
     images = to_float(images)
     k = 1 + tf.minimum(tf.cast(_uniform(seed, _dim(images, 0)) * 3.0, tf.int32), 2)
     return rotate90(images, k)
-
-
-def composed_view(images, seed, image_size, augmentations, color_jitter_strength=1.0):
-    """One view made by the named transforms in the given order (`--augmentations`).
-
-    Images enter at their own size when "crop" comes first (as in `train_view`); otherwise they
-    are first resized to S, so transforms before "crop" see the S x S image. The sub-seeds of crop,
-    flip, colour and blur are those of `train_view`, so "crop,color" is bit for bit the paper's
-    small-image recipe and "crop,color,blur" its ImageNet one.
-
-    Args:
-      images: [B, H, W, 3] uint8 or float images (H, W may be dynamic).
-      seed: int32/int64 tensor of shape [2].
-      image_size: output side S in pixels.
-      augmentations: names from AUGMENTATIONS, as a comma-separated string or a sequence.
-      color_jitter_strength: the strength s of "color".
-
-    Returns:
-      float32 [B, S, S, 3] in [0, 1].
-    """
-    names = parse_augmentations(augmentations)
-    crop_seed, flip_seed, color_seed, blur_seed = _split_seed(seed, 4)
-    # An explicit algorithm: "auto_select" folds large int64 seeds differently under XLA.
-    extra_seed = tf.random.experimental.stateless_fold_in(_as_seed(seed), 1, alg=_RNG_ALG)
-    cutout_seed, noise_seed, rotate_seed = _split_seed(extra_seed, 3)
-    views = images if names[0] == "crop" else _resize(tf.convert_to_tensor(images), image_size)
-    for name in names:
-        if name == "crop":
-            views = random_resized_crop(views, crop_seed, image_size)
-            views = random_flip_left_right(views, flip_seed)
-        elif name == "cutout":
-            views = cutout(views, cutout_seed)
-        elif name == "color":
-            views = random_color_jitter(views, color_seed, color_jitter_strength)
-        elif name == "sobel":
-            views = sobel(views)
-        elif name == "noise":
-            views = random_gaussian_noise(views, noise_seed)
-        elif name == "blur":
-            views = random_gaussian_blur(views, blur_seed)
-        elif name == "rotate":
-            views = random_rotation(views, rotate_seed)
-    return _clip_unit(to_float(views))
-
-
-def identity_view(images, image_size):
-    """The untransformed branch of the asymmetric setting: the whole image resized to S."""
-    return _clip_unit(_resize(tf.convert_to_tensor(images), image_size))
-
-
-def _ablation_views(images, seed_a, seed_b, options, augmentations, asymmetric):
-    """`two_views` for --augmentations and/or --asymmetric_augment (see there)."""
-    def view(seed):
-        if augmentations is None:
-            return train_view(images, seed, **options)
-        return composed_view(images, seed, options["image_size"], augmentations,
-                             options["color_jitter_strength"])
-
-    view_b = identity_view(images, options["image_size"]) if asymmetric else view(seed_b)
-    return view(seed_a), view_b

@@ -18,6 +18,7 @@ import tensorflow as tf
 _MIN_FUSED_EPSILON = 1.001e-5
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class BatchNorm(keras.layers.Layer):
     """Batch normalisation over the last axis, for 2-D and 4-D (NHWC) inputs.
 

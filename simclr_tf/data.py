@@ -2,7 +2,7 @@
 
 Owns reading images (tensorflow-datasets builders, image folders, Debian's Fashion-MNIST prepared
 offline), splitting the reading between input pipelines, shuffling, batching with static shapes and
-the stateless seeds of the augmentations. The view transforms themselves live in `augment`.
+the stateless seeds of the augmentations. How views are made lives in `views` and `augment`.
 
 Dataset names:
   * a tensorflow-datasets name (`cifar10`, `fashion_mnist`, `imagenet2012:5.1.0`): read from
@@ -18,7 +18,7 @@ Dataset names:
     them (`image_files`); `DatasetInfo.num_examples` counts the files kept. A file that passes
     those checks but still fails to decode is dropped by `Dataset.ignore_errors` (TF's warning).
 
-Images stay uint8 through shuffling and batching; `augment` turns them into float32 views. Grayscale
+Images stay uint8 through shuffling and batching; `views` turns them into float32 views. Grayscale
 images become 3 channels (tiled) and RGBA images drop alpha.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import augment, image_files
+from simclr_tf import augment, image_files, views as views_lib
 
 FOLDER_PREFIX = "folder:"
 FOLDER_SPLITS = ("train", "validation", "test")
@@ -123,7 +123,7 @@ def load_images(dataset: str, split: str, data_dir: str | None = None,
 def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,
                      data_dir: str | None = None,
                      input_context: tf.distribute.InputContext | None = None,
-                     color_jitter_strength: float = 1.0, use_blur: bool = True, crop: bool = True,
+                     color_jitter_strength: float = 1.0, use_blur: bool = True,
                      seed: int | None = 0, shuffle_buffer: int = 10000,
                      cache: bool = False, augmentations: str | None = None,
                      asymmetric: bool = False) -> tf.data.Dataset:
@@ -138,9 +138,8 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     Args:
       batch_size: examples per batch of THIS pipeline (the per-replica batch).
       image_size: side S of the square views.
-      color_jitter_strength, use_blur, crop: passed to `augment.two_views` (the random resized
-        crop is part of SimCLR; crop=False exists for ablations).
-      augmentations, asymmetric: the augmentation ablation, passed to `augment.two_views`.
+      color_jitter_strength, use_blur: the paper's recipe, passed to `views.two_views`.
+      augmentations, asymmetric: the augmentation ablation, passed to `views.two_views`.
       cache: keep the decoded uint8 images in memory after the first epoch.
       seed: seed of the shuffles and views; None draws them afresh wherever the pipeline runs
         (needed on tf.data service, whose workers would otherwise all produce the same stream).
@@ -165,9 +164,9 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
 
     def views(step, image, label, view_shape):
         step_seed = tf.random.experimental.stateless_fold_in(base_seed, step)
-        view_a, view_b = augment.two_views(
+        view_a, view_b = views_lib.two_views(
             image, step_seed, image_size, color_jitter_strength=color_jitter_strength,
-            use_blur=use_blur, crop=crop, augmentations=augmentations, asymmetric=asymmetric)
+            use_blur=use_blur, augmentations=augmentations, asymmetric=asymmetric)
         return {VIEW_A: tf.ensure_shape(view_a, view_shape),
                 VIEW_B: tf.ensure_shape(view_b, view_shape),
                 LABEL: tf.ensure_shape(label, view_shape[:1])}

@@ -19,11 +19,13 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
 from simclr_tf import data as data_lib
-from simclr_tf import export as export_lib
 from simclr_tf import finetune
+from simclr_tf import loop
 from simclr_tf import supervised_data
+from simclr_tf.classifier import build_classifier
 
 METRICS = ("loss", "distill_loss", "label_loss", "train_acc", "teacher_agreement",
            "learning_rate")
@@ -71,7 +73,7 @@ def resolve_teacher(teacher):
         raise finetune.FinetuneError(
             f"teacher {path} is a {run.train.train_mode} run: distil from a fine-tuned run "
             "(--train_mode=finetune)")
-    return Teacher(run, export_lib.resolve_checkpoint(model_dir, None if is_dir else path))
+    return Teacher(run, checkpoints.resolve(model_dir, None if is_dir else path))
 
 
 class Distiller(finetune.Finetuner):
@@ -79,10 +81,12 @@ class Distiller(finetune.Finetuner):
     restored once, frozen, and runs in inference mode on the student's augmented images."""
 
     metrics = METRICS
+    loss_parts = {"distill_loss": "distill", "label_loss": "label"}
+    verb = "Distilling into"
 
     def __init__(self, config, strategy, schedule, num_classes, teacher):
         shapes = dict(tf.train.list_variables(teacher.checkpoint))
-        kernel = shapes.get("classifier/kernel/.ATTRIBUTES/VARIABLE_VALUE")
+        kernel = shapes.get(f"{checkpoints.CLASSIFIER}/kernel/.ATTRIBUTES/VARIABLE_VALUE")
         if kernel and kernel[-1] != num_classes:
             raise finetune.FinetuneError(
                 f"teacher {teacher.checkpoint} predicts {kernel[-1]} classes but "
@@ -90,15 +94,9 @@ class Distiller(finetune.Finetuner):
         super().__init__(config, strategy, schedule, num_classes)
         with strategy.scope():
             # Any input size: the teacher may have been fine-tuned at another image_size.
-            self.teacher = finetune.build_classifier(teacher.config, num_classes,
-                                                     image_size=None)
-        status = tf.train.Checkpoint(**self.teacher.checkpoint_items()).read(teacher.checkpoint)
-        try:
-            status.assert_existing_objects_matched()
-        except AssertionError as e:
-            raise finetune.FinetuneError(f"teacher checkpoint {teacher.checkpoint} does not "
-                                         f"match its config.json ({str(e)[:200]})") from None
-        status.expect_partial()  # the teacher's optimiser slots are not needed
+            self.teacher = build_classifier(teacher.config, num_classes, image_size=None)
+        # The teacher's optimiser slots are not needed.
+        checkpoints.read_parts(teacher.checkpoint, **self.teacher.checkpoint_items())
 
     def loss_and_metrics(self, batch):
         images = batch[supervised_data.IMAGE]
@@ -125,7 +123,7 @@ def run_distillation(config, strategy, source=None, on_checkpoint=None, stop_req
       config, source: from `finetune.prepare` (the student's architecture: the flags, or the
         pretraining run `--checkpoint` names, which also gives its initial weights).
       strategy: the tf.distribute strategy.
-      on_checkpoint, stop_requested: as in `finetune.train_classifier`.
+      on_checkpoint, stop_requested: as in `loop.run`.
 
     Returns:
       (distiller, last metrics).
@@ -137,14 +135,14 @@ def run_distillation(config, strategy, source=None, on_checkpoint=None, stop_req
         raise finetune.FinetuneError(f"dataset {config.data.dataset} has no classes to distil")
     subset = finetune.labelled_subset(config) if config.distill.distill_label_weight else None
     # Epochs count passes over the whole (unlabelled) training split.
-    schedule = finetune.make_schedule(config, info.num_examples)
+    schedule = finetune.schedule_for(config, num_examples=info.num_examples)
     trainer = Distiller(config, strategy, schedule, info.num_classes, teacher)
     logging.info("Distilling %s (resnet%d x%d) into resnet%d x%d, temperature %g, label weight %g",
                  teacher.checkpoint, teacher.config.encoder.resnet_depth,
                  teacher.config.encoder.width_multiplier, config.encoder.resnet_depth,
                  config.encoder.width_multiplier, config.distill.distill_temperature,
                  config.distill.distill_label_weight)
-    metrics = finetune.train_classifier(
+    metrics = loop.run(
         trainer, config, strategy, finetune.make_dataset_fn(config, subset, mark_subset=True),
         initialize=(lambda: finetune.initialize_from(trainer.model, source)) if source else None,
         on_checkpoint=on_checkpoint, stop_requested=stop_requested)

@@ -1,16 +1,26 @@
-"""tf.distribute strategies by name, and which worker writes what.
+"""tf.distribute strategies by name, the cluster they run on, and which worker writes what.
 
-Only the chief of a multi-worker run writes checkpoints, summaries and exports to `model_dir`; the
-other workers still take part in saving (collectives may be involved) but write to a private
-temporary directory that is removed afterwards.
+`check_tf_config` checks TF_CONFIG before a multi-worker strategy tries to use it. Only the chief
+of a multi-worker run writes checkpoints, summaries and exports to `model_dir`; the other workers
+still take part in saving (collectives may be involved) but write to a private temporary
+directory that is removed afterwards.
 """
 
+import json
 import os
+import re
 import shutil
 
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]/]+):\d{1,5}")
+
+
+class TFConfigError(ValueError):
+    """TF_CONFIG cannot describe this run's cluster; the message is one line saying what to fix."""
+
+
 
 
 def split_cpu(num_replicas):
@@ -81,3 +91,39 @@ def remove_worker_dir(path, model_dir):
     """Deletes a non-chief worker's temporary directory (never the chief's model_dir)."""
     if os.path.abspath(path) != os.path.abspath(model_dir):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def check_tf_config(text):
+    """TFConfigError unless TF_CONFIG (`text`; empty: one worker) is a usable cluster spec."""
+    if not text or not text.strip():
+        return
+    example = ('e.g. {"cluster": {"worker": ["host1:2222", "host2:2222"]}, '
+               '"task": {"type": "worker", "index": 0}}')
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        raise TFConfigError(f"TF_CONFIG is not valid JSON ({e}): expected {example}") from None
+    if not isinstance(spec, dict):
+        raise TFConfigError(f"TF_CONFIG must be a JSON object, got {type(spec).__name__}: "
+                            f"expected {example}")
+    cluster, task = spec.get("cluster"), spec.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise TFConfigError(f"TF_CONFIG has no \"cluster\" of jobs: expected {example}")
+    for job, addresses in cluster.items():
+        if isinstance(addresses, dict):
+            addresses = list(addresses.values())
+        if (not isinstance(addresses, list) or not addresses
+                or not all(isinstance(a, str) and _HOST_PORT.fullmatch(a) for a in addresses)):
+            raise TFConfigError(f"TF_CONFIG cluster job {job!r} must be a list of \"host:port\" "
+                                f"strings, got {addresses!r}")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise TFConfigError(f"TF_CONFIG has no \"task\" with \"type\" and \"index\" (which of "
+                            f"the cluster's tasks this process is): expected {example}")
+    job, index = task["type"], task["index"]
+    if job not in cluster:
+        raise TFConfigError(f"TF_CONFIG task type {job!r} is not a job of its cluster "
+                            f"({', '.join(sorted(cluster))})")
+    count = len(cluster[job])
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise TFConfigError(f"TF_CONFIG task index {index!r} is out of range: job {job!r} has "
+                            f"{count} task(s), indices 0 to {count - 1}")

@@ -30,16 +30,17 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
 from simclr_tf import data as data_lib
-from simclr_tf import export as export_lib
 from simclr_tf import finetune
 from simclr_tf import knn as knn_lib
-from simclr_tf.heads import LinearProbe
+from simclr_tf import models
+from simclr_tf.classifier import build_classifier
+from simclr_tf.schedules import make_schedule
 
 RESULTS_FILENAME = "results.json"
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
-PROBE_CHECKPOINT_KEY = "linear_probe"
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,16 +77,16 @@ def encoder_for_evaluation(encoder, config):
     """
     if _takes_size(encoder, eval_image_size(config)):
         return encoder
-    copy = config.encoder.build(None, global_bn=False)
+    copy = models.build_encoder(config.encoder, None, global_bn=False)
     copy.set_weights(encoder.get_weights())
     return copy
 
 
 def classifier_for_evaluation(model, config):
-    """As `encoder_for_evaluation`, for a `finetune.Classifier`."""
+    """As `encoder_for_evaluation`, for a `classifier.Classifier`."""
     if _takes_size(model.encoder, eval_image_size(config)):
         return model
-    copy = finetune.build_classifier(config, model.logits_layer.units, image_size=None)
+    copy = build_classifier(config, model.num_classes, image_size=None)
     for name, part in model.checkpoint_items().items():
         copy.checkpoint_items()[name].set_weights(part.get_weights())
     return copy
@@ -290,16 +291,11 @@ def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), 
 
 
 def evaluate_classifier(model, config):
-    """top-1 / top-5 of a `finetune.Classifier` (inference mode) on the eval split."""
+    """top-1 / top-5 of a `classifier.Classifier` (inference mode) on the eval split."""
     model = classifier_for_evaluation(model, config)
     logits, labels = extract(lambda images: model(images, training=False),
                              eval_batches(config, config.data.eval_split))
     return {"num_examples": int(len(labels)), **accuracies(logits, labels)}
-
-
-def _has_probe(path):
-    return any(name.startswith(f"{PROBE_CHECKPOINT_KEY}/")
-               for name, _ in tf.train.list_variables(path))
 
 
 def evaluate_checkpoint(config, path):
@@ -310,17 +306,17 @@ def evaluate_checkpoint(config, path):
         raise ValueError(f"eval_split {config.data.eval_split!r} of {config.data.dataset} has no "
                          "labels to evaluate with")
     mode = config.train.train_mode
-    results = {"step": export_lib.checkpoint_step(path), "checkpoint": path, "train_mode": mode,
+    results = {"step": checkpoints.step_of(path), "checkpoint": path, "train_mode": mode,
                "eval_split": config.data.eval_split}
     if mode == "pretrain":
         protocols = config_lib.parse_protocols(config.eval.eval_protocols)
-        encoder = config.encoder.build(config.data.image_size, global_bn=False)
-        export_lib.restore_encoder(encoder, path)
+        encoder = models.build_encoder(config.encoder, config.data.image_size, global_bn=False)
+        checkpoints.restore_encoder(encoder, path)
         probe = None
-        if "probe" in protocols and _has_probe(path):
-            probe = LinearProbe(info.num_classes, name=PROBE_CHECKPOINT_KEY)
-            probe.build((None, config.encoder.output_dim))
-            tf.train.Checkpoint(linear_probe=probe).read(path).expect_partial()
+        if "probe" in protocols and checkpoints.holds(path, checkpoints.LINEAR_PROBE):
+            probe = models.build_linear_probe(info.num_classes,
+                                              models.encoder_output_dim(encoder))
+            checkpoints.read_parts(path, **{checkpoints.LINEAR_PROBE: probe})
         elif "probe" in protocols:
             if set(protocols) == {"probe"}:
                 raise ValueError(f"checkpoint {path} has no linear probe (it was trained with "
@@ -334,10 +330,8 @@ def evaluate_checkpoint(config, path):
             results.update(protocol=main, top1=results[f"{main}_top1"],
                            top5=results[f"{main}_top5"])
     else:
-        model = finetune.build_classifier(config, info.num_classes)
-        status = tf.train.Checkpoint(**model.checkpoint_items()).read(path)
-        status.assert_existing_objects_matched()
-        status.expect_partial()  # optimiser slots
+        model = build_classifier(config, info.num_classes)
+        checkpoints.read_parts(path, **model.checkpoint_items())  # not the optimiser slots
         results.update(protocol="classifier", **evaluate_classifier(model, config))
     return results
 
@@ -376,16 +370,11 @@ def _summary_line(results):
 
 def total_steps(config):
     """The final step of the run `config` describes (where watching its checkpoints stops)."""
+    if config.train.train_mode == "finetune":  # epochs over the labelled examples
+        return finetune.schedule_for(config, finetune.labelled_subset(config)).total_steps
     info = data_lib.dataset_info(config.data.dataset, config.data.train_split,
                                  config.data.data_dir)
-    if config.train.train_mode == "finetune":
-        subset = finetune.labelled_subset(config)
-        return finetune.make_schedule(
-            config, info.num_examples if subset is None else len(subset)).total_steps
-    if config.train.train_mode == "distill":
-        return finetune.make_schedule(config, info.num_examples).total_steps
-    from simclr_tf import train  # the pretraining schedule
-    return train.make_schedule(config.train, config.optimizer, info.num_examples).total_steps
+    return make_schedule(config.train, config.optimizer, info.num_examples).total_steps
 
 
 def run_evaluation(config, checkpoint=None):
@@ -396,7 +385,7 @@ def run_evaluation(config, checkpoint=None):
     """
     model_dir = config.train.model_dir
     if checkpoint is not None:
-        path = export_lib.resolve_checkpoint(model_dir, checkpoint)
+        path = checkpoints.resolve(model_dir, checkpoint)
         return _evaluate_and_write(config, path)
     final = total_steps(config)
     results = None
@@ -432,7 +421,7 @@ def _evaluate_and_write(config, path):
 class KnnMonitor:
     """kNN accuracy of the current f every `eval.eval_every` steps, as a training-loop hook.
 
-    Call it as `monitor(trainer, step)` after each compiled loop (`train.run_pretraining`'s
+    Call it as `monitor(trainer, step)` after each compiled loop (`pretrain.run_pretraining`'s
     `on_loop_end`); it runs when a multiple of `eval_every` was passed since the last run (exactly
     at the multiple when `steps_per_loop` divides `eval_every`). f runs in inference mode, so the
     training state is untouched. Writes `monitor/knn_top1|top5` to `<model_dir>/eval_<split>/`.

@@ -29,18 +29,22 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import socket
 import tempfile
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import trackable_object_graph_pb2
+from absl import logging
 
+from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
-from simclr_tf import guards
+from simclr_tf import models
 from simclr_tf.augment import preprocess_for_eval
-from simclr_tf.resnet import BLOCK_GROUP_ENDPOINTS, feature_extractor
+from simclr_tf.checkpoints import read_export_metadata as load_metadata
+from simclr_tf.resnet import BLOCK_GROUP_ENDPOINTS, OUTPUT_ENDPOINT, feature_extractor
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
@@ -48,15 +52,13 @@ FEATURE_MAPS = "feature_maps"
 IMAGES = "images"
 IMAGE_BYTES = "image_bytes"
 EMBEDDING = "embedding"
-METADATA_FILENAME = "simclr_export.json"
+METADATA_FILENAME = os.path.basename(checkpoints.EXPORT_METADATA)
 METADATA_FORMAT_VERSION = 1
-ENCODER_CHECKPOINT_KEY = "encoder"
 CROP_PROPORTION = 0.875
 # Serving inputs may miss [0, 1] by float rounding; anything further is a caller bug (0-255 pixels,
 # mean/std normalisation) that would silently give meaningless embeddings.
 VALUE_TOLERANCE = 1e-3
 _EXPECTED_IMAGES = "images must be float32 [batch, height, width, 3] with values in [0, 1]"
-_OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 # Dtypes `__call__` names in a clear refusal (rather than the SavedModel's "Could not find matching
 # concrete function"): decoded images (uint8), numpy's default integers and floats, half floats.
 REFUSED_CALL_DTYPES = (tf.uint8, tf.int32, tf.int64, tf.float16, tf.float64)
@@ -76,7 +78,7 @@ def export_encoder(encoder, export_base, step, run_config, include_feature_maps=
     strategy: a plain copy (per-replica BN, no cross-replica ops) gets its weights.
 
     Args:
-      encoder: the Keras encoder f, as `run_config.encoder.build(...)` made it.
+      encoder: the Keras encoder f, as `models.build_encoder(run_config.encoder, ...)` made it.
       export_base: directory holding the integer version directories.
       step: global step; the version directory's name.
       run_config: the run's `RunConfig` (encoder settings, image size).
@@ -117,17 +119,18 @@ def export_checkpoint(model_dir, export_base, checkpoint=None, include_feature_m
       The path of the version directory.
 
     Raises:
-      ExportError: no such run or checkpoint, a checkpoint that does not hold this encoder, or a
-        different model already under this version.
+      checkpoints.CheckpointError: no such run or checkpoint, or one that does not hold this
+        encoder.
+      ExportError: no config.json, or a different model already under this version.
     """
-    path = resolve_checkpoint(model_dir, checkpoint)
+    path = checkpoints.resolve(model_dir, checkpoint)
     try:
         run_config = config_lib.load(model_dir)
     except config_lib.ConfigError as e:
         raise ExportError(str(e)) from None
     plain = _plain_encoder(run_config)
-    restore_encoder(plain, path)
-    step = checkpoint_step(path)
+    checkpoints.restore_encoder(plain, path)
+    step = checkpoints.step_of(path)
     return _write_version(plain, export_base, step, run_config, include_feature_maps, source=path)
 
 
@@ -155,17 +158,8 @@ def list_versions(export_base):
     return sorted(versions)
 
 
-def load_metadata(version_dir):
-    """The export's metadata dict (`<version_dir>/assets/simclr_export.json`)."""
-    path = metadata_path(version_dir)
-    if not tf.io.gfile.exists(path):
-        raise ExportError(f"{path} not found: is {version_dir} a simclr_tf export version?")
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
 def metadata_path(version_dir):
-    return os.path.join(version_dir, "assets", METADATA_FILENAME)
+    return os.path.join(version_dir, checkpoints.EXPORT_METADATA)
 
 
 def load_encoder(version_dir):
@@ -175,8 +169,7 @@ def load_encoder(version_dir):
     instead: same architecture (from the metadata) and the SavedModel's weights.
     """
     meta = load_metadata(version_dir)
-    encoder_config = config_lib.EncoderConfig(**meta["encoder"])
-    model = _build_plain(encoder_config)
+    model = models.build_float32_encoder(config_lib.EncoderConfig(**meta["encoder"]))
     saved = tf.saved_model.load(version_dir)
     shapes = [tuple(v.shape) for v in saved.variables]
     if shapes != [tuple(v.shape) for v in model.variables]:
@@ -202,138 +195,13 @@ def fingerprint(encoder_config, image_size, weights):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints.
-
-def resolve_checkpoint(model_dir, checkpoint=None):
-    """The checkpoint prefix that `checkpoint` names in `model_dir` (None: the latest)."""
-    if not tf.io.gfile.exists(model_dir):
-        raise ExportError(f"model_dir {model_dir} does not exist")
-    if not tf.io.gfile.isdir(model_dir):
-        raise ExportError(f"model_dir {model_dir} is not a directory")
-    if checkpoint is None:
-        path = tf.train.latest_checkpoint(model_dir)
-        if path is None:
-            raise ExportError(f"no checkpoint in {model_dir}: train first, or pass --checkpoint")
-        return path
-    checkpoint = str(checkpoint)
-    candidates = [checkpoint, os.path.join(model_dir, checkpoint)]
-    if checkpoint.isdigit():
-        candidates.append(os.path.join(model_dir, f"ckpt-{checkpoint}"))
-    for path in candidates:
-        if tf.io.gfile.exists(f"{path}.index"):
-            return path
-    raise ExportError(f"checkpoint {checkpoint!r} not found in {model_dir}; available: "
-                      f"{_available_checkpoints(model_dir) or 'none'}")
-
-
-def restore_encoder(encoder, path):
-    """Restores only the checkpoint's `encoder` entry into `encoder`; every variable must be there.
-
-    `assert_existing_objects_matched` alone is not enough: a variable whose checkpoint node has
-    no saved value counts as matched and silently keeps its initial value. So the checkpoint's
-    object graph is checked first: as many encoder values as the model has variables, each
-    present among the checkpoint's tensors.
-
-    Raises:
-      ExportError: the checkpoint has no encoder, or one that does not match `encoder`.
-    """
-    keys, missing = _encoder_value_keys(path)
-    if not keys and not missing:
-        raise ExportError(f"checkpoint {path} has no '{ENCODER_CHECKPOINT_KEY}' entry: is it a "
-                          "simclr_tf pretraining checkpoint?")
-    if missing:
-        raise ExportError(f"checkpoint {path} misses the values of {len(missing)} encoder "
-                          f"variable(s), e.g. {missing[0]}: it is incomplete")
-    if len(keys) != len(encoder.variables):
-        raise ExportError(f"checkpoint {path} holds {len(keys)} encoder variables but the run's "
-                          f"config.json builds {len(encoder.variables)}: config and checkpoint "
-                          "disagree")
-    problem = None
-    logger = tf.get_logger()
-    level = logger.level
-    # A failed restore warns about every unrestored value when it is released; the ExportError
-    # below says all there is to say.
-    logger.setLevel("ERROR")
-    try:
-        try:
-            status = tf.train.Checkpoint(**{ENCODER_CHECKPOINT_KEY: encoder}).read(path)
-            # The projection head, probe and optimiser slots stay behind on purpose.
-            status.expect_partial()
-            status.assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as e:
-            problem = _first_line(e)
-    finally:
-        logger.setLevel(level)
-    if problem is not None:
-        raise ExportError(f"checkpoint {path} does not hold this encoder: {problem}")
-
-
-def checkpoint_step(path):
-    """The global step of a checkpoint: the optimiser's iteration count, else its number."""
-    reader = tf.train.load_checkpoint(path)
-    for key in reader.get_variable_to_shape_map():
-        if re.fullmatch(r"optimizer/(_iterations|iter|iterations)/\.ATTRIBUTES/VARIABLE_VALUE",
-                        key):
-            return int(reader.get_tensor(key))
-    match = re.search(r"-(\d+)$", path)
-    if match:
-        return int(match.group(1))
-    raise ExportError(f"cannot tell the global step of checkpoint {path}")
-
-
-def _encoder_value_keys(path):
-    """(keys of the encoder's variable values, those missing from the checkpoint's tensors).
-
-    Read from the checkpoint's object graph, not from key prefixes: a variable is saved once,
-    under whichever path reaches it first (the encoder's trainable variables are keyed under
-    `optimizer/`). A variable node with no value at all is not listed: the count check catches it.
-    """
-    try:
-        reader = tf.train.load_checkpoint(path)
-        graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
-            reader.get_tensor(_OBJECT_GRAPH_KEY))
-    except (tf.errors.OpError, ValueError) as e:
-        raise ExportError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
-    todo = [c.node_id for c in graph.nodes[0].children if c.local_name == ENCODER_CHECKPOINT_KEY]
-    seen = set(todo)
-    keys, missing = [], []
-    while todo:
-        node = graph.nodes[todo.pop()]
-        values = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
-        if values:
-            (keys if reader.has_tensor(values[0]) else missing).append(values[0])
-        for c in node.children:
-            if c.node_id not in seen:
-                seen.add(c.node_id)
-                todo.append(c.node_id)
-    return keys, missing
-
-
-def _available_checkpoints(model_dir):
-    state = tf.train.get_checkpoint_state(model_dir)
-    if state is None:
-        return ""
-    return ", ".join(os.path.basename(p) for p in state.all_model_checkpoint_paths)
-
-
-# --------------------------------------------------------------------------------------------
 # The SavedModel.
 
 def _plain_encoder(run_config):
     if tf.distribute.has_strategy():
         raise ExportError("export was called inside strategy.scope(): call it outside, so the "
                           "SavedModel holds no distributed variables")
-    return _build_plain(run_config.encoder)
-
-
-def _build_plain(encoder_config):
-    """f with per-replica BN, float32 and any input size, whatever the global Keras policy."""
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        return encoder_config.build(image_size=None, global_bn=False)
-    finally:
-        keras.config.set_dtype_policy(policy)
+    return models.build_float32_encoder(run_config.encoder)
 
 
 class _ReusableEncoder(tf.Module):
@@ -400,7 +268,7 @@ def _build_module(encoder, image_size, include_feature_maps, metadata_file):
         def feature_maps(images):
             outputs = features(_checked_images(images), training=False)
             maps = {name: outputs[name] for name in BLOCK_GROUP_ENDPOINTS}
-            return {EMBEDDING: outputs["final_avg_pool"], **maps}
+            return {EMBEDDING: outputs[OUTPUT_ENDPOINT], **maps}
 
         signatures[FEATURE_MAPS] = feature_maps
     return root, signatures
@@ -493,9 +361,9 @@ def _write_version(encoder, export_base, step, run_config, include_feature_maps,
     if tf.io.gfile.exists(version_dir):
         return _same_export(version_dir, digest, include_feature_maps)
     meta = _metadata(run_config, step, encoder, digest, include_feature_maps, source)
-    guards.remove_stale_exports(export_base)
+    remove_stale_exports(export_base)
     tf.io.gfile.makedirs(export_base)
-    tmp_dir = os.path.join(export_base, guards.export_temporary_name(step))
+    tmp_dir = os.path.join(export_base, _temporary_name(step))
     if tf.io.gfile.exists(tmp_dir):
         tf.io.gfile.rmtree(tmp_dir)
     try:
@@ -524,7 +392,7 @@ def _same_export(version_dir, digest, include_feature_maps):
     """Returns version_dir when it already holds this very export, else raises."""
     try:
         existing = load_metadata(version_dir)
-    except (ExportError, ValueError) as e:
+    except (checkpoints.CheckpointError, ValueError) as e:
         raise ExportError(f"{version_dir} exists and is not a readable simclr_tf export "
                           f"({_first_line(e)}): move it away or export elsewhere") from None
     if existing.get("fingerprint") != digest:
@@ -537,6 +405,41 @@ def _same_export(version_dir, digest, include_feature_maps):
                           f"{existing.get('include_feature_maps')}: delete it to re-export with "
                           f"include_feature_maps={include_feature_maps}")
     return version_dir
+
+
+def _temporary_name(step):
+    """`.tmp-<step>-<host>-<pid>`: TF Serving skips dot names; host and pid tell who wrote it."""
+    return f".tmp-{step}-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_exports(export_base):
+    """Deletes the temporary directories of exports to `export_base` (local) that were killed.
+
+    Only this host's, whose writing process is gone: a writer on another host sharing the
+    directory may still be at work.
+    """
+    if not checkpoints.is_local(export_base) or not os.path.isdir(export_base):
+        return
+    removed = []
+    for name in os.listdir(export_base):
+        match = re.fullmatch(r"\.tmp-\d+-(.+)-(\d+)", name)
+        if (match and match.group(1) == socket.gethostname()
+                and not _process_alive(int(match.group(2)))):
+            shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
+            removed.append(os.path.join(export_base, name))
+    if removed:
+        logging.info("Removed what an interrupted export left half-written: %s",
+                     ", ".join(removed))
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_step(step):

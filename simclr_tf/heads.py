@@ -2,8 +2,8 @@
 
 The projection head follows SimCLR/SimCLRv2: `num_proj_layers` dense layers, each followed by BN;
 ReLU on all but the last; the last BN has no centring (no beta). Dense layers have no bias because
-a BN follows. It returns z and the list of intermediate outputs (index 0 is h itself), from which
-SimCLRv2 fine-tunes (`ft_proj_selector`).
+a BN follows. It returns z and the list of intermediate outputs (index 0 is h itself); `up_to(h, j)`
+runs only its first j layers, the input SimCLRv2 fine-tunes from (`ft_proj_selector`).
 """
 
 import keras
@@ -14,6 +14,7 @@ from simclr_tf.batchnorm import BatchNorm
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class ProjectionHead(keras.layers.Layer):
     """g: h -> z.
 
@@ -49,29 +50,46 @@ class ProjectionHead(keras.layers.Layer):
         hidden = self.hidden_dim or int(input_shape[-1])
         for j in range(self.num_layers):
             last = j == self.num_layers - 1
-            self.dense_layers.append(keras.layers.Dense(
+            dense = keras.layers.Dense(
                 self.out_dim if last else hidden, use_bias=False,
                 kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
-                name=f"dense_{j}"))
-            self.bn_layers.append(BatchNorm(
-                self.bn_momentum, self.bn_epsilon, center=not last,
-                synchronized=self.global_bn, name=f"bn_{j}"))
+                name=f"dense_{j}")
+            bn = BatchNorm(self.bn_momentum, self.bn_epsilon, center=not last,
+                           synchronized=self.global_bn, name=f"bn_{j}")
+            self.dense_layers.append(dense)
+            self.bn_layers.append(bn)
         width = int(input_shape[-1])
         for dense, bn in zip(self.dense_layers, self.bn_layers):
             dense.build((None, width))
             width = dense.units
             bn.build((None, width))
 
+    def _layer(self, j, x, training):
+        """Dense layer j (from 0), its BN, and a ReLU unless it is the last layer."""
+        x = self.bn_layers[j](self.dense_layers[j](x), training=training)
+        return x if j == self.num_layers - 1 else tf.nn.relu(x)
+
     def call(self, h, training=False):
         """Returns (z, hiddens): hiddens[0] is h, hiddens[j] the output of layer j."""
         hiddens = [h]
+        for j in range(self.num_layers):
+            hiddens.append(self._layer(j, hiddens[-1], training))
+        return hiddens[-1], hiddens
+
+    def up_to(self, h, layer, training=False):
+        """hiddens[layer] of `call`, running only the first `layer` layers (the later layers'
+        batch-norm statistics are left as they are)."""
+        if not 0 <= layer <= self.num_layers:
+            raise ValueError(f"layer must be in 0..{self.num_layers} for this {self.num_layers}-"
+                             f"layer head, got {layer}")
         x = h
-        for j, (dense, bn) in enumerate(zip(self.dense_layers, self.bn_layers)):
-            x = bn(dense(x), training=training)
-            if j != self.num_layers - 1:
-                x = tf.nn.relu(x)
-            hiddens.append(x)
-        return x, hiddens
+        for j in range(layer):
+            x = self._layer(j, x, training)
+        return x
+
+    def output_dim(self, layer):
+        """Width of hiddens[layer] (layer >= 1; the head must be built)."""
+        return self.dense_layers[layer - 1].units
 
     def get_config(self):
         config = super().get_config()
@@ -87,12 +105,14 @@ def logits_initializer(zero_init=False):
     return "zeros" if zero_init else keras.initializers.RandomNormal(stddev=0.01)
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class LinearProbe(keras.layers.Layer):
     """A linear classifier on stop_gradient(h): labels never reach f or g through it."""
 
     def __init__(self, num_classes, zero_init=False, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
+        self.zero_init = zero_init
         self.dense = keras.layers.Dense(
             num_classes, kernel_initializer=logits_initializer(zero_init), name="logits")
 
@@ -104,5 +124,5 @@ class LinearProbe(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_classes=self.num_classes)
+        config.update(num_classes=self.num_classes, zero_init=self.zero_init)
         return config

@@ -20,6 +20,7 @@ def is_bn_or_bias(variable):
     return len(variable.shape) <= 1
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class LARS(keras.optimizers.Optimizer):
     """Layer-wise Adaptive Rate Scaling with momentum.
 

@@ -1,9 +1,11 @@
 """The encoder f: ResNet v1 as SimCLR uses it (widths, selective kernels, SE, CIFAR stem).
 
 `resnet(...)` returns a functional Keras model images -> h (global average pool of the last block
-group). It also exposes the block-group feature maps as named endpoints through
-`feature_extractor(model)`. Layer names are stable (`stem_*`, `group{g}_block{b}_*`) so checkpoints
-and exports are predictable.
+group). Its intermediate outputs are named endpoints (`ENDPOINTS`: the stem's output, the four
+block groups' and h), which `endpoint(model, name)` and `feature_extractor(model, names)` give to
+the parts that need them (freezing f up to a block, exporting feature maps). Layer names are stable
+(`stem_*`, `group{g}_block{b}_*`) so checkpoints and exports are predictable; every layer is a
+registered Keras layer, so `get_config` / `from_config` round-trip the model.
 
 Architecture notes (from the SimCLR / SimCLRv2 papers and their reference code):
 - depths 18/34 use basic blocks, 50/101/152/200 bottleneck blocks; the first block of every group
@@ -31,7 +33,10 @@ DEPTHS = {
     152: ("bottleneck", (3, 8, 36, 3)),
     200: ("bottleneck", (3, 24, 36, 3)),
 }
+STEM_ENDPOINT = "stem"
 BLOCK_GROUP_ENDPOINTS = ("block_group1", "block_group2", "block_group3", "block_group4")
+OUTPUT_ENDPOINT = "final_avg_pool"
+ENDPOINTS = (STEM_ENDPOINT,) + BLOCK_GROUP_ENDPOINTS + (OUTPUT_ENDPOINT,)
 
 
 class _Builder:
@@ -87,16 +92,13 @@ class _Builder:
 
     def selective_kernel(self, x, filters, strides, name, min_dim=32):
         x = self.conv_bn(x, 2 * filters, 3, strides, name)
-        paths = keras.layers.Lambda(lambda t: tf.stack(tf.split(t, 2, axis=-1)),
-                                    name=f"{name}_paths")(x)
-        fused = keras.layers.Lambda(lambda t: tf.reduce_mean(tf.reduce_sum(t, 0), [1, 2],
-                                                             keepdims=True),
-                                    name=f"{name}_squeeze")(paths)
+        paths = SplitPaths(name=f"{name}_paths")(x)
+        fused = SqueezePaths(name=f"{name}_squeeze")(paths)
         mid = max(int(filters * self.sk_ratio), min_dim)
         fused = self.conv_bn(fused, mid, 1, 1, f"{name}_fc")
         mix = Conv2D(2 * filters, 1, use_bias=False, name=f"{name}_mix",
                      kernel_initializer=keras.initializers.VarianceScaling())(fused)
-        return keras.layers.Lambda(_select_kernels, name=f"{name}_select")([paths, mix])
+        return SelectPaths(name=f"{name}_select")([paths, mix])
 
     def squeeze_excite(self, x, filters, name):
         """Squeeze to filters * se_ratio channels (`filters`: the block's width, the bottleneck's
@@ -132,10 +134,33 @@ class _Builder:
         return keras.layers.ReLU(name=f"{name}_out")(x)
 
 
-def _select_kernels(inputs):
-    paths, mix = inputs
-    weights = tf.nn.softmax(tf.stack(tf.split(mix, 2, axis=-1)), axis=0)
-    return tf.reduce_sum(paths * tf.cast(weights, paths.dtype), axis=0)
+# The selective kernel's weightless steps, as layers (not Lambdas) so the model serialises.
+
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class SplitPaths(keras.layers.Layer):
+    """[B, H, W, 2C] -> [2, B, H, W, C]: the two kernel paths of a selective-kernel conv."""
+
+    def call(self, x):
+        return tf.stack(tf.split(x, 2, axis=-1))
+
+
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class SqueezePaths(keras.layers.Layer):
+    """[2, B, H, W, C] -> [B, 1, 1, C]: the paths summed, then averaged over space."""
+
+    def call(self, paths):
+        return tf.reduce_mean(tf.reduce_sum(paths, 0), [1, 2], keepdims=True)
+
+
+@keras.saving.register_keras_serializable(package="simclr_tf")
+class SelectPaths(keras.layers.Layer):
+    """([2, B, H, W, C], mix [B, 1, 1, 2C]) -> [B, H, W, C]: the paths weighted by a softmax of
+    the mix over the two paths."""
+
+    def call(self, inputs):
+        paths, mix = inputs
+        weights = tf.nn.softmax(tf.stack(tf.split(mix, 2, axis=-1)), axis=0)
+        return tf.reduce_sum(paths * tf.cast(weights, paths.dtype), axis=0)
 
 
 def validate(depth, width_multiplier, sk_ratio, se_ratio):
@@ -186,14 +211,29 @@ def resnet(depth, width_multiplier=1, sk_ratio=0.0, se_ratio=0.0, cifar_stem=Fal
             x = block(x, filters, strides if b == 0 else 1, projection=(b == 0),
                       name=f"group{group}_block{b + 1}")
         x = keras.layers.Identity(name=f"block_group{group}")(x)
-    h = keras.layers.GlobalAveragePooling2D(name="final_avg_pool")(x)
+    h = keras.layers.GlobalAveragePooling2D(name=OUTPUT_ENDPOINT)(x)
     return keras.Model(images, h, name=name or f"resnet{depth}")
 
 
-def feature_extractor(encoder):
-    """A model with the same weights returning {block_group1..4, final_avg_pool} endpoints."""
-    outputs = {name: encoder.get_layer(name).output for name in BLOCK_GROUP_ENDPOINTS}
-    outputs["final_avg_pool"] = encoder.output
+def endpoint(encoder, name):
+    """The output tensor of endpoint `name` (one of ENDPOINTS) of an encoder `resnet` built.
+
+    "stem" is the input of block group 1: after the max-pool of the ImageNet stems, after the
+    3x3 conv + BN + ReLU of the CIFAR stem.
+    """
+    if name == OUTPUT_ENDPOINT:
+        return encoder.output
+    if name == STEM_ENDPOINT:
+        names = {layer.name for layer in encoder.layers}
+        return encoder.get_layer("stem_pool" if "stem_pool" in names else "stem_bn_relu").output
+    if name in BLOCK_GROUP_ENDPOINTS:
+        return encoder.get_layer(name).output
+    raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {name!r}")
+
+
+def feature_extractor(encoder, names=BLOCK_GROUP_ENDPOINTS + (OUTPUT_ENDPOINT,)):
+    """A model with the same weights returning {name: endpoint output} for `names`."""
+    outputs = {name: endpoint(encoder, name) for name in names}
     return keras.Model(encoder.input, outputs, name=f"{encoder.name}_features")
 
 

@@ -1,11 +1,37 @@
-"""Learning-rate scaling with the batch size, and SimCLR's warm-up + cosine schedule."""
+"""How long a run is and how its learning rate moves: step counts, LR scaling with the batch size,
+and SimCLR's linear warm-up + cosine decay."""
 
+import dataclasses
 import math
 
 import keras
 import tensorflow as tf
 
 LR_SCALINGS = ("linear", "sqrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Step counts derived from the config and the dataset size."""
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+
+
+def make_schedule(train_config, optimizer_config, num_examples):
+    """Step counts as the reference code derives them: an epoch is num_examples examples (the
+    input pipeline repeats, so batches run across epoch boundaries), total = num_examples *
+    epochs // batch + 1 and warm-up = round(warmup_epochs * num_examples // batch).
+
+    Pretraining and distillation count epochs over the training split, fine-tuning over its
+    labelled examples: `num_examples` says which.
+    """
+    batch = train_config.train_batch_size
+    steps_per_epoch = max(num_examples // batch, 1)
+    total = train_config.train_steps or num_examples * train_config.train_epochs // batch + 1
+    warmup = int(round(optimizer_config.warmup_epochs * num_examples // batch))
+    return Schedule(total_steps=int(total), warmup_steps=min(warmup, int(total)),
+                    steps_per_epoch=steps_per_epoch)
 
 
 def scaled_learning_rate(base_learning_rate, batch_size, scaling):
@@ -17,8 +43,10 @@ def scaled_learning_rate(base_learning_rate, batch_size, scaling):
     raise ValueError(f"learning_rate_scaling must be one of {LR_SCALINGS}, got {scaling!r}")
 
 
+@keras.saving.register_keras_serializable(package="simclr_tf")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at
+    `total_steps`."""
 
     def __init__(self, peak, warmup_steps, total_steps):
         super().__init__()

@@ -1,9 +1,10 @@
 """One SimCLR replica step under MultiWorkerMirroredStrategy, for tests/test_multi_worker.py.
 
-    TF_CONFIG=... python tests/multi_worker_step.py WEIGHTS.npz BATCH.npz OUT.json
+    TF_CONFIG=... python tests/multi_worker_step.py CONFIG_DIR WEIGHTS.npz BATCH.npz OUT.json
 
-Every worker takes its half of the fixed global batch, starts from the given weights, runs one
-step and (worker 0) writes the step's metrics and a checksum of the updated encoder.
+Every worker builds the run CONFIG_DIR/config.json describes, takes its half of the fixed global
+batch, starts from the given weights, runs one step and (worker 0) writes the step's metrics and a
+checksum of the updated encoder.
 """
 
 import json
@@ -12,7 +13,6 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tensorflow as tf  # noqa: E402
 
@@ -20,16 +20,17 @@ strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
 import numpy as np  # noqa: E402
 
-from simclr_tf import train  # noqa: E402
-from test_train import tiny_config  # noqa: E402
+from simclr_tf import config as cfg  # noqa: E402
+from simclr_tf import pretrain  # noqa: E402
+from simclr_tf.schedules import Schedule  # noqa: E402
 
 
-def main(weights_path, batch_path, out_path):
+def main(config_dir, weights_path, batch_path, out_path):
     weights = np.load(weights_path)
     batch = dict(np.load(batch_path))
-    config = tiny_config()
-    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
-    trainer = train.Pretrainer(config, strategy, schedule, num_classes=10)
+    config = cfg.load(config_dir)
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    trainer = pretrain.Pretrainer(config, strategy, schedule, num_classes=10)
     parts = (trainer.encoder, trainer.head, trainer.probe)
     for p, part in enumerate(parts):
         part.set_weights([weights[f"{p}_{i}"] for i in range(len(part.get_weights()))])
@@ -50,4 +51,4 @@ def main(weights_path, batch_path, out_path):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from simclr_tf import config as cfg
 from simclr_tf import losses
-from simclr_tf import train
+from simclr_tf import pretrain
+from simclr_tf.schedules import Schedule
 
 
 def softplus(x):
@@ -337,7 +338,7 @@ def test_supcon_on_an_unlabelled_dataset_is_a_config_error(tmp_path):
                            loss=cfg.LossConfig(loss="supcon"),
                            train=cfg.TrainConfig(model_dir=str(tmp_path / "run")))
     with pytest.raises(cfg.ConfigError, match="supcon needs labels"):
-        train.run_pretraining(config, tf.distribute.get_strategy())
+        pretrain.run_pretraining(config, tf.distribute.get_strategy())
 
 
 def test_replica_step_uses_the_configured_loss_and_head_width():
@@ -348,8 +349,8 @@ def test_replica_step_uses_the_configured_loss_and_head_width():
         loss=cfg.LossConfig(loss="supcon", temperature=0.5),
         optimizer=cfg.OptimizerConfig(optimizer="momentum", learning_rate=0.1, warmup_epochs=0),
         train=cfg.TrainConfig(train_batch_size=4, lineareval_while_pretraining=False))
-    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
-    trainer = train.Pretrainer(config, tf.distribute.get_strategy(), schedule)
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    trainer = pretrain.Pretrainer(config, tf.distribute.get_strategy(), schedule)
     assert trainer.head.dense_layers[0].units == 24
     rng = np.random.default_rng(0)
     views = rng.uniform(size=(2, 4, 8, 8, 3)).astype(np.float32)

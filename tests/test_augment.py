@@ -1,12 +1,12 @@
 """Tests for simclr_tf.augment: shapes and reproducibility, each transform against numpy (or an
-independent TensorFlow kernel), and the full views inside tf.data and under XLA."""
+independent TensorFlow kernel), and the paper's views (`views`) inside tf.data and under XLA."""
 import itertools
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import augment
+from simclr_tf import augment, views
 
 SEED = tf.constant([7, 11], tf.int32)
 LUMA_WEIGHTS = np.array([0.2989, 0.5870, 0.1140])
@@ -38,11 +38,11 @@ def test_to_float_scales_uint8_and_casts_floats():
 
 
 @pytest.mark.parametrize("make_images", [random_uint8, random_unit], ids=["uint8", "float32"])
-@pytest.mark.parametrize("options", [dict(), dict(use_blur=False, crop=False, flip=False)],
+@pytest.mark.parametrize("options", [dict(), dict(augmentations="color")],
                          ids=["all", "colour_only"])
 def test_two_views_shape_dtype_range(make_images, options):
     images = make_images([3, 40, 48, 3])
-    view_a, view_b = augment.two_views(images, SEED, 24, **options)
+    view_a, view_b = views.two_views(images, SEED, 24, **options)
     for view in (view_a, view_b):
         assert view.shape == (3, 24, 24, 3) and view.dtype == tf.float32
         assert_unit_range(view)
@@ -53,7 +53,7 @@ def test_dynamic_height_width_give_static_output_shape():
 
     @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
     def views_and_eval(images, seed):
-        view_a, view_b = augment.two_views(images, seed, 16)
+        view_a, view_b = views.two_views(images, seed, 16)
         return view_a, view_b, augment.preprocess_for_eval(images, 16)
 
     for output in views_and_eval.get_concrete_function().structured_outputs:
@@ -66,31 +66,31 @@ def test_dynamic_height_width_give_static_output_shape():
 
 def test_preprocess_for_train_single_is_train_view_on_a_batch_of_one():
     image = random_uint8([30, 26, 3])
-    single = augment.preprocess_for_train_single(image, SEED, 20, use_blur=False)
-    batched = augment.train_view(image[None], SEED, 20, use_blur=False)
+    single = views.preprocess_for_train_single(image, SEED, 20, use_blur=False)
+    batched = views.train_view(image[None], SEED, 20, use_blur=False)
     assert single.shape == (20, 20, 3)
     np.testing.assert_array_equal(single, batched[0])
 
 
 def test_seed_reproduces_views_and_views_differ():
     images = random_uint8([4, 32, 32, 3])
-    first = augment.two_views(images, SEED, 32)
-    again = augment.two_views(images, tf.constant([7, 11], tf.int64), 32)
-    other = augment.two_views(images, tf.constant([7, 12]), 32)
+    first = views.two_views(images, SEED, 32)
+    again = views.two_views(images, tf.constant([7, 11], tf.int64), 32)
+    other = views.two_views(images, tf.constant([7, 12]), 32)
     for view, same in zip(first, again):
         np.testing.assert_array_equal(view, same)
     assert not np.allclose(first[0], other[0])
     assert not np.allclose(first[0], first[1])
     # Each image in the batch gets its own randomness, not one draw for the whole batch.
     identical = np.repeat(images[:1], 4, axis=0)
-    view = augment.train_view(identical, SEED, 32).numpy()
+    view = views.train_view(identical, SEED, 32).numpy()
     assert not np.allclose(view[0], view[1])
 
 
 def test_bad_arguments_raise():
     images = random_uint8([2, 8, 8, 3])
     with pytest.raises(ValueError, match="shape \\[2\\]"):
-        augment.train_view(images, tf.constant([1, 2, 3]), 8)
+        views.train_view(images, tf.constant([1, 2, 3]), 8)
     with pytest.raises(ValueError, match="area_range"):
         augment.random_resized_crop(images, SEED, 8, area_range=(0.5, 0.1))
     with pytest.raises(ValueError, match="min_object_covered"):
@@ -353,7 +353,7 @@ def test_two_views_inside_tf_data_map():
     images = random_uint8([6, 32, 32, 3])
 
     def augment_batch(index, batch):
-        return augment.two_views(batch, tf.random.experimental.stateless_fold_in(SEED, index), 32)
+        return views.two_views(batch, tf.random.experimental.stateless_fold_in(SEED, index), 32)
 
     # A remainder batch keeps the batch dimension dynamic inside the map.
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(4).enumerate().map(augment_batch)
@@ -362,7 +362,7 @@ def test_two_views_inside_tf_data_map():
     for index, (view_a, view_b) in enumerate(batches):
         batch = images[4 * index:4 * index + 4]
         seed = tf.random.experimental.stateless_fold_in(SEED, tf.constant(index, tf.int64))
-        eager = augment.two_views(batch, seed, 32)
+        eager = views.two_views(batch, seed, 32)
         np.testing.assert_allclose(view_a, eager[0], atol=1e-6)
         np.testing.assert_allclose(view_b, eager[1], atol=1e-6)
 
@@ -370,12 +370,12 @@ def test_two_views_inside_tf_data_map():
 def test_two_views_compiles_with_xla_and_matches_the_graph_version():
     images = random_unit([4, 32, 32, 3])  # blur on: radius 32 // 20 = 1
 
-    def views(images, seed):
-        return augment.two_views(images, seed, 32)
+    def two_views(images, seed):
+        return views.two_views(images, seed, 32)
 
     # jit_compile=True raises if any op has no XLA kernel, so this call is the compile check.
-    compiled = tf.function(views, jit_compile=True)(images, SEED)
-    graph = tf.function(views)(images, SEED)
+    compiled = tf.function(two_views, jit_compile=True)(images, SEED)
+    graph = tf.function(two_views)(images, SEED)
     # The random draws are bit-identical (uniforms are built from integer bits); XLA fuses and
     # reorders the float arithmetic, so the views agree to float rounding, not bit for bit.
     for xla_view, graph_view in zip(compiled, graph):

@@ -261,16 +261,16 @@ def test_tfds_input_pipelines_are_disjoint(tiny_tfds_dir, num_pipelines):
 # Pretraining pipeline
 
 
-class _FakeAugment:
-    """Cheap stand-in for `augment` in plumbing tests: view_a = the resized image, view_b = noise
+class _FakeViews:
+    """Cheap stand-in for `views` in plumbing tests: view_a = the resized image, view_b = noise
     drawn from the seed, so a test sees both which images a batch holds and which seed it got.
-    (The real augment's graph takes seconds to trace per pipeline.)"""
+    (The real augmentation graph takes seconds to trace per pipeline.)"""
 
     calls = []
 
     @staticmethod
     def two_views(images, seed, image_size, **kwargs):
-        _FakeAugment.calls.append(kwargs)
+        _FakeViews.calls.append(kwargs)
         view_a = tf.image.resize(tf.cast(images, tf.float32) / 255.0, [image_size, image_size],
                                  method="nearest")
         view_b = tf.random.stateless_uniform(tf.shape(view_a), seed)
@@ -279,9 +279,9 @@ class _FakeAugment:
 
 @pytest.fixture
 def fake_augment(monkeypatch):
-    _FakeAugment.calls.clear()
-    monkeypatch.setattr(data, "augment", _FakeAugment)
-    return _FakeAugment
+    _FakeViews.calls.clear()
+    monkeypatch.setattr(data, "views_lib", _FakeViews)
+    return _FakeViews
 
 
 def _check_pretrain_batches(batches, batch_size, image_size, num_classes, count):
@@ -325,7 +325,7 @@ def test_pretrain_seeds(source, labelled_folder, tiny_tfds_dir, fake_augment):
     def first_batches(seed):
         batches = data.pretrain_dataset(dataset, "train", 2, 8, data_dir=data_dir, seed=seed,
                                         shuffle_buffer=4, color_jitter_strength=0.3,
-                                        use_blur=False, crop=False)
+                                        use_blur=False)
         return _check_pretrain_batches(batches, 2, 8, 3, count=3)
 
     same_a, same_b, other = first_batches(7), first_batches(7), first_batches(8)
@@ -334,7 +334,7 @@ def test_pretrain_seeds(source, labelled_folder, tiny_tfds_dir, fake_augment):
             np.testing.assert_array_equal(batch_a[key], batch_b[key])
     assert not np.array_equal(same_a[0]["view_b"], other[0]["view_b"])  # another seed
     assert not np.array_equal(same_a[0]["view_b"], same_a[1]["view_b"])  # a seed per batch
-    assert fake_augment.calls[0] == dict(color_jitter_strength=0.3, use_blur=False, crop=False,
+    assert fake_augment.calls[0] == dict(color_jitter_strength=0.3, use_blur=False,
                                          augmentations=None, asymmetric=False)
 
 

@@ -4,18 +4,14 @@ distillation steps, and a tiny distillation run through the CLI."""
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclr_tf import checkpoints, distill, finetune
 from simclr_tf import config as cfg
-from simclr_tf import distill, finetune, train
-
-from test_finetune import NUM_CLASSES, colour_batch, tiny_config
+from simclr_tf.schedules import Schedule
 
 
 def test_distillation_loss_matches_hand_computation():
@@ -62,35 +58,40 @@ def test_masked_cross_entropy():
     assert float(distill.masked_cross_entropy(logits, labels, tf.zeros([3]))) == 0.0
 
 
-def _teacher_run(model_dir, depth=18, num_classes=NUM_CLASSES):
+def _teacher_run(config, num_classes, depth=18):
     """A fine-tuning run directory (config.json + one checkpoint) with random weights."""
-    config = tiny_config(model_dir)
     config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder,
                                                                      resnet_depth=depth))
-    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
     teacher = finetune.Finetuner(config, tf.distribute.get_strategy(), schedule, num_classes)
-    cfg.save(config, str(model_dir))
-    tf.train.CheckpointManager(teacher.checkpoint, str(model_dir), 1).save(checkpoint_number=0)
+    model_dir = config.train.model_dir
+    cfg.save(config, model_dir)
+    manager = checkpoints.manager(tf.train.Checkpoint(**teacher.checkpoint_items()), model_dir,
+                                  1, teacher.step)
+    manager.save(checkpoint_number=0)
     return teacher
 
 
 @pytest.mark.parametrize("teacher_depth,jit_compile", [(18, False), (34, False), (18, True)],
                          ids=["self", "big_to_small", "self_xla"])
-def test_distiller_step_keeps_the_teacher_frozen(tmp_path, teacher_depth, jit_compile):
-    original = _teacher_run(tmp_path / "teacher", teacher_depth)
-    config = tiny_config(tmp_path / "student")
+def test_distiller_step_keeps_the_teacher_frozen(tmp_path, teacher_depth, jit_compile,
+                                                 finetune_config, colour_data):
+    original = _teacher_run(finetune_config(tmp_path / "teacher"), colour_data.num_classes,
+                            teacher_depth)
+    config = finetune_config(tmp_path / "student")
     config = dataclasses.replace(
         config, train=dataclasses.replace(config.train, train_mode="distill",
                                           jit_compile=jit_compile),
         distill=cfg.DistillConfig(str(tmp_path / "teacher"), 2.0, 0.25))
-    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
-    trainer = distill.Distiller(config, tf.distribute.get_strategy(), schedule, NUM_CLASSES,
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    trainer = distill.Distiller(config, tf.distribute.get_strategy(), schedule,
+                                colour_data.num_classes,
                                 distill.resolve_teacher(config.distill.teacher))
     for a, b in zip(trainer.teacher.encoder.variables, original.model.encoder.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     teacher_before = {v.path: v.numpy().copy() for v in trainer.teacher.encoder.variables}
     student_before = [v.numpy().copy() for v in trainer.model.trainable_variables]
-    batch = colour_batch()
+    batch = colour_data.batch()
     batch["labelled"] = tf.constant([1.0, 0.0] * 6)
     loss, parts = trainer.loss_and_metrics(batch)
     assert float(loss) == pytest.approx(
@@ -111,19 +112,17 @@ def test_teacher_must_be_a_fine_tuned_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_distils_and_evaluates_the_student(tmp_path):
-    _teacher_run(tmp_path / "teacher", num_classes=10)  # Fashion-MNIST's classes
+def test_cli_distils_and_evaluates_the_student(tmp_path, finetune_config, cli):
+    _teacher_run(finetune_config(tmp_path / "teacher"), num_classes=10)  # Fashion-MNIST's
     student_dir = tmp_path / "student"
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-m", "simclr_tf.run", "--train_mode=distill", "--mode=train_then_eval",
-         f"--teacher={tmp_path / 'teacher'}", f"--model_dir={student_dir}",
-         "--dataset=fashion_mnist", "--train_split=train[:600]", "--eval_split=test[:100]",
-         "--image_size=16", "--resnet_depth=18", "--distill_temperature=2",
-         "--distill_label_weight=0.5", "--train_label_fraction=0.1", "--optimizer=momentum",
-         "--learning_rate=0.1", "--weight_decay=0", "--warmup_epochs=0", "--train_batch_size=8",
-         "--train_steps=2", "--steps_per_loop=1", "--checkpoint_steps=2",
-         "--eval_batch_size=50"], capture_output=True, text=True, timeout=600, env=env)
+    result = cli(
+        "--train_mode=distill", "--mode=train_then_eval", f"--teacher={tmp_path / 'teacher'}",
+        f"--model_dir={student_dir}", "--dataset=fashion_mnist", "--train_split=train[:600]",
+        "--eval_split=test[:100]", "--image_size=16", "--resnet_depth=18",
+        "--distill_temperature=2", "--distill_label_weight=0.5", "--train_label_fraction=0.1",
+        "--optimizer=momentum", "--learning_rate=0.1", "--weight_decay=0", "--warmup_epochs=0",
+        "--train_batch_size=8", "--train_steps=2", "--steps_per_loop=1", "--checkpoint_steps=2",
+        "--eval_batch_size=50")
     assert result.returncode == 0, result.stderr[-2000:]
     with open(student_dir / "results.json") as f:
         results = json.load(f)

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclr_tf import classifier, evaluate, knn, models, pretrain
 from simclr_tf import config as cfg
-from simclr_tf import evaluate, knn, train
-from test_train import _image_folder
+from simclr_tf.schedules import Schedule
+
+
+def _save(trainer, prefix):
+    return tf.train.Checkpoint(**trainer.checkpoint_items()).save(prefix)
 
 
 def test_knn_scores_match_hand_computation():
@@ -183,27 +187,27 @@ def test_features_of_an_encoder_built_under_mirrored_strategy():
     np.testing.assert_allclose(out, plain(images, training=False).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_probe_only_evaluation_of_a_run_without_a_probe_is_a_one_line_error(tmp_path):
+def test_probe_only_evaluation_of_a_run_without_a_probe_is_a_one_line_error(tmp_path,
+                                                                           image_folder):
     config = cfg.RunConfig(
-        data=cfg.DataConfig(dataset=_image_folder(tmp_path / "images", per_class=1, size=8),
+        data=cfg.DataConfig(dataset=image_folder(tmp_path / "images", per_class=1, size=8),
                             image_size=8, eval_split="train"),
         encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True),
         train=cfg.TrainConfig(train_batch_size=2, lineareval_while_pretraining=False),
         eval=cfg.EvalConfig(eval_protocols="probe"))
-    trainer = train.Pretrainer(config, tf.distribute.get_strategy(),
-                               train.Schedule(total_steps=1, warmup_steps=0, steps_per_epoch=1))
-    path = trainer.checkpoint.save(str(tmp_path / "run" / "ckpt"))
+    trainer = pretrain.Pretrainer(config, tf.distribute.get_strategy(),
+                                  Schedule(total_steps=1, warmup_steps=0, steps_per_epoch=1))
+    path = _save(trainer, str(tmp_path / "run" / "ckpt"))
     with pytest.raises(ValueError, match="has no linear probe .* use --eval_protocols=knn or "
                                          "linear") as error:
         evaluate.evaluate_checkpoint(config, path)
     assert "\n" not in str(error.value)
 
 
-def test_evaluation_at_another_image_size_uses_the_trained_weights(tmp_path):
+def test_evaluation_at_another_image_size_uses_the_trained_weights(tmp_path, image_folder):
     # f trained at 8 px, evaluated at 12 px (FixRes): 12-px images, the trained weights.
-    from simclr_tf import finetune
     config = cfg.RunConfig(
-        data=cfg.DataConfig(dataset=_image_folder(tmp_path / "images", per_class=3, size=16),
+        data=cfg.DataConfig(dataset=image_folder(tmp_path / "images", per_class=3, size=16),
                             image_size=8, eval_split="train"),
         encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True),
         train=cfg.TrainConfig(train_batch_size=2),
@@ -211,19 +215,19 @@ def test_evaluation_at_another_image_size_uses_the_trained_weights(tmp_path):
     assert evaluate.eval_image_size(config) == 12
     images = next(iter(evaluate.eval_batches(config, "train")))["image"]
     assert images.shape == (4, 12, 12, 3)
-    trainer = train.Pretrainer(config, tf.distribute.get_strategy(),
-                               train.Schedule(total_steps=1, warmup_steps=0, steps_per_epoch=1),
-                               num_classes=2)
+    trainer = pretrain.Pretrainer(config, tf.distribute.get_strategy(),
+                                  Schedule(total_steps=1, warmup_steps=0, steps_per_epoch=1),
+                                  num_classes=2)
     at_training_size = dataclasses.replace(config, eval=cfg.EvalConfig(eval_image_size=8))
     assert evaluate.encoder_for_evaluation(trainer.encoder, at_training_size) is trainer.encoder
-    reference = config.encoder.build(12, global_bn=False)
+    reference = models.build_encoder(config.encoder, 12, global_bn=False)
     reference.set_weights(trainer.encoder.get_weights())
     expected = reference(images, training=False).numpy()
     copy = evaluate.encoder_for_evaluation(trainer.encoder, config)
     np.testing.assert_allclose(copy(images, training=False), expected, rtol=1e-5, atol=1e-6)
 
     # A checkpoint evaluated at 12 px gives the same kNN as the in-process encoder.
-    path = trainer.checkpoint.save(str(tmp_path / "run" / "ckpt"))
+    path = _save(trainer, str(tmp_path / "run" / "ckpt"))
     from_checkpoint = evaluate.evaluate_checkpoint(config, path)
     in_process = evaluate.evaluate_encoder(trainer.encoder, config, 2, ("knn", "probe"),
                                            probe=trainer.probe)
@@ -239,11 +243,11 @@ def test_evaluation_at_another_image_size_uses_the_trained_weights(tmp_path):
     np.testing.assert_allclose(seen[0], h8, rtol=1e-6)
 
     # A classifier (the supervised or fine-tuned model) likewise.
-    classifier = finetune.build_classifier(config, 2)
-    reference = finetune.build_classifier(config, 2, image_size=12)
-    for name, part in classifier.checkpoint_items().items():
+    model = classifier.build_classifier(config, 2)
+    reference = classifier.build_classifier(config, 2, image_size=12)
+    for name, part in model.checkpoint_items().items():
         reference.checkpoint_items()[name].set_weights(part.get_weights())
-    copy = evaluate.classifier_for_evaluation(classifier, config)
+    copy = evaluate.classifier_for_evaluation(model, config)
     np.testing.assert_allclose(copy(images), reference(images).numpy(), rtol=1e-5, atol=1e-6)
 
     with pytest.raises(cfg.ConfigError, match="eval_image_size=6 is too small for the CIFAR "

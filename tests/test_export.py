@@ -16,13 +16,14 @@ import types
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 
 from export import serving_client
+from simclr_tf import checkpoints, export, models
 from simclr_tf import config as config_lib
-from simclr_tf import export, guards
 from simclr_tf.augment import preprocess_for_eval
-from simclr_tf.train import Pretrainer, make_schedule
+from simclr_tf.pretrain import Pretrainer
+from simclr_tf.schedules import make_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 16
@@ -59,8 +60,8 @@ def run(tmp_path_factory):
         ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
     schedule = make_schedule(run_config.train, run_config.optimizer, num_examples=80)
     trainer = Pretrainer(run_config, strategy, schedule, num_classes=10)
-    manager = tf.train.CheckpointManager(trainer.checkpoint, model_dir, max_to_keep=5,
-                                         step_counter=trainer.step)
+    manager = checkpoints.manager(tf.train.Checkpoint(**trainer.checkpoint_items()), model_dir,
+                                  5, trainer.step)
 
     @tf.function
     def global_bn_forward(images):
@@ -114,7 +115,7 @@ def test_version_directory_is_the_global_step_with_metadata(run, version_dir):
     assert meta["image_size"] == IMAGE_SIZE
     assert meta["input"]["value_range"] == [0.0, 1.0]
     assert meta["input"]["dtype"] == "float32"
-    assert meta["embedding_size"] == run.config.encoder.output_dim == 512
+    assert meta["embedding_size"] == models.encoder_output_dim(run.trainer.encoder) == 512
     assert meta["encoder"] == {**vars(run.config.encoder)}
     assert meta["fingerprint"].startswith("sha256:")
     assert meta["source_checkpoint"] == run.checkpoints[-1]
@@ -416,7 +417,7 @@ def test_reexport_is_a_noop_and_a_different_model_is_refused(run, version_dir):
     # The distributed, global-BN encoder in memory is the same model: same fingerprint.
     assert export.export_encoder(run.trainer.encoder, base, run.trainer.step, run.config,
                                  include_feature_maps=True) == version_dir
-    other = run.config.encoder.build(IMAGE_SIZE, global_bn=False)  # fresh weights
+    other = models.build_encoder(run.config.encoder, IMAGE_SIZE, global_bn=False)  # fresh
     with pytest.raises(export.ExportError, match="already holds a different model"):
         export.export_encoder(other, base, STEPS[-1], run.config, include_feature_maps=True)
     with pytest.raises(export.ExportError, match="include_feature_maps"):
@@ -449,7 +450,7 @@ def test_export_removes_what_a_killed_export_of_this_host_left(run, tmp_path):
                               capture_output=True, text=True, check=True)
     dead_pid = int(finished.stdout)
     killed = tmp_path / f".tmp-3-{socket.gethostname()}-{dead_pid}"
-    writing = tmp_path / guards.export_temporary_name(3)  # this process: still alive
+    writing = tmp_path / f".tmp-3-{socket.gethostname()}-{os.getpid()}"  # this process: alive
     elsewhere = tmp_path / f".tmp-3-another-host-{dead_pid}"  # maybe alive on its own host
     for directory in (killed, writing, elsewhere):
         (directory / "variables").mkdir(parents=True)
@@ -459,95 +460,16 @@ def test_export_removes_what_a_killed_export_of_this_host_left(run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: which one, and only a complete encoder.
-
-def test_resolve_checkpoint_by_name_step_and_latest(run):
-    first, last = run.checkpoints
-    assert export.resolve_checkpoint(run.model_dir) == last
-    assert export.resolve_checkpoint(run.model_dir, "5") == first
-    assert export.resolve_checkpoint(run.model_dir, "ckpt-5") == first
-    assert export.resolve_checkpoint(run.model_dir, first) == first
-    with pytest.raises(export.ExportError, match="available: ckpt-5, ckpt-7"):
-        export.resolve_checkpoint(run.model_dir, "ckpt-6")
-    assert export.checkpoint_step(first) == 5
-
+# Runs without checkpoints.
 
 def test_missing_or_empty_model_dir_is_a_one_line_error(tmp_path):
-    with pytest.raises(export.ExportError, match="does not exist"):
+    with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
         export.export_checkpoint(str(tmp_path / "nope"), str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(export.ExportError, match="no checkpoint in") as info:
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint in") as info:
         export.export_checkpoint(str(tmp_path / "empty"), str(tmp_path / "out"))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
-
-
-def _object_graph(reader):
-    return trackable_object_graph_pb2.TrackableObjectGraph.FromString(
-        reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-
-
-def _first_encoder_variable_node(graph):
-    encoder = next(c.node_id for c in graph.nodes[0].children if c.local_name == "encoder")
-    todo = [encoder]
-    while todo:
-        node = graph.nodes[todo.pop(0)]
-        if any(a.name == "VARIABLE_VALUE" for a in node.attributes):
-            return node
-        todo.extend(c.node_id for c in node.children)
-    raise AssertionError("no encoder variable in the checkpoint")
-
-
-def _copy_checkpoint_without_one_encoder_variable(src, dst, keep_in_graph):
-    """Writes a copy of checkpoint `src` whose encoder misses one variable's value."""
-    reader = tf.train.load_checkpoint(src)
-    graph = _object_graph(reader)
-    node = _first_encoder_variable_node(graph)
-    dropped = next(a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE")
-    if not keep_in_graph:
-        del node.attributes[:]
-    names = [k for k in reader.get_variable_to_shape_map()
-             if k not in (dropped, "_CHECKPOINTABLE_OBJECT_GRAPH")]
-    tf.raw_ops.SaveV2(
-        prefix=dst, tensor_names=names + ["_CHECKPOINTABLE_OBJECT_GRAPH"],
-        shape_and_slices=[""] * (len(names) + 1),
-        tensors=[reader.get_tensor(k) for k in names] + [graph.SerializeToString()])
-    return dst
-
-
-@pytest.mark.parametrize("keep_in_graph,message", [
-    # A variable node without a value: `assert_existing_objects_matched` passes on it (checked
-    # here), so only restore_encoder's count of the checkpoint's encoder values catches it.
-    (False, "holds 104 encoder variables but the run's config.json builds 105"),
-    (True, "misses the values of 1 encoder variable"),
-])
-def test_a_missing_encoder_variable_is_an_error(run, tmp_path, keep_in_graph, message):
-    path = _copy_checkpoint_without_one_encoder_variable(
-        run.checkpoints[-1], str(tmp_path / "ckpt-7"), keep_in_graph)
-    encoder = run.config.encoder.build(IMAGE_SIZE, global_bn=False)
-    if not keep_in_graph:
-        status = tf.train.Checkpoint(encoder=encoder).read(path)
-        status.expect_partial()
-        status.assert_existing_objects_matched()  # does not notice
-    with pytest.raises(export.ExportError, match=message):
-        export.restore_encoder(encoder, path)
-
-
-def test_checkpoint_without_encoder_or_of_another_encoder_is_an_error(run, tmp_path):
-    import keras
-
-    head = keras.layers.Dense(3)
-    head.build((None, 4))
-    path = tf.train.Checkpoint(projection_head=head).write(str(tmp_path / "ckpt-1"))
-    encoder = run.config.encoder.build(IMAGE_SIZE, global_bn=False)
-    with pytest.raises(export.ExportError, match="no 'encoder' entry"):
-        export.restore_encoder(encoder, path)
-    wider = config_lib.EncoderConfig(resnet_depth=18, width_multiplier=2, cifar_stem=True)
-    with pytest.raises(export.ExportError, match="does not hold this encoder"):
-        export.restore_encoder(wider.build(IMAGE_SIZE), run.checkpoints[-1])
-    deeper = config_lib.EncoderConfig(resnet_depth=34, cifar_stem=True)
-    with pytest.raises(export.ExportError, match="config and checkpoint disagree"):
-        export.restore_encoder(deeper.build(IMAGE_SIZE), run.checkpoints[-1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Faults a days-long run meets, each really done to a `python -m simclr_tf.run` process.
-
+"""Faults a days-long run meets, each really done to a `python -m simclr_tf.run` process, in
+every train mode (pretraining, fine-tuning from the pretraining run, distillation from the
+fine-tuned run):
 kill -9 at a random moment then the same command; SIGTERM; a non-finite loss; a disk that is full
 before and during the run; a read-only model_dir; model flags changed on a reused model_dir; and
---seed reproducibility. One killed-and-resumed run (a module fixture) is copied for the faults
-that continue it. The disk tests mount small tmpfs file systems in a user + mount namespace
+--seed reproducibility. One killed-and-resumed run per mode (a module fixture) is copied for the
+faults that continue it. The disk tests mount small tmpfs file systems in a user + mount namespace
 (`unshare -rm`): real ENOSPC / EROFS, which chmod cannot give root.
 """
 
@@ -22,25 +23,36 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclr_tf import checkpoints, data, pretrain
 from simclr_tf import config as cfg
-from simclr_tf import data, export, guards, train
-from simclr_tf.schedules import WarmupCosine, scaled_learning_rate
-from test_train import _image_folder
+from simclr_tf.schedules import WarmupCosine, make_schedule, scaled_learning_rate
 
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ("pretrain", "finetune", "distill")
 TOTAL = 10
 BATCH = 8
 BASE_LR = 0.3          # the flag's default
-WARMUP_STEPS = 2       # --warmup_epochs=1 with 16 images at batch 8
+WARMUP_STEPS = 2       # --warmup_epochs=1 with 16 images (labelled or not) at batch 8
 TIMEOUT = 600
+# A change of the model on a reused model_dir, per mode. Fine-tuning takes its architecture from
+# --checkpoint, so there the flag that changes its checkpoint is which blocks are frozen.
+CHANGED_MODEL = {"pretrain": ("resnet_depth", 34, "resnet_depth=18 there, 34 in these flags"),
+                 "finetune": ("fine_tune_after_block", 2,
+                              "fine_tune_after_block=-1 there, 2 in these flags"),
+                 "distill": ("resnet_depth", 34, "resnet_depth=18 there, 34 in these flags")}
 
 
-def _flags(dataset, model_dir, **overrides):
+def _flags(mode, dataset, model_dir, sources, **overrides):
+    """A tiny run of `mode`; `sources` holds the pretraining and fine-tuning runs it starts from."""
     values = dict(dataset=dataset, image_size=16, resnet_depth=18, train_batch_size=BATCH,
                   steps_per_loop=1, checkpoint_steps=2, keep_checkpoint_max=2, proj_out_dim=16,
                   warmup_epochs=1, train_steps=TOTAL, model_dir=model_dir)
+    if mode == "finetune":
+        values.update(train_mode="finetune", checkpoint=sources["pretrain"])
+    elif mode == "distill":
+        values.update(train_mode="distill", teacher=sources["finetune"])
     values.update(overrides)
     return [f"--{name}={value}" for name, value in values.items()]
 
@@ -128,16 +140,21 @@ def _leftovers(model_dir):
     return found
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return _image_folder(tmp_path_factory.mktemp("faults") / "images")
+def _exports(model_dir):
+    directory = os.path.join(model_dir, "export")
+    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
 
 
 @pytest.fixture(scope="module")
-def resumed(dataset, tmp_path_factory):
-    """A run killed with SIGKILL at a random moment after its first checkpoint, then rerun."""
-    model_dir = str(tmp_path_factory.mktemp("killed") / "run")
-    flags = _flags(dataset, model_dir)
+def dataset(tmp_path_factory, image_folder):
+    return image_folder(tmp_path_factory.mktemp("faults") / "images")
+
+
+def _killed_and_resumed(mode, dataset, sources, tmp_path_factory):
+    """A run of `mode` killed with SIGKILL at a random moment after its first checkpoint, then
+    run again with the same command."""
+    model_dir = str(tmp_path_factory.mktemp(f"killed_{mode}") / "run")
+    flags = _flags(mode, dataset, model_dir, sources)
     seed = int(time.time())
     delay = random.Random(seed).uniform(0.0, 3.0)
     first = _Run(flags)
@@ -154,12 +171,37 @@ def resumed(dataset, tmp_path_factory):
     for path in _listed_checkpoints(model_dir):
         assert int(path.rsplit("-", 1)[1]) <= int(latest.rsplit("-", 1)[1])
     rc, second = _run(flags)
-    return dict(model_dir=model_dir, flags=flags, latest=latest, latest_values=latest_values,
-                rc=rc, run=second, note=f"kill after {delay:.2f} s (seed {seed})")
+    return dict(mode=mode, model_dir=model_dir, sources=sources, latest=latest,
+                latest_values=latest_values, rc=rc, run=second,
+                note=f"{mode}: kill after {delay:.2f} s (seed {seed})")
+
+
+@pytest.fixture(scope="module")
+def resumed_pretrain(dataset, tmp_path_factory):
+    return _killed_and_resumed("pretrain", dataset, {}, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def resumed_finetune(dataset, resumed_pretrain, tmp_path_factory):
+    return _killed_and_resumed("finetune", dataset,
+                               {"pretrain": resumed_pretrain["model_dir"]}, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def resumed_distill(dataset, resumed_pretrain, resumed_finetune, tmp_path_factory):
+    sources = {"pretrain": resumed_pretrain["model_dir"],
+               "finetune": resumed_finetune["model_dir"]}
+    return _killed_and_resumed("distill", dataset, sources, tmp_path_factory)
+
+
+@pytest.fixture(params=MODES)
+def resumed(request):
+    return request.getfixturevalue(f"resumed_{request.param}")
 
 
 def test_kill_9_then_the_same_command_resumes_and_finishes(resumed):
-    model_dir, run, note = resumed["model_dir"], resumed["run"], resumed["note"]
+    mode, model_dir, run, note = (resumed["mode"], resumed["model_dir"], resumed["run"],
+                                  resumed["note"])
     assert resumed["rc"] == 0, f"{note}\n{run.stderr}"
     latest = resumed["latest"]
     resumed_at = int(re.search(r"ckpt-(\d+)$", latest).group(1))
@@ -176,18 +218,21 @@ def test_kill_9_then_the_same_command_resumes_and_finishes(resumed):
                                 TOTAL)
         logged_lr = float(re.search(r" lr (\S+) ", line).group(1))
         assert logged_lr == pytest.approx(float(schedule(resumed_at + 1)), rel=1e-3), note
-    # Ends at the same total step with a valid final checkpoint and export.
+        assert re.search(r" images/s  ETA \d+h\d\dm\d\ds$", line), line
+    # Ends at the same total step with a valid final checkpoint (and, pretraining, an export).
     final = tf.train.latest_checkpoint(model_dir)
     assert final.endswith(f"ckpt-{TOTAL}")
     _assert_complete_and_finite(final)
-    assert export.checkpoint_step(final) == TOTAL
-    assert sorted(os.listdir(os.path.join(model_dir, "export"))) == [str(TOTAL)]
+    assert checkpoints.step_of(final) == TOTAL
+    assert _leftovers(model_dir) == [], note
+    if mode != "pretrain":
+        assert _exports(model_dir) == []
+        return
+    assert _exports(model_dir) == [str(TOTAL)]
     version = os.path.join(model_dir, "export", str(TOTAL))
-    assert export.load_metadata(version)["global_step"] == TOTAL
     embedding = tf.saved_model.load(version).signatures["serving_default"](
         images=tf.zeros([2, 16, 16, 3]))["embedding"]
     assert embedding.shape == (2, 512) and np.all(np.isfinite(embedding.numpy()))
-    assert _leftovers(model_dir) == [], note
 
 
 def _copy(resumed, tmp_path):
@@ -197,8 +242,11 @@ def _copy(resumed, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0_saying_how_to_resume(resumed, dataset, tmp_path):
+    mode = resumed["mode"]
     model_dir = _copy(resumed, tmp_path)
-    run = _Run(_flags(dataset, model_dir, train_steps=40, checkpoint_steps=100))
+    exports = _exports(model_dir)
+    run = _Run(_flags(mode, dataset, model_dir, resumed["sources"], train_steps=40,
+                      checkpoint_steps=100))
     run.wait_for(rf"step {TOTAL + 1}/40 ")
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 0, run.stderr
@@ -211,18 +259,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_0_saying_how_to_resume(resumed, da
     assert step > TOTAL and saved == os.path.join(model_dir, f"ckpt-{step}")
     assert f"--model_dir={model_dir}" in command and "--train_steps=40" in command
     assert tf.train.latest_checkpoint(model_dir) == saved
-    assert export.checkpoint_step(saved) == step
+    assert checkpoints.step_of(saved) == step
     _assert_complete_and_finite(saved)
-    assert sorted(os.listdir(os.path.join(model_dir, "export"))) == [str(TOTAL)]  # no export
+    assert _exports(model_dir) == exports  # no export
     assert "Traceback" not in run.stderr
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         resumed, dataset, tmp_path):
+    mode = resumed["mode"]
     model_dir = _copy(resumed, tmp_path)
+    exports = _exports(model_dir)
     # A learning rate of 1e30 is a real way to blow a run up: weights overflow within two steps.
-    rc, run = _run(_flags(dataset, model_dir, train_steps=TOTAL + 6, checkpoint_steps=1,
-                          learning_rate=1e30))
+    rc, run = _run(_flags(mode, dataset, model_dir, resumed["sources"], train_steps=TOTAL + 6,
+                          checkpoint_steps=1, learning_rate=1e30))
     assert rc == 2, run.stderr
     assert "Traceback" not in run.stderr
     match = re.fullmatch(r"error: (loss is (nan|inf|-inf) at step|\S+ is not finite after step) "
@@ -233,34 +283,24 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert TOTAL < step <= TOTAL + 6
     assert tf.train.latest_checkpoint(model_dir) == last_good
     for path in _listed_checkpoints(model_dir):  # absolute paths
-        assert export.checkpoint_step(path) < step
+        assert checkpoints.step_of(path) < step
         _assert_complete_and_finite(path)
-    assert sorted(os.listdir(os.path.join(model_dir, "export"))) == [str(TOTAL)]
+    assert _exports(model_dir) == exports
 
 
 def test_changed_model_flags_on_a_reused_model_dir_are_a_one_line_error(resumed, dataset):
-    model_dir = resumed["model_dir"]
+    mode, model_dir = resumed["mode"], resumed["model_dir"]
     config_path = os.path.join(model_dir, cfg.CONFIG_FILENAME)
     with open(config_path) as f:
         saved_config = f.read()
-    rc, run = _run(_flags(dataset, model_dir, resnet_depth=34))
+    flag, value, difference = CHANGED_MODEL[mode]
+    rc, run = _run(_flags(mode, dataset, model_dir, resumed["sources"], **{flag: value}))
     assert rc == 2 and "Traceback" not in run.stderr
     assert run.last_line == (
-        f"error: --model_dir={model_dir} holds checkpoints of another model (resnet_depth=18 "
-        "there, 34 in these flags): use a new --model_dir, or the model flags of the run that "
-        "wrote it")
+        f"error: --model_dir={model_dir} holds checkpoints of another model ({difference}): "
+        "use a new --model_dir, or the model flags of the run that wrote it")
     with open(config_path) as f:
         assert f.read() == saved_config  # not overwritten with the new flags
-
-    # Without config.json to compare, restoring refuses a checkpoint that does not fit.
-    config = cfg.load(model_dir)
-    other = cfg.RunConfig(**{**config.__dict__, "head": cfg.HeadConfig(proj_out_dim=32)})
-    schedule = train.Schedule(total_steps=TOTAL, warmup_steps=0, steps_per_epoch=2)
-    trainer = train.Pretrainer(other, tf.distribute.get_strategy(), schedule, num_classes=2)
-    with pytest.raises(guards.RunError) as error:
-        guards.restore_checkpoint(trainer.checkpoint, tf.train.latest_checkpoint(model_dir))
-    assert "does not fit the model these flags build" in str(error.value)
-    assert "\n" not in str(error.value)
 
 
 def test_switching_train_mode_or_frozen_blocks_on_a_model_dir_is_a_model_difference():
@@ -269,14 +309,14 @@ def test_switching_train_mode_or_frozen_blocks_on_a_model_dir_is_a_model_differe
                              finetune=cfg.FinetuneConfig(fine_tune_after_block=after_block,
                                                          ft_proj_selector=selector))
 
-    assert guards.model_differences(run("pretrain"), run("finetune")) == [
+    assert cfg.model_differences(run("pretrain"), run("finetune")) == [
         "train_mode=pretrain there, finetune in these flags"]
-    assert guards.model_differences(run("finetune", 4), run("finetune", -1, 2)) == [
+    assert cfg.model_differences(run("finetune", 4), run("finetune", -1, 2)) == [
         "fine_tune_after_block=4 there, -1 in these flags",
         "ft_proj_selector=0 there, 2 in these flags"]
-    assert guards.model_differences(run("distill", 2), run("distill", 2)) == []
+    assert cfg.model_differences(run("distill", 2), run("distill", 2)) == []
     # Pretraining does not use the fine-tuning flags: changing them there is no difference.
-    assert guards.model_differences(run("pretrain", 4, 1), run("pretrain", -1, 0)) == []
+    assert cfg.model_differences(run("pretrain", 4, 1), run("pretrain", -1, 0)) == []
 
 
 def _unshare_works():
@@ -287,11 +327,18 @@ def _unshare_works():
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs user + mount namespaces (unshare -rm)")
-def test_full_disk_and_read_only_model_dir(dataset, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_full_disk_and_read_only_model_dir(mode, request, dataset, tmp_path):
     """Small tmpfs mounts: too small from the start; full in mid-run; mounted read-only."""
+    sources = {}
+    if mode != "pretrain":
+        sources["pretrain"] = request.getfixturevalue("resumed_pretrain")["model_dir"]
+    if mode == "distill":
+        sources["finetune"] = request.getfixturevalue("resumed_finetune")["model_dir"]
     for name in ("small", "mid", "ro", "out"):
         (tmp_path / name).mkdir()
-    flags = " ".join(_flags(dataset, "MODEL_DIR", keep_checkpoint_max=1, train_steps=8))
+    flags = " ".join(_flags(mode, dataset, "MODEL_DIR", sources, keep_checkpoint_max=1,
+                            train_steps=8))
     script = f"""
 set -u
 cd {REPO}
@@ -327,11 +374,12 @@ cp -a {tmp_path}/mid/run {tmp_path}/out/mid_run
 
     rc, line = result("small")
     assert rc == 2
+    export = r", and an export of \d+ MB" if mode == "pretrain" else ""
     assert re.fullmatch(
         rf"error: --model_dir={tmp_path}/small/run has \d+ MB free but this run needs about "
-        r"\d+ MB \(2 more checkpoint\(s\) of \d+ MB with keep_checkpoint_max=1, and an export of "
-        r"\d+ MB\): free space, lower --keep_checkpoint_max or use another --model_dir", line), line
-    assert "Training resnet" not in (out / "small.err").read_text()  # before training starts
+        rf"\d+ MB \(2 more checkpoint\(s\) of \d+ MB with keep_checkpoint_max=1{export}\): free "
+        r"space, lower --keep_checkpoint_max or use another --model_dir", line), line
+    assert " from step " not in (out / "small.err").read_text()  # before training starts
 
     rc, line = result("ro")
     assert (rc, line) == (2, f"error: --model_dir={tmp_path}/ro/run is not writable (Read-only "
@@ -358,11 +406,12 @@ def _first_losses(config, steps):
     """Losses of the first `steps` steps of a fresh run, seeded as run.py seeds it."""
     keras.utils.set_random_seed(config.train.seed)
     info = data.dataset_info(config.data.dataset, config.data.train_split)
-    schedule = train.make_schedule(config.train, config.optimizer, info.num_examples)
+    schedule = make_schedule(config.train, config.optimizer, info.num_examples)
     strategy = tf.distribute.get_strategy()
-    trainer = train.Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
+    trainer = pretrain.Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
+    dataset_fn = pretrain.make_dataset_fn(config)
     batches = strategy.distribute_datasets_from_function(
-        train.make_dataset_fn(config, seed=config.train.seed * 1_000_003))
+        lambda context: dataset_fn(context, config.train.seed * 1_000_003))
     iterator, loop = iter(batches), trainer.make_train_loop()
     return [loop(iterator, tf.constant(1))["loss"].numpy().tobytes() for _ in range(steps)]
 

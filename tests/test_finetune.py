@@ -3,46 +3,20 @@ the projection-head selector, the CLI's one-line errors, and a tiny pretrain -> 
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from simclr_tf import checkpoints, classifier, finetune, label_subset, models, pretrain
 from simclr_tf import config as cfg
-from simclr_tf import finetune, label_subset, supervised_data, train
-
-NUM_CLASSES = 3
-
-
-def tiny_config(model_dir="/tmp/unused", **finetune_kwargs):
-    return cfg.RunConfig(
-        data=cfg.DataConfig(dataset="fashion_mnist", image_size=16),
-        encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True),
-        head=cfg.HeadConfig(proj_out_dim=16, num_proj_layers=3),
-        optimizer=cfg.OptimizerConfig(optimizer="momentum", learning_rate=1.0, weight_decay=0.0,
-                                      warmup_epochs=0, learning_rate_scaling="linear"),
-        train=cfg.TrainConfig(model_dir=str(model_dir), train_batch_size=12, train_steps=40,
-                              steps_per_loop=2, checkpoint_steps=2, summary_images=0,
-                              train_mode="finetune"),
-        finetune=cfg.FinetuneConfig(**finetune_kwargs))
+from simclr_tf import supervised_data
+from simclr_tf.schedules import Schedule
 
 
-def colour_batch(n=12, size=16, seed=0):
-    """Class c = images of one colour (red, green, blue) plus noise: separable in h."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % NUM_CLASSES
-    images = 0.1 + 0.3 * rng.uniform(size=(n, size, size, 3))
-    images[np.arange(n), :, :, labels] += 0.6
-    return {"image": tf.constant(images, tf.float32), "label": tf.constant(labels, tf.int32),
-            "labelled": tf.ones([n])}
-
-
-def make_finetuner(config, total_steps=40):
-    schedule = train.Schedule(total_steps=total_steps, warmup_steps=0, steps_per_epoch=10)
-    return finetune.Finetuner(config, tf.distribute.get_strategy(), schedule, NUM_CLASSES)
+def make_finetuner(config, num_classes, total_steps=40):
+    schedule = Schedule(total_steps=total_steps, warmup_steps=0, steps_per_epoch=10)
+    return finetune.Finetuner(config, tf.distribute.get_strategy(), schedule, num_classes)
 
 
 def run_steps(trainer, batch, steps):
@@ -95,18 +69,8 @@ def test_id_files_by_index_and_by_file_name(tmp_path):
         label_subset.read_id_file(str(by_name), None)
 
 
-def _image_folder(root, per_class=4, size=8):
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (root / label).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
-            tf.io.write_file(str(root / label / f"{i}.png"), tf.io.encode_png(pixels))
-    return f"folder:{root}"
-
-
-def test_id_files_name_folder_images_by_path_or_unique_file_name(tmp_path):
-    dataset = _image_folder(tmp_path / "images")  # reading order: a/0..3, b/0..3
+def test_id_files_name_folder_images_by_path_or_unique_file_name(tmp_path, image_folder):
+    dataset = image_folder(tmp_path / "images", 4, 8, "ab")  # reading order: a/0..3, b/0..3
     assert label_subset.split_file_names(dataset, "train") == [
         f"{label}/{i}.png" for label in "ab" for i in range(4)]
     ids = tmp_path / "ids.txt"
@@ -120,8 +84,8 @@ def test_id_files_name_folder_images_by_path_or_unique_file_name(tmp_path):
         label_subset.read_id_file(str(ids), ["x/0.png", "y/1.png"]), [1])
 
 
-def test_labelled_dataset_reads_or_marks_the_subset(tmp_path):
-    dataset = _image_folder(tmp_path / "images")
+def test_labelled_dataset_reads_or_marks_the_subset(tmp_path, image_folder):
+    dataset = image_folder(tmp_path / "images", 4, 8, "ab")
     # Reading order: a/0..3 (label 0), b/0..3 (label 1); the subset is a/1 and b/2.
     subset = np.array([1, 6])
     only = supervised_data.labelled_dataset(dataset, "train", 4, 8, subset=subset, seed=1)
@@ -141,16 +105,17 @@ def _values(variables):
     return {v.path: v.numpy().copy() for v in variables}
 
 
-def test_linear_eval_keeps_f_frozen_and_separates_a_separable_problem():
-    config = tiny_config(fine_tune_after_block=4)
+def test_linear_eval_keeps_f_frozen_and_separates_a_separable_problem(finetune_config,
+                                                                     colour_data):
+    config = finetune_config(fine_tune_after_block=4)
     config = dataclasses.replace(
         config, optimizer=dataclasses.replace(config.optimizer, learning_rate=10.0))
-    trainer = make_finetuner(config)
+    trainer = make_finetuner(config, colour_data.num_classes)
     trained = [v.path for v in trainer.model.trainable_variables]
     assert trained == [v.path for v in trainer.model.logits_layer.trainable_variables]
     before = _values(trainer.model.encoder.variables)  # incl. batch-norm moving statistics
     logits_before = trainer.model.logits_layer.kernel.numpy().copy()
-    iterator = iter(tf.data.Dataset.from_tensors(colour_batch()).repeat())
+    iterator = iter(tf.data.Dataset.from_tensors(colour_data.batch()).repeat())
     loop = trainer.make_train_loop()
     loop(iterator, tf.constant(30))
     metrics = loop(iterator, tf.constant(10))  # means over the last 10 steps
@@ -158,30 +123,30 @@ def test_linear_eval_keeps_f_frozen_and_separates_a_separable_problem():
         np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
     assert not np.allclose(trainer.model.logits_layer.kernel.numpy(), logits_before)
     assert float(metrics["loss"]) < 0.3 and float(metrics["train_acc"]) == 1.0
-    held_out = colour_batch(seed=1)
+    held_out = colour_data.batch(seed=1)
     logits = trainer.model(held_out["image"], training=False)
     accuracy = np.mean(np.argmax(logits, 1) == held_out["label"].numpy())
     assert accuracy == 1.0
 
 
-def test_fine_tuning_loop_compiles_with_xla_and_keeps_f_frozen():
-    config = tiny_config(fine_tune_after_block=4)
+def test_fine_tuning_loop_compiles_with_xla_and_keeps_f_frozen(finetune_config, colour_data):
+    config = finetune_config(fine_tune_after_block=4)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, jit_compile=True))
-    trainer = make_finetuner(config)
+    trainer = make_finetuner(config, colour_data.num_classes)
     before = _values(trainer.model.encoder.variables)
-    metrics = run_steps(trainer, colour_batch(), 2)
+    metrics = run_steps(trainer, colour_data.batch(), 2)
     assert np.isfinite(float(metrics["loss"]))
     assert int(trainer.optimizer.iterations.numpy()) == 2
     for v in trainer.model.encoder.variables:
         np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
 
 
-def test_fine_tune_after_block_freezes_the_stem_and_early_groups():
-    config = tiny_config(fine_tune_after_block=2)
-    trainer = make_finetuner(config)
+def test_fine_tune_after_block_freezes_the_stem_and_early_groups(finetune_config, colour_data):
+    config = finetune_config(fine_tune_after_block=2)
+    trainer = make_finetuner(config, colour_data.num_classes)
     frozen_prefixes = ("stem", "group1_", "group2_")
     before = _values(trainer.model.encoder.variables)
-    run_steps(trainer, colour_batch(), 2)
+    run_steps(trainer, colour_data.batch(), 2)
     changed = {v.path for v in trainer.model.encoder.variables
                if not np.array_equal(v.numpy(), before[v.path])}
     frozen = {p for p in before if p.startswith(frozen_prefixes)}
@@ -192,54 +157,59 @@ def test_fine_tune_after_block_freezes_the_stem_and_early_groups():
     assert any("moving_mean" in p for p in changed)
 
 
-def test_fine_tune_everything_and_from_the_stem():
-    everything = make_finetuner(tiny_config(fine_tune_after_block=-1))
+def test_fine_tune_everything_and_from_the_stem(finetune_config):
+    everything = make_finetuner(finetune_config(fine_tune_after_block=-1), 3)
     encoder_vars = {v.path for v in everything.model.encoder.trainable_variables}
     assert encoder_vars <= {v.path for v in everything.model.trainable_variables}
-    after_stem = make_finetuner(tiny_config(fine_tune_after_block=0))
+    after_stem = make_finetuner(finetune_config(fine_tune_after_block=0), 3)
     names = {v.path.split("/")[0] for v in after_stem.model.trainable_variables}
     assert not any(n.startswith("stem") for n in names)
     assert any(n.startswith("group1_") for n in names)
 
 
-def test_ft_proj_selector_and_zero_init_logits_layer():
-    config = tiny_config(ft_proj_selector=2, zero_init_logits_layer=True)
-    trainer = make_finetuner(config)
+def test_ft_proj_selector_and_zero_init_logits_layer(finetune_config, colour_data):
+    config = finetune_config(ft_proj_selector=2, zero_init_logits_layer=True)
+    trainer = make_finetuner(config, colour_data.num_classes)
     model = trainer.model
-    features = model.features(colour_batch()["image"])
+    images = colour_data.batch()["image"]
+    features = model.features(images)
     assert features.shape == (12, model.head.dense_layers[1].units)
-    np.testing.assert_array_equal(model(colour_batch()["image"]).numpy(), 0.0)
+    # The head's first two layers, as the head itself computes them.
+    _, hiddens = model.head(model.encoder(images))
+    np.testing.assert_array_equal(features.numpy(), hiddens[2].numpy())
+    np.testing.assert_array_equal(model(images).numpy(), 0.0)
     trained = {id(v) for v in model.trainable_variables}
     assert all(id(v) in trained for v in model.head.dense_layers[1].trainable_variables)
     assert not any(id(v) in trained for v in model.head.dense_layers[2].trainable_variables)
 
 
-def test_negative_ft_proj_selector_counts_from_the_end_of_the_head_as_the_original():
-    layers = finetune.head_layers(tiny_config().head)
+def test_negative_ft_proj_selector_counts_from_the_end_of_the_head_as_the_original(
+        finetune_config):
+    layers = finetune_config().head.num_layers
     assert layers == 3
-    resolved = {s: finetune.resolve_selector(tiny_config(ft_proj_selector=s)).finetune
+    resolved = {s: finetune.resolve_selector(finetune_config(ft_proj_selector=s)).finetune
                 .ft_proj_selector for s in (-1, -2, -4, 0, 2, 3)}
     assert resolved == {-1: 3, -2: 2, -4: 0, 0: 0, 2: 2, 3: 3}
     for selector in (4, -5):
         with pytest.raises(finetune.FinetuneError, match=f"ft_proj_selector={selector} is "
                            "outside -4..3 for the 3 layers"):
-            finetune.resolve_selector(tiny_config(ft_proj_selector=selector))
-    with pytest.raises(finetune.FinetuneError, match="counts from 0 here"):
-        finetune.Classifier(make_finetuner(tiny_config()).model.encoder, NUM_CLASSES,
-                            ft_proj_selector=-1)
+            finetune.resolve_selector(finetune_config(ft_proj_selector=selector))
+    with pytest.raises(ValueError, match="counts from 0 here"):
+        classifier.Classifier(make_finetuner(finetune_config(), 3).model.encoder, 3,
+                              ft_proj_selector=-1)
 
 
-def test_one_and_two_replicas_fine_tune_alike():
-    config = tiny_config(fine_tune_after_block=2)  # global BN in the tuned part
-    reference = make_finetuner(config)
+def test_one_and_two_replicas_fine_tune_alike(finetune_config, colour_data):
+    config = finetune_config(fine_tune_after_block=2)  # global BN in the tuned part
+    reference = make_finetuner(config, colour_data.num_classes)
     outcomes = []
     for strategy in (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(
             ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())):
-        schedule = train.Schedule(total_steps=40, warmup_steps=0, steps_per_epoch=10)
-        trainer = finetune.Finetuner(config, strategy, schedule, NUM_CLASSES)
+        schedule = Schedule(total_steps=40, warmup_steps=0, steps_per_epoch=10)
+        trainer = finetune.Finetuner(config, strategy, schedule, colour_data.num_classes)
         trainer.model.encoder.set_weights(reference.model.encoder.get_weights())
         trainer.model.logits_layer.set_weights(reference.model.logits_layer.get_weights())
-        batches = tf.data.Dataset.from_tensor_slices(colour_batch()).batch(12).repeat()
+        batches = tf.data.Dataset.from_tensor_slices(colour_data.batch()).batch(12).repeat()
         iterator = iter(strategy.experimental_distribute_dataset(batches))
         metrics = trainer.make_train_loop()(iterator, tf.constant(1))
         outcomes.append((float(metrics["loss"]),
@@ -289,18 +259,12 @@ def test_evaluation_flags_map_onto_the_config(parsed_flags):
     assert cfg.RunConfig.from_json(config.to_json()) == config
 
 
-def _cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    return subprocess.run([sys.executable, "-m", "simclr_tf.run", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
-def test_cli_bad_mode_and_missing_checkpoint_are_one_line_errors(tmp_path):
-    result = _cli("--mode=predict", f"--model_dir={tmp_path}")
+def test_cli_bad_mode_and_missing_checkpoint_are_one_line_errors(tmp_path, cli):
+    result = cli("--mode=predict", f"--model_dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: mode must be one of ('train', 'eval', 'train_then_eval'), got 'predict'")
-    result = _cli("--train_mode=finetune", f"--checkpoint={tmp_path}/nothing",
+    result = cli("--train_mode=finetune", f"--checkpoint={tmp_path}/nothing",
                   f"--model_dir={tmp_path}/ft", "--resnet_depth=18", "--image_size=16")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -315,8 +279,9 @@ SMALL_DATA = ["--dataset=fashion_mnist", "--train_split=train[:600]", "--eval_sp
 
 
 @pytest.mark.slow
-def test_pretrain_then_finetune_on_one_percent_and_from_the_export(tmp_path):
-    pre = tiny_config(tmp_path / "pre")
+def test_pretrain_then_finetune_on_one_percent_and_from_the_export(tmp_path, finetune_config,
+                                                                   cli):
+    pre = finetune_config(tmp_path / "pre")
     pre = dataclasses.replace(
         pre, data=cfg.DataConfig(dataset="fashion_mnist", train_split="train[:600]",
                                  eval_split="test[:200]", image_size=16),
@@ -324,10 +289,10 @@ def test_pretrain_then_finetune_on_one_percent_and_from_the_export(tmp_path):
                                   train_batch_size=8),
         optimizer=cfg.OptimizerConfig(warmup_epochs=0))
     cfg.save(pre, pre.train.model_dir)
-    train.run_pretraining(pre, tf.distribute.get_strategy())
+    pretrain.run_pretraining(pre, tf.distribute.get_strategy())
 
     ft_dir = tmp_path / "ft"
-    result = _cli(*SMALL_DATA, "--train_mode=finetune", "--mode=train_then_eval",
+    result = cli(*SMALL_DATA, "--train_mode=finetune", "--mode=train_then_eval",
                   f"--checkpoint={tmp_path / 'pre'}", f"--model_dir={ft_dir}",
                   "--fine_tune_after_block=4", "--ft_proj_selector=-3",  # layer 1 of 3
                   "--zero_init_logits_layer", "--train_label_fraction=0.1",
@@ -346,13 +311,12 @@ def test_pretrain_then_finetune_on_one_percent_and_from_the_export(tmp_path):
 
     # The export written at the end of pretraining starts a fine-tuning run too.
     export_dir = sorted((tmp_path / "pre" / "export").iterdir())[-1]
-    config, source = finetune.prepare(
-        tiny_config(tmp_path / "ft_export", checkpoint=str(export_dir), fine_tune_after_block=4))
+    config, source = finetune.prepare(finetune_config(
+        tmp_path / "ft_export", checkpoint=str(export_dir), fine_tune_after_block=4))
     assert source.kind == "export" and config.encoder.resnet_depth == 18
-    trainer = make_finetuner(config)
+    trainer = make_finetuner(config, 10)
     finetune.initialize_from(trainer.model, source)
-    restored = tf.train.Checkpoint(encoder=pre.encoder.build(16))
-    reference = restored.encoder
-    restored.read(tf.train.latest_checkpoint(str(tmp_path / "pre"))).expect_partial()
+    reference = models.build_encoder(pre.encoder, 16)
+    checkpoints.restore_encoder(reference, tf.train.latest_checkpoint(str(tmp_path / "pre")))
     for a, b in zip(trainer.model.encoder.variables, reference.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

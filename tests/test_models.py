@@ -162,3 +162,112 @@ def test_supervised_heads_start_as_the_reference_code_or_at_zero():
     zero = LinearProbe(10, zero_init=True)
     zero.build((None, 512))
     assert np.all(zero.dense.kernel.numpy() == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Named endpoints, the head cut at a layer, and get_config round trips.
+
+@pytest.mark.parametrize("cifar_stem,sk_ratio,stem_side", [(True, 0.0, 16), (False, 0.0, 8),
+                                                           (False, 0.0625, 8)])
+def test_endpoints_name_the_stem_and_block_group_outputs(cifar_stem, sk_ratio, stem_side):
+    from simclr_tf.resnet import ENDPOINTS
+    depth = 50 if sk_ratio else 18
+    model = resnet(depth, cifar_stem=cifar_stem, sk_ratio=sk_ratio, image_size=None)
+    features = feature_extractor(model, ENDPOINTS)(tf.zeros([1, 32, 32, 3]) if not cifar_stem
+                                                   else tf.zeros([1, 16, 16, 3]))
+    assert features["stem"].shape[1:3] == (stem_side, stem_side)
+    # The stem's output is what block group 1 reads: the first block's input.
+    first_conv = model.get_layer("group1_block1_1_conv")
+    assert first_conv.input is model.get_layer(
+        "stem_pool" if not cifar_stem else "stem_bn_relu").output
+    assert features["final_avg_pool"].shape[-1] == model.output.shape[-1]
+    with pytest.raises(ValueError, match="endpoint must be one of"):
+        feature_extractor(model, ("block_group5",))
+
+
+def test_projection_head_up_to_layer_j_is_hiddens_j_without_running_later_layers():
+    head = ProjectionHead("nonlinear", num_layers=3, out_dim=16)
+    h = tf.random.normal([8, 32])
+    _, hiddens = head(h, training=False)
+    for j in range(4):
+        np.testing.assert_array_equal(head.up_to(h, j).numpy(), hiddens[j].numpy())
+    last_bn = head.bn_layers[-1]
+    before = last_bn.moving_mean.numpy().copy()
+    head.up_to(h, 2, training=True)  # layer 3 does not run: its statistics stay
+    np.testing.assert_array_equal(last_bn.moving_mean.numpy(), before)
+    assert head.output_dim(2) == 32 and head.output_dim(3) == 16
+    with pytest.raises(ValueError, match="layer must be in 0..3"):
+        head.up_to(h, 4)
+
+
+def _layers_to_round_trip():
+    from simclr_tf.batchnorm import BatchNorm
+    from simclr_tf.conv import Conv2D
+    from simclr_tf.resnet import SplitPaths, SqueezePaths
+    return [
+        (BatchNorm(0.8, 2e-5, center=False, gamma_zero_init=True, synchronized=True), [4, 5, 5, 6]),
+        (Conv2D(4, 3, padding="same", use_bias=False), [2, 6, 6, 3]),
+        (ProjectionHead("nonlinear", 3, 8, hidden_dim=12, global_bn=True, bn_momentum=0.8,
+                        bn_epsilon=1e-4), [4, 10]),
+        (ProjectionHead("linear", out_dim=8), [4, 10]),
+        (LinearProbe(5, zero_init=True), [4, 10]),
+        (SplitPaths(), [2, 4, 4, 6]),
+        (SqueezePaths(), [2, 2, 4, 4, 3]),
+    ]
+
+
+@pytest.mark.parametrize("layer,shape", _layers_to_round_trip(),
+                         ids=lambda x: type(x).__name__ if hasattr(x, "get_config") else None)
+def test_every_layer_round_trips_through_get_config(layer, shape):
+    x = tf.random.uniform(shape)
+    layer(x)
+    config = layer.get_config()
+    copy = type(layer).from_config(config)
+    assert copy.get_config() == config
+    copy(x)
+    copy.set_weights(layer.get_weights())
+    want, got = layer(x), copy(x)
+    for a, b in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_select_paths_round_trips_through_get_config():
+    from simclr_tf.resnet import SelectPaths
+    layer = SelectPaths(name="select")
+    inputs = [tf.random.uniform([2, 3, 4, 4, 5]), tf.random.uniform([3, 1, 1, 10])]
+    copy = SelectPaths.from_config(layer.get_config())
+    assert copy.get_config() == layer.get_config()
+    np.testing.assert_array_equal(layer(inputs).numpy(), copy(inputs).numpy())
+
+
+@pytest.mark.parametrize("kwargs", [dict(depth=18, cifar_stem=True),
+                                    dict(depth=50, sk_ratio=0.0625, se_ratio=0.25)],
+                         ids=["resnet18_cifar", "resnet50_sk_se"])
+def test_the_encoder_round_trips_through_get_config_and_a_keras_file(kwargs, tmp_path):
+    model = resnet(**kwargs, image_size=32, global_bn=True, bn_momentum=0.8)
+    x = tf.random.uniform([2, 32, 32, 3])
+    copy = keras.Model.from_config(model.get_config())
+    assert [layer.get_config() for layer in copy.layers] == \
+        [layer.get_config() for layer in model.layers]
+    copy.set_weights(model.get_weights())
+    np.testing.assert_array_equal(copy(x, training=False).numpy(),
+                                  model(x, training=False).numpy())
+    path = str(tmp_path / "encoder.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded(x, training=False).numpy(),
+                                  model(x, training=False).numpy())
+
+
+def test_the_optimiser_and_schedule_round_trip_through_get_config():
+    from simclr_tf.lars import LARS
+    from simclr_tf.schedules import WarmupCosine
+    schedule = WarmupCosine(2.0, 10, 110)
+    assert WarmupCosine.from_config(schedule.get_config()).get_config() == schedule.get_config()
+    lars = LARS(schedule, momentum=0.8, weight_decay=1e-4, eta=0.002, nesterov=True,
+                exclude_names=("logits",))
+    copy = keras.optimizers.deserialize(keras.optimizers.serialize(lars))
+    assert isinstance(copy, LARS)
+    assert (copy.momentum, copy.lars_weight_decay, copy.eta, copy.nesterov,
+            copy.exclude_names) == (0.8, 1e-4, 0.002, True, ("logits",))
+    assert copy._learning_rate.get_config() == schedule.get_config()

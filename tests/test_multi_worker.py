@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import train
-from test_train import _batch, _image_folder, tiny_config
+from simclr_tf import config as cfg
+from simclr_tf import pretrain
+from simclr_tf.schedules import Schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -82,19 +83,20 @@ def _wait(procs, lines, timeout=600):
         assert p.returncode == 0, "".join(ls)[-3000:]
 
 
-def test_two_workers_give_the_same_step_as_one_worker(tmp_path):
-    config = tiny_config()
-    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
-    reference = train.Pretrainer(config, tf.distribute.get_strategy(), schedule, num_classes=10)
+def test_two_workers_give_the_same_step_as_one_worker(tmp_path, pretrain_config, views_batch):
+    config = pretrain_config()
+    cfg.save(config, str(tmp_path))
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    reference = pretrain.Pretrainer(config, tf.distribute.get_strategy(), schedule, num_classes=10)
     parts = (reference.encoder, reference.head, reference.probe)
     np.savez(tmp_path / "weights.npz", **{f"{p}_{i}": w for p, part in enumerate(parts)
                                           for i, w in enumerate(part.get_weights())})
-    batch = _batch()
+    batch = views_batch()
     np.savez(tmp_path / "batch.npz", **batch)
 
     _run_workers(lambda i: [sys.executable, os.path.join(HERE, "multi_worker_step.py"),
-                            str(tmp_path / "weights.npz"), str(tmp_path / "batch.npz"),
-                            str(tmp_path / "out.json")])
+                            str(tmp_path), str(tmp_path / "weights.npz"),
+                            str(tmp_path / "batch.npz"), str(tmp_path / "out.json")])
     with open(tmp_path / "out.json") as f:
         two_workers = json.load(f)
 
@@ -109,8 +111,8 @@ def test_two_workers_give_the_same_step_as_one_worker(tmp_path):
     assert two_workers["encoder_sum"] == pytest.approx(encoder_sum, rel=1e-4)
 
 
-def test_cli_run_on_two_workers_writes_from_the_chief_and_resumes(tmp_path):
-    dataset = _image_folder(tmp_path / "images")
+def test_cli_run_on_two_workers_writes_from_the_chief_and_resumes(tmp_path, image_folder):
+    dataset = image_folder(tmp_path / "images")
     model_dir = tmp_path / "run"
 
     def command(steps):
@@ -126,10 +128,11 @@ def test_cli_run_on_two_workers_writes_from_the_chief_and_resumes(tmp_path):
     assert sorted(os.listdir(model_dir / "export")) == ["2", "4"]
 
 
-def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_run_resumes(tmp_path):
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_run_resumes(tmp_path,
+                                                                              image_folder):
     """A preemption notice reaches one machine of a cluster: every worker must stop at the same
     step (the chief saving the checkpoint), exit 0, and the same command must resume there."""
-    dataset = _image_folder(tmp_path / "images")
+    dataset = image_folder(tmp_path / "images")
     model_dir = tmp_path / "run"
 
     def command(steps):

@@ -90,8 +90,9 @@ def test_lars_leaves_the_supervised_heads_to_momentum_and_their_l2_to_the_loss()
     """As the original's head_supervised: the probe / classifier kernel is neither adapted nor
     decayed by LARS (plain momentum SGD), and the loss carries its L2 instead."""
     from simclr_tf import config as cfg
-    from simclr_tf import train
+    from simclr_tf import optim
     from simclr_tf.heads import LinearProbe
+    from simclr_tf.schedules import Schedule
 
     probe = LinearProbe(2, name="linear_probe")
     probe.build((None, 2))
@@ -103,7 +104,7 @@ def test_lars_leaves_the_supervised_heads_to_momentum_and_their_l2_to_the_loss()
     variables = [hidden.kernel, probe.dense.kernel, probe.dense.bias]
     lr, wd, eta = 0.5, 0.1, 0.001
     config = cfg.OptimizerConfig("lars", lr, "linear", 0.9, wd, warmup_epochs=0)
-    opt = train.build_optimizer(config, 256, train.Schedule(10, 0, 1))
+    opt = optim.build_optimizer(config, 256, Schedule(10, 0, 1))
     opt.build(variables)
     g = np.full((2, 2), 0.5, np.float32)
     opt.apply_gradients([(tf.constant(g), v) for v in variables[:2]]
@@ -114,12 +115,12 @@ def test_lars_leaves_the_supervised_heads_to_momentum_and_their_l2_to_the_loss()
     trust = eta * 5.0 / np.linalg.norm(g_total)
     np.testing.assert_allclose(hidden.kernel.numpy(), w0 - lr * trust * g_total, rtol=1e-6)
 
-    assert train.decayed_in_loss(variables, "lars") == [probe.dense.kernel]
-    assert train.decayed_in_loss(variables, "momentum") == variables[:2]
+    assert optim.decayed_in_loss(variables, "lars") == [probe.dense.kernel]
+    assert optim.decayed_in_loss(variables, "momentum") == variables[:2]
     want = wd * 0.5 * float(np.sum(probe.dense.kernel.numpy() ** 2))
-    got = train.l2_regularisation(wd, train.decayed_in_loss(variables, "lars"))
+    got = optim.l2_regularisation(wd, optim.decayed_in_loss(variables, "lars"))
     assert float(got) == pytest.approx(want, rel=1e-6)
-    assert train.l2_regularisation(0.0, variables) == 0.0
+    assert optim.l2_regularisation(0.0, variables) == 0.0
 
 
 @pytest.mark.parametrize("num_examples,batch,epochs,warmup_epochs,total,warmup", [
@@ -130,12 +131,12 @@ def test_lars_leaves_the_supervised_heads_to_momentum_and_their_l2_to_the_loss()
 def test_schedule_counts_steps_as_the_reference_code(num_examples, batch, epochs, warmup_epochs,
                                                      total, warmup):
     from simclr_tf import config as cfg
-    from simclr_tf import train
-    schedule = train.make_schedule(
+    from simclr_tf.schedules import make_schedule
+    schedule = make_schedule(
         cfg.TrainConfig(train_batch_size=batch, train_epochs=epochs, train_steps=0),
         cfg.OptimizerConfig(warmup_epochs=warmup_epochs), num_examples)
     assert (schedule.total_steps, schedule.warmup_steps) == (total, warmup)
     assert schedule.steps_per_epoch == num_examples // batch
-    assert train.make_schedule(
+    assert make_schedule(
         cfg.TrainConfig(train_batch_size=batch, train_epochs=epochs, train_steps=7),
         cfg.OptimizerConfig(warmup_epochs=0), num_examples).total_steps == 7

@@ -32,3 +32,21 @@ def test_default_views_match_the_recorded_ones_at_32_and_224_px():
                                        rtol=0, atol=1e-6, err_msg=key)
             np.testing.assert_allclose(view.astype(np.float64).sum(axis=(1, 2)),
                                        recorded[f"{key}_sum"], rtol=1e-6, err_msg=key)
+
+
+def test_the_paper_recipe_is_crop_flip_colour_blur_with_their_own_seeds():
+    """The recipe path equals the transforms composed by hand, bit for bit, at 32 and 224 px."""
+    from simclr_tf import augment, views
+
+    for size, source, count, blur, _ in FIXTURE_CASES:
+        images = tf.constant(fixture_images(size, source, count))
+        crop_seed, flip_seed, colour_seed, blur_seed = augment.split_seed(FIXTURE_SEED, 4)
+        expected = augment.random_resized_crop(images, crop_seed, size)
+        expected = augment.random_flip_left_right(expected, flip_seed)
+        expected = augment.random_color_jitter(expected, colour_seed, 1.0)
+        if blur:
+            expected = augment.random_gaussian_blur(expected, blur_seed)
+        expected = tf.clip_by_value(expected, 0.0, 1.0)
+        got = views.view(images, FIXTURE_SEED, size, views.paper_recipe(blur))
+        np.testing.assert_array_equal(got.numpy(), expected.numpy())
+        assert views.paper_recipe(blur) == ("crop", "color") + (("blur",) if blur else ())

@@ -1,4 +1,5 @@
-"""The replica step: same loss and update on 1 and 2 replicas; XLA compiles; training runs and resumes."""
+"""Pretraining: same loss and update on 1 and 2 replicas; XLA compiles; a run checkpoints,
+exports and resumes; tf.data service; mixed precision."""
 
 import os
 
@@ -7,28 +8,8 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import config as cfg
-from simclr_tf import train
-
-
-def tiny_config(model_dir="/tmp/unused", **train_overrides):
-    train_kwargs = dict(model_dir=str(model_dir), train_batch_size=8, train_steps=4,
-                        steps_per_loop=2, checkpoint_steps=2, summary_images=0)
-    train_kwargs.update(train_overrides)
-    return cfg.RunConfig(
-        data=cfg.DataConfig(dataset="fashion_mnist", image_size=16),
-        encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True, global_bn=True),
-        head=cfg.HeadConfig(proj_out_dim=16),
-        optimizer=cfg.OptimizerConfig(learning_rate=0.5, warmup_epochs=0),
-        loss=cfg.LossConfig(temperature=0.5),
-        train=cfg.TrainConfig(**train_kwargs),
-    )
-
-
-def _batch(n=8, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    return {"view_a": rng.uniform(size=(n, size, size, 3)).astype(np.float32),
-            "view_b": rng.uniform(size=(n, size, size, 3)).astype(np.float32),
-            "label": rng.integers(0, 10, size=n).astype(np.int32)}
+from simclr_tf import pretrain
+from simclr_tf.schedules import Schedule, make_schedule
 
 
 def _mirrored(n):
@@ -37,8 +18,8 @@ def _mirrored(n):
 
 
 def _one_step(strategy, weights, batch, config):
-    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
-    trainer = train.Pretrainer(config, strategy, schedule, num_classes=10)
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    trainer = pretrain.Pretrainer(config, strategy, schedule, num_classes=10)
     for part, part_weights in zip((trainer.encoder, trainer.head, trainer.probe), weights):
         part.set_weights(part_weights)
     n = strategy.num_replicas_in_sync
@@ -58,12 +39,12 @@ def _one_step(strategy, weights, batch, config):
     return {k: float(v) for k, v in metrics.items()}, trainer
 
 
-def test_one_and_two_replicas_give_the_same_loss_and_update():
-    config = tiny_config()
-    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
-    reference = train.Pretrainer(config, tf.distribute.get_strategy(), schedule, num_classes=10)
+def test_one_and_two_replicas_give_the_same_loss_and_update(pretrain_config, views_batch):
+    config = pretrain_config()
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    reference = pretrain.Pretrainer(config, tf.distribute.get_strategy(), schedule, num_classes=10)
     weights = [part.get_weights() for part in (reference.encoder, reference.head, reference.probe)]
-    batch = _batch()
+    batch = views_batch()
     m1, t1 = _one_step(tf.distribute.get_strategy(), weights, batch, config)
     m2, t2 = _one_step(_mirrored(2), weights, batch, config)
     for key in ("contrast_loss", "probe_loss", "contrast_acc"):
@@ -75,34 +56,25 @@ def test_one_and_two_replicas_give_the_same_loss_and_update():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
 
 
-def test_replica_step_compiles_with_xla():
-    config = tiny_config(jit_compile=True)
-    schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
-    trainer = train.Pretrainer(config, tf.distribute.get_strategy(), schedule, num_classes=10)
+def test_replica_step_compiles_with_xla(pretrain_config, views_batch):
+    config = pretrain_config(jit_compile=True)
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    trainer = pretrain.Pretrainer(config, tf.distribute.get_strategy(), schedule, num_classes=10)
     step = tf.function(trainer.replica_step, jit_compile=True)
-    batch = {k: tf.constant(v) for k, v in _batch().items()}
+    batch = {k: tf.constant(v) for k, v in views_batch().items()}
     out = step(batch)
     assert np.isfinite(out["loss"].numpy())
     assert int(trainer.step.numpy()) == 1
 
 
-def _image_folder(root, per_class=8, size=20):
-    rng = np.random.default_rng(0)
-    for label in ("cats", "dogs"):
-        (root / label).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
-            tf.io.write_file(str(root / label / f"{i}.png"), tf.io.encode_png(pixels))
-    return f"folder:{root}"
-
-
-def test_training_runs_checkpoints_and_resumes_at_the_same_step(tmp_path):
-    dataset = _image_folder(tmp_path / "images")
+def test_training_runs_checkpoints_and_resumes_at_the_same_step(tmp_path, pretrain_config,
+                                                               image_folder):
+    dataset = image_folder(tmp_path / "images")
     model_dir = tmp_path / "run"
-    config = tiny_config(model_dir, train_steps=4, summary_images=2)
+    config = pretrain_config(model_dir, train_steps=4, summary_images=2)
     config = cfg.RunConfig(**{**config.__dict__,
                               "data": cfg.DataConfig(dataset=dataset, image_size=16)})
-    trainer, metrics = train.run_pretraining(config, tf.distribute.get_strategy())
+    trainer, metrics = pretrain.run_pretraining(config, tf.distribute.get_strategy())
     assert int(trainer.step.numpy()) == 4
     assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["contrast_acc"] <= 1.0
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
@@ -115,9 +87,10 @@ def test_training_runs_checkpoints_and_resumes_at_the_same_step(tmp_path):
     longer = cfg.RunConfig(**{**config.__dict__,
                               "train": cfg.TrainConfig(**{**config.train.__dict__,
                                                           "train_steps": 6})})
-    restored = train.Pretrainer(longer, tf.distribute.get_strategy(),
-                                train.make_schedule(longer.train, longer.optimizer, 16), 2)
-    restored.checkpoint.restore(tf.train.latest_checkpoint(str(model_dir)))
+    restored = pretrain.Pretrainer(longer, tf.distribute.get_strategy(),
+                                   make_schedule(longer.train, longer.optimizer, 16), 2)
+    tf.train.Checkpoint(**restored.checkpoint_items()).restore(
+        tf.train.latest_checkpoint(str(model_dir)))
     assert int(restored.step.numpy()) == 4
     for v in restored.encoder.variables:
         np.testing.assert_array_equal(v.numpy(), saved[v.path])
@@ -125,51 +98,53 @@ def test_training_runs_checkpoints_and_resumes_at_the_same_step(tmp_path):
     for v, expected in zip(restored.optimizer.velocities, saved_velocities):
         np.testing.assert_array_equal(v.numpy(), expected)
     # ...and stops at the new total; a third run with nothing left to do keeps the step.
-    trainer, _ = train.run_pretraining(longer, tf.distribute.get_strategy())
+    trainer, _ = pretrain.run_pretraining(longer, tf.distribute.get_strategy())
     assert int(trainer.step.numpy()) == 6
     assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-6")
     assert sorted(os.listdir(model_dir / "export")) == ["4", "6"]
-    trainer, _ = train.run_pretraining(longer, tf.distribute.get_strategy())
+    trainer, _ = pretrain.run_pretraining(longer, tf.distribute.get_strategy())
     assert int(trainer.step.numpy()) == 6
     assert sorted(os.listdir(model_dir / "export")) == ["4", "6"]
     # export_every counts checkpoints from step 0, not from where this process resumed: with a
     # checkpoint every 2 steps and export_every=2, exports at multiples of 4 (and the end).
     every_other = cfg.RunConfig(**{**config.__dict__, "train": cfg.TrainConfig(
         **{**config.train.__dict__, "train_steps": 10, "export_every": 2})})
-    train.run_pretraining(every_other, tf.distribute.get_strategy())
+    pretrain.run_pretraining(every_other, tf.distribute.get_strategy())
     assert sorted(os.listdir(model_dir / "export"), key=int) == ["4", "6", "8", "10"]
 
 
-def test_training_reads_from_a_tf_data_service(tmp_path):
+def test_training_reads_from_a_tf_data_service(tmp_path, pretrain_config, image_folder):
     dispatcher = tf.data.experimental.service.DispatchServer()
     worker = tf.data.experimental.service.WorkerServer(
         tf.data.experimental.service.WorkerConfig(
             dispatcher_address=dispatcher.target.split("://")[1]))
-    dataset = _image_folder(tmp_path / "images")
-    config = tiny_config(tmp_path / "run", train_steps=2)
+    dataset = image_folder(tmp_path / "images")
+    config = pretrain_config(tmp_path / "run", train_steps=2)
     config = cfg.RunConfig(**{**config.__dict__, "data": cfg.DataConfig(
         dataset=dataset, image_size=16, tf_data_service=dispatcher.target)})
-    trainer, metrics = train.run_pretraining(config, tf.distribute.get_strategy())
+    trainer, metrics = pretrain.run_pretraining(config, tf.distribute.get_strategy())
     assert int(trainer.step.numpy()) == 2 and np.isfinite(metrics["loss"])
     # The service workers draw their own seeds: two reads of the stream differ.
-    fn = train.make_dataset_fn(config, seed=0)
-    first = next(iter(fn(tf.distribute.InputContext())))["view_a"].numpy()
-    second = next(iter(fn(tf.distribute.InputContext())))["view_a"].numpy()
+    fn = pretrain.make_dataset_fn(config)
+    first = next(iter(fn(tf.distribute.InputContext(), 0)))["view_a"].numpy()
+    second = next(iter(fn(tf.distribute.InputContext(), 0)))["view_a"].numpy()
     assert not np.array_equal(first, second)
     del worker
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
-def test_mixed_precision_step_keeps_float32_variables_and_loss(precision):
+def test_mixed_precision_step_keeps_float32_variables_and_loss(precision, pretrain_config,
+                                                               views_batch):
     import keras
     keras.mixed_precision.set_dtype_policy(f"mixed_{precision}")
     try:
-        config = tiny_config(precision=precision)
-        schedule = train.Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
-        trainer = train.Pretrainer(config, tf.distribute.get_strategy(), schedule, num_classes=10)
+        config = pretrain_config(precision=precision)
+        schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+        trainer = pretrain.Pretrainer(config, tf.distribute.get_strategy(), schedule,
+                                      num_classes=10)
         before = [v.numpy() for v in trainer.encoder.trainable_variables]
         step = tf.function(trainer.replica_step)
-        batch = {k: tf.constant(v) for k, v in _batch().items()}
+        batch = {k: tf.constant(v) for k, v in views_batch().items()}
         for _ in range(3):
             # float16: a step whose scaled gradients overflow is skipped, and the dynamic loss
             # scale (2^15 at first) halves; the next one applies.

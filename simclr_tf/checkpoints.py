@@ -1,0 +1,380 @@
+"""Checkpoints: finding, reading, restoring and saving them, and the checks around each.
+
+Everything a train mode, the evaluation or the export does with a checkpoint goes through here:
+
+* finding one: `latest(model_dir)`, `resolve(model_dir, name)` (a prefix, a name such as
+  `ckpt-500`, or a step), and `resolve_source(--checkpoint)`, which also accepts a run directory or
+  an exported encoder version to start fine-tuning from;
+* restoring: a whole run (`restore`: every object the trainer checkpoints must match) or parts of
+  one (`restore_encoder`, with the completeness check the export relies on; `read_parts` for the
+  heads), each failure a one-line `CheckpointError`;
+* saving: `save` refuses non-finite weights and turns a failed write (a full disk) into a one-line
+  error naming the last complete checkpoint, with the partial files removed;
+* before the first save: `check_writable` and `check_disk_space`; at start, what a killed run left
+  under temporary names is removed (`remove_stale_temporaries`).
+
+Why a kill -9 never leaves a half-written checkpoint: `tf.train.CheckpointManager.save` writes the
+shards to `ckpt-N_temp/`, merges them into `ckpt-N.index` / `ckpt-N.data-*`, and only then rewrites
+the `checkpoint` state file with `file_io.atomic_write_string_to_file` (a temporary file renamed
+over it; tensorflow/python/checkpoint/checkpoint_management.py, update_checkpoint_state_internal),
+before deleting old checkpoints. `latest` reads that state file, so it names either the previous
+checkpoint or the complete new one.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import uuid
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from simclr_tf import config as config_lib
+
+ENCODER = "encoder"
+PROJECTION_HEAD = "projection_head"
+LINEAR_PROBE = "linear_probe"
+CLASSIFIER = "classifier"
+OPTIMIZER = "optimizer"
+# Where an exported encoder version describes itself (written by `simclr_tf.export`).
+EXPORT_METADATA = os.path.join("assets", "simclr_export.json")
+_OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, read, restored or written; the message is one line saying
+    why and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Finding checkpoints.
+
+def latest(model_dir):
+    """The newest complete checkpoint of `model_dir`, or None."""
+    return tf.train.latest_checkpoint(model_dir)
+
+
+def resolve(model_dir, checkpoint=None):
+    """The checkpoint prefix that `checkpoint` names in `model_dir` (None: the latest).
+
+    `checkpoint` is a prefix (a path, or a name inside model_dir such as "ckpt-500") or a step.
+    """
+    if not tf.io.gfile.exists(model_dir):
+        raise CheckpointError(f"model_dir {model_dir} does not exist")
+    if not tf.io.gfile.isdir(model_dir):
+        raise CheckpointError(f"model_dir {model_dir} is not a directory")
+    if checkpoint is None:
+        path = latest(model_dir)
+        if path is None:
+            raise CheckpointError(f"no checkpoint in {model_dir}: train first, or pass "
+                                  "--checkpoint")
+        return path
+    checkpoint = str(checkpoint)
+    candidates = [checkpoint, os.path.join(model_dir, checkpoint)]
+    if checkpoint.isdigit():
+        candidates.append(os.path.join(model_dir, f"ckpt-{checkpoint}"))
+    for path in candidates:
+        if tf.io.gfile.exists(f"{path}.index"):
+            return path
+    state = tf.train.get_checkpoint_state(model_dir)
+    available = ", ".join(os.path.basename(p) for p in state.all_model_checkpoint_paths) if state \
+        else ""
+    raise CheckpointError(f"checkpoint {checkpoint!r} not found in {model_dir}; available: "
+                          f"{available or 'none'}")
+
+
+def step_of(path):
+    """The global step of a checkpoint: the optimiser's iteration count, else its number."""
+    reader = tf.train.load_checkpoint(path)
+    for key in reader.get_variable_to_shape_map():
+        if re.fullmatch(rf"{OPTIMIZER}/(_iterations|iter|iterations)/\.ATTRIBUTES/VARIABLE_VALUE",
+                        key):
+            return int(reader.get_tensor(key))
+    match = re.search(r"-(\d+)$", path)
+    if match:
+        return int(match.group(1))
+    raise CheckpointError(f"cannot tell the global step of checkpoint {path}")
+
+
+def holds(path, part):
+    """Whether the checkpoint at `path` has an entry `part` (e.g. LINEAR_PROBE)."""
+    return any(name.startswith(f"{part}/") for name, _ in tf.train.list_variables(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Initial weights of a fine-tuning run or distillation student: a pretraining checkpoint
+    (with its run's config) or an exported encoder version."""
+    kind: str  # "checkpoint" or "export"
+    path: str
+    encoder: config_lib.EncoderConfig
+    head: config_lib.HeadConfig | None  # None for an export (it has no projection head)
+
+
+def read_export_metadata(version_dir):
+    """The metadata dict an exported encoder version carries (`assets/simclr_export.json`)."""
+    path = os.path.join(version_dir, EXPORT_METADATA)
+    if not tf.io.gfile.exists(path):
+        raise CheckpointError(f"{path} not found: is {version_dir} a simclr_tf export version?")
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def resolve_source(checkpoint):
+    """What `--checkpoint` names: a run directory (its latest checkpoint), a checkpoint prefix
+    inside a run directory, or an exported encoder version directory."""
+    path = str(checkpoint)
+    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        meta = read_export_metadata(path)
+        return Source("export", path, config_lib.EncoderConfig(**meta["encoder"]), None)
+    is_dir = tf.io.gfile.isdir(path)
+    model_dir = path if is_dir else os.path.dirname(path)
+    if not tf.io.gfile.exists(config_lib.path_in(model_dir)):
+        raise CheckpointError(
+            f"checkpoint {path} is neither a simclr_tf run directory, a checkpoint in one, nor an "
+            "exported encoder (no config.json or saved_model.pb)")
+    prefix = resolve(model_dir, None if is_dir else path)
+    run = config_lib.load(model_dir)
+    return Source("checkpoint", prefix, run.encoder, run.head)
+
+
+# --------------------------------------------------------------------------------------------
+# Restoring.
+
+def restore(checkpoint, path):
+    """Restores a whole run: every object of `checkpoint` must find its values in `path`."""
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit the model these flags build "
+                              f"({_first_line(e)}): use a new --model_dir, or the model flags "
+                              "of the run that wrote it") from None
+
+
+def read_parts(path, **parts):
+    """Reads the entries named by `parts` (e.g. projection_head=head) from the checkpoint at
+    `path`, leaving its other entries (optimiser slots, other heads) behind; every variable of
+    the given parts must be matched."""
+    status = tf.train.Checkpoint(**parts).read(path)
+    try:
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not hold this {', '.join(parts)} "
+                              f"({_first_line(e)})") from None
+    status.expect_partial()
+
+
+def restore_encoder(encoder, path):
+    """Restores only the checkpoint's `encoder` entry into `encoder`; every variable must be there.
+
+    `assert_existing_objects_matched` alone is not enough: a variable whose checkpoint node has
+    no saved value counts as matched and silently keeps its initial value. So the checkpoint's
+    object graph is checked first: as many encoder values as the model has variables, each
+    present among the checkpoint's tensors.
+
+    Raises:
+      CheckpointError: the checkpoint has no encoder, or one that does not match `encoder`.
+    """
+    keys, missing = _encoder_value_keys(path)
+    if not keys and not missing:
+        raise CheckpointError(f"checkpoint {path} has no '{ENCODER}' entry: is it a simclr_tf "
+                              "checkpoint?")
+    if missing:
+        raise CheckpointError(f"checkpoint {path} misses the values of {len(missing)} encoder "
+                              f"variable(s), e.g. {missing[0]}: it is incomplete")
+    if len(keys) != len(encoder.variables):
+        raise CheckpointError(f"checkpoint {path} holds {len(keys)} encoder variables but the "
+                              f"run's config.json builds {len(encoder.variables)}: config and "
+                              "checkpoint disagree")
+    problem = None
+    logger = tf.get_logger()
+    level = logger.level
+    # A failed restore warns about every unrestored value when it is released; the error below
+    # says all there is to say.
+    logger.setLevel("ERROR")
+    try:
+        try:
+            status = tf.train.Checkpoint(**{ENCODER: encoder}).read(path)
+            # The projection head, probe and optimiser slots stay behind on purpose.
+            status.expect_partial()
+            status.assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            problem = _first_line(e)
+    finally:
+        logger.setLevel(level)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} does not hold this encoder: {problem}")
+
+
+def _encoder_value_keys(path):
+    """(keys of the encoder's variable values, those missing from the checkpoint's tensors).
+
+    Read from the checkpoint's object graph, not from key prefixes: a variable is saved once,
+    under whichever path reaches it first (the encoder's trainable variables are keyed under
+    `optimizer/`). A variable node with no value at all is not listed: the count check catches it.
+    """
+    try:
+        reader = tf.train.load_checkpoint(path)
+        graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
+            reader.get_tensor(_OBJECT_GRAPH_KEY))
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+    todo = [c.node_id for c in graph.nodes[0].children if c.local_name == ENCODER]
+    seen = set(todo)
+    keys, missing = [], []
+    while todo:
+        node = graph.nodes[todo.pop()]
+        values = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
+        if values:
+            (keys if reader.has_tensor(values[0]) else missing).append(values[0])
+        for c in node.children:
+            if c.node_id not in seen:
+                seen.add(c.node_id)
+                todo.append(c.node_id)
+    return keys, missing
+
+
+# --------------------------------------------------------------------------------------------
+# Saving.
+
+def manager(checkpoint, directory, keep_checkpoint_max, step_counter):
+    return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep_checkpoint_max,
+                                      step_counter=step_counter)
+
+
+def save(checkpoint_manager, variables, step):
+    """Saves through `checkpoint_manager` after checking every weight is finite; returns the path.
+
+    Args:
+      checkpoint_manager: the run's `tf.train.CheckpointManager`.
+      variables: every variable the checkpoint holds (checked for NaN / inf first).
+      step: the checkpoint's number.
+
+    Raises:
+      FloatingPointError: a weight or optimiser slot is NaN or infinite (nothing is written).
+      CheckpointError: the write failed (disk full, ...); the partial files are removed and the
+        state file still names the previous checkpoint.
+    """
+    bad = first_non_finite(variables)
+    if bad is not None:
+        raise FloatingPointError(
+            f"{bad} is not finite after step {step}: stopping without saving; the last good "
+            f"checkpoint is {latest(checkpoint_manager.directory)}")
+    try:
+        return checkpoint_manager.save(checkpoint_number=step)
+    except (tf.errors.OpError, OSError) as e:
+        prefix = os.path.join(checkpoint_manager.directory, f"ckpt-{step}")
+        _remove_partial_checkpoint(prefix, checkpoint_manager)
+        raise CheckpointError(
+            f"writing checkpoint {prefix} failed ({_first_line(e)}): the last complete "
+            f"checkpoint is {latest(checkpoint_manager.directory)}; free space and run the same "
+            "command again to resume from it") from None
+
+
+def first_non_finite(variables):
+    """The path of the first floating-point variable holding a NaN or inf, else None."""
+    for v in variables:
+        if tf.as_dtype(v.dtype).is_floating and not bool(tf.reduce_all(tf.math.is_finite(v))):
+            return getattr(v, "path", None) or v.name
+    return None
+
+
+def _remove_partial_checkpoint(prefix, checkpoint_manager):
+    if not is_local(prefix) or prefix in checkpoint_manager.checkpoints:
+        return
+    shutil.rmtree(f"{prefix}_temp", ignore_errors=True)
+    for name in (f"{prefix}.index",) + tuple(tf.io.gfile.glob(f"{prefix}.data-*")):
+        if os.path.exists(name):
+            os.remove(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Before the first save.
+
+def check_writable(model_dir):
+    """CheckpointError unless model_dir can be created and written (a probe file, then removed)."""
+    probe = os.path.join(model_dir, f".write-test-{uuid.uuid4().hex}")
+    try:
+        if is_local(model_dir):
+            os.makedirs(model_dir, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        else:
+            tf.io.gfile.makedirs(model_dir)
+            with tf.io.gfile.GFile(probe, "w") as f:
+                f.write("ok")
+            tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+        raise CheckpointError(f"--model_dir={model_dir} is not writable ({_first_line(e)}): "
+                              "choose a directory this user can write to") from None
+
+
+def size_in_bytes(variables):
+    """Bytes the values of `variables` take in a checkpoint."""
+    return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in variables)
+
+
+def check_disk_space(directory, variables, keep_checkpoint_max, export_bytes=0):
+    """CheckpointError if `directory` lacks room for the checkpoints this run keeps (+ an export).
+
+    CheckpointManager writes a new checkpoint before deleting the oldest, so a run needs
+    keep_checkpoint_max + 1 checkpoints of room (less the ones already there), and
+    `export_bytes` for an export when the run writes one. Only local directories are checked.
+    """
+    if not is_local(directory) or not os.path.isdir(directory):
+        return
+    one = size_in_bytes(variables)
+    state = tf.train.get_checkpoint_state(directory)
+    existing = len(state.all_model_checkpoint_paths) if state else 0
+    count = max(keep_checkpoint_max + 1 - existing, 1)
+    needed = count * one + export_bytes
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        export = f", and an export of {_mb(export_bytes)}" if export_bytes else ""
+        raise CheckpointError(
+            f"--model_dir={directory} has {_mb(free)} free but this run needs about {_mb(needed)} "
+            f"({count} more checkpoint(s) of {_mb(one)} with keep_checkpoint_max="
+            f"{keep_checkpoint_max}{export}): free space, lower --keep_checkpoint_max or use "
+            "another --model_dir")
+
+
+def remove_stale_temporaries(model_dir):
+    """Deletes what a killed run left half-written in model_dir (local directories only).
+
+    `ckpt-N_temp/` (a checkpoint being written; TF documents it as safe to remove) and temporary
+    config and checkpoint-state files.
+    """
+    if not is_local(model_dir) or not os.path.isdir(model_dir):
+        return
+    removed = []
+    for name in os.listdir(model_dir):
+        path = os.path.join(model_dir, name)
+        if re.fullmatch(r"ckpt-\d+_temp", name) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif re.fullmatch(r"(config\.json\.tmp-\d+|checkpoint\.tmp[0-9a-f]+)", name):
+            os.remove(path)
+            removed.append(path)
+    if removed:
+        logging.info("Removed what an interrupted run left half-written: %s", ", ".join(removed))
+
+
+def is_local(path):
+    return "://" not in str(path)
+
+
+def _mb(n):
+    return f"{n / 2**20:.0f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
+
+
+def _first_line(error, limit=300):
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = (getattr(error, "message", None) or str(error)).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[:limit] + "..."

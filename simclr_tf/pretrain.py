@@ -1,0 +1,200 @@
+"""SimCLR pretraining: f, g and the linear probe, their replica step, and the run around them.
+
+`Pretrainer` owns the model parts and the optimiser and runs one replica step: two views through f
+and g, the contrastive loss over the global batch, the probe on stop_gradient(h), one update.
+`run_pretraining` wires it to a `RunConfig` and runs it through the shared outer loop
+(`simclr_tf.loop`), exporting f at the end (and every `export_every` checkpoints).
+"""
+
+import os
+
+import tensorflow as tf
+from absl import logging
+
+from simclr_tf import checkpoints
+from simclr_tf import data as data_lib
+from simclr_tf import distribute
+from simclr_tf import export as export_lib
+from simclr_tf import loop
+from simclr_tf import models
+from simclr_tf import optim
+from simclr_tf.config import ConfigError
+from simclr_tf.losses import contrastive_loss
+from simclr_tf.schedules import make_schedule
+
+METRICS = ("loss", "contrast_loss", "contrast_acc", "contrast_entropy", "probe_loss", "probe_acc",
+           "learning_rate")
+
+
+class Pretrainer:
+    """Builds f, g, the linear probe and the optimiser under `strategy`, and runs replica steps.
+
+    Args:
+      config: the run's `RunConfig`.
+      strategy: the tf.distribute strategy.
+      schedule: the run's `schedules.Schedule`.
+      num_classes: classes of the dataset; a linear probe is trained when positive and
+        `train.lineareval_while_pretraining`.
+    """
+
+    metrics = METRICS
+    loss_parts = {"contrast_loss": "contrast", "probe_loss": "probe"}
+
+    def __init__(self, config, strategy, schedule, num_classes=0):
+        self.config = config
+        self.strategy = strategy
+        self.schedule = schedule
+        enc = config.encoder
+        self.description = f"Pretraining resnet{enc.resnet_depth}x{enc.width_multiplier}"
+        global_bn = enc.global_bn and strategy.num_replicas_in_sync > 1
+        with strategy.scope():
+            self.encoder = models.build_encoder(enc, config.data.image_size, global_bn)
+            width = models.encoder_output_dim(self.encoder)
+            self.head = models.build_projection_head(config, width, global_bn)
+            self.probe = None
+            if num_classes and config.train.lineareval_while_pretraining:
+                self.probe = models.build_linear_probe(num_classes, width)
+            self.optimizer = optim.wrap_for_precision(
+                optim.build_optimizer(config.optimizer, config.train.train_batch_size, schedule),
+                config.train.precision)
+            self.optimizer.build(self.trainable_variables)
+        self._l2_variables = optim.decayed_in_loss(self.trainable_variables,
+                                                   config.optimizer.optimizer)
+
+    @property
+    def trainable_variables(self):
+        parts = [self.encoder, self.head] + ([self.probe] if self.probe else [])
+        return [v for part in parts for v in part.trainable_variables]
+
+    @property
+    def step(self):
+        return self.optimizer.iterations
+
+    def checkpoint_items(self):
+        items = {checkpoints.ENCODER: self.encoder, checkpoints.PROJECTION_HEAD: self.head,
+                 checkpoints.OPTIMIZER: self.optimizer}
+        if self.probe is not None:
+            items[checkpoints.LINEAR_PROBE] = self.probe
+        return items
+
+    def _losses(self, batch):
+        views = tf.concat([batch["view_a"], batch["view_b"]], axis=0)
+        h = self.encoder(views, training=True)
+        z, _ = self.head(h, training=True)
+        z_a, z_b = tf.split(z, 2, axis=0)
+        loss_config = self.config.loss
+        contrast_loss, metrics = contrastive_loss(
+            loss_config.loss, z_a, z_b, labels=batch.get("label"),
+            temperature=loss_config.temperature, hidden_norm=loss_config.hidden_norm,
+            semi_hard_negatives=loss_config.semi_hard_negatives, margin=loss_config.margin)
+        loss = contrast_loss + optim.l2_regularisation(self.config.optimizer.weight_decay,
+                                                       self._l2_variables)
+        probe_loss = probe_acc = tf.constant(0.0)
+        if self.probe is not None:
+            labels = tf.concat([batch["label"], batch["label"]], axis=0)
+            logits = tf.cast(self.probe(h), tf.float32)
+            probe_loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+            probe_acc = tf.reduce_mean(tf.cast(
+                tf.equal(tf.argmax(logits, 1, output_type=labels.dtype), labels), tf.float32))
+            loss += probe_loss
+        return loss, {"contrast_loss": contrast_loss, "probe_loss": probe_loss,
+                      "probe_acc": probe_acc, **metrics}
+
+    def replica_step(self, batch):
+        """One SimCLR step on this replica's batch; returns the replica's metrics."""
+        loss, metrics = optim.minimize(self.optimizer, self.trainable_variables,
+                                       lambda: self._losses(batch),
+                                       self.strategy.num_replicas_in_sync)
+        return {"loss": loss, **metrics}
+
+    def make_train_loop(self):
+        """A compiled function running `steps` replica steps and returning their mean metrics."""
+        return loop.compiled_train_loop(self.strategy, self.replica_step, METRICS,
+                                        self.optimizer, self.config.train.jit_compile)
+
+
+def make_dataset_fn(config):
+    """function(input_context, seed) -> this input pipeline's batches of two views.
+
+    With `config.data.tf_data_service`, decoding and augmentation run on the service's workers
+    ("parallel epochs": every worker produces its own endless stream, so each draws its own random
+    seeds instead of repeating one seeded stream).
+    """
+    service = config.data.tf_data_service
+
+    def dataset_fn(input_context, seed):
+        batch = input_context.get_per_replica_batch_size(config.train.train_batch_size)
+        dataset = data_lib.pretrain_dataset(
+            config.data.dataset, config.data.train_split, batch, config.data.image_size,
+            data_dir=config.data.data_dir, input_context=input_context,
+            color_jitter_strength=config.augment.color_jitter_strength,
+            use_blur=config.augment.use_blur, seed=None if service else seed,
+            cache=config.data.cache_dataset, augmentations=config.augment.augmentations,
+            asymmetric=config.augment.asymmetric_augment)
+        if service:
+            dataset = dataset.apply(tf.data.experimental.service.distribute(
+                processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
+                service=service)).prefetch(tf.data.AUTOTUNE)
+        return dataset
+    return dataset_fn
+
+
+def _view_pairs_summary(config):
+    """Writes `summary_images` pairs of augmented views (side by side) to TensorBoard."""
+    count = config.train.summary_images
+    batch = next(iter(make_dataset_fn(config)(tf.distribute.InputContext(), config.train.seed)))
+    pairs = tf.concat([batch["view_a"][:count], batch["view_b"][:count]], axis=2)
+    tf.summary.image("augmented_view_pairs", pairs, step=0, max_outputs=count)
+
+
+def export_encoder(trainer, config, step):
+    """Exports f to `<model_dir>/export/<step>/` and keeps the newest `keep_export_max`."""
+    base = os.path.join(config.train.model_dir, "export")
+    path = export_lib.export_encoder(trainer.encoder, base, step, config)
+    export_lib.prune_exports(base, config.train.keep_export_max)
+    logging.info("Exported f to %s", path)
+    return path
+
+
+def run_pretraining(config, strategy, on_checkpoint=None, stop_requested=None, on_loop_end=None):
+    """Pretrains until the schedule's last step, resuming from the latest checkpoint in model_dir.
+
+    Args:
+      config: a validated `RunConfig`.
+      strategy: the tf.distribute strategy to run under.
+      on_checkpoint: optional callable(pretrainer, checkpoint_path) run after each save.
+      stop_requested: optional callable() -> bool (e.g. `preemption.StopSignal`), polled between
+        loop calls; when true, saves a checkpoint and raises `preemption.Preempted`.
+      on_loop_end: optional callable(pretrainer, step) run after each compiled loop call and its
+        checkpoint (e.g. `evaluate.KnnMonitor`).
+
+    Returns:
+      (pretrainer, last metrics dict as Python floats).
+    """
+    info = data_lib.dataset_info(config.data.dataset, config.data.train_split,
+                                 config.data.data_dir)
+    if config.loss.loss == "supcon" and not info.num_classes:
+        raise ConfigError(f"--loss=supcon needs labels, but {config.data.dataset} "
+                          f"({config.data.train_split}) has none: use another --loss")
+    schedule = make_schedule(config.train, config.optimizer, info.num_examples)
+    trainer = Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
+    chief = distribute.is_chief(strategy)
+    # Counted from step 0, so a resumed run exports at the same steps.
+    export_steps = config.train.export_every * config.train.checkpoint_steps
+
+    def after_checkpoint(trainer, path):
+        step = int(trainer.step.numpy())
+        if chief and export_steps and step % export_steps == 0 and step < schedule.total_steps:
+            export_encoder(trainer, config, step)
+        if on_checkpoint is not None:
+            on_checkpoint(trainer, path)
+
+    metrics = loop.run(
+        trainer, config, strategy, make_dataset_fn(config), stop_requested=stop_requested,
+        at_start=(lambda: _view_pairs_summary(config)) if config.train.summary_images else None,
+        on_checkpoint=after_checkpoint, on_loop_end=on_loop_end,
+        export_bytes=checkpoints.size_in_bytes(trainer.encoder.variables))
+    if chief:
+        export_encoder(trainer, config, int(trainer.step.numpy()))
+    return trainer, metrics

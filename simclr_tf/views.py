@@ -1,0 +1,153 @@
+"""How a view is made: a recipe is an ordered list of named transforms, looked up in one registry.
+
+`TRANSFORMS` maps each name of the paper's Figure 4 to a transform of `augment`, with the paper's
+probabilities where it gives them and always applied otherwise:
+
+    crop    random resized crop (+ resize to S) and horizontal flip with p=0.5
+    cutout  one square of zeros, half the image side, placed uniformly inside the image
+    color   colour jitter with p=0.8, then grayscale with p=0.2 (strength s)
+    sobel   Sobel gradient magnitude of the luma (an edge map), as 3 equal channels
+    noise   additive Gaussian noise, sigma drawn per image from [0, 0.1]
+    blur    Gaussian blur with p=0.5
+    rotate  rotation by 90, 180 or 270 degrees, drawn uniformly per image
+
+The paper's recipe (`paper_recipe`) is one such list, "crop,color" plus "blur" on large images;
+`--augmentations` names another. `view` runs any recipe, so the paper's views and the ablations'
+take one code path. Images enter at their own size when "crop" comes first; otherwise they are
+first resized to S, so transforms before "crop" see the S x S image.
+
+Each view's seed is split into the sub-seeds of crop, flip, colour and blur, and of cutout, noise
+and rotation (from a fold of it): a transform draws the same numbers whichever other transforms the
+recipe lists, so "crop,color,blur" differs from "crop,color" by the blur alone.
+"""
+
+import tensorflow as tf
+
+from simclr_tf import augment
+from simclr_tf.config import parse_augmentations
+
+_PAPER_SEEDS = ("crop", "flip", "color", "blur")
+_STUDY_SEEDS = ("cutout", "noise", "rotate")
+
+
+def _crop(images, seeds, image_size, strength):
+    del strength
+    views = augment.random_resized_crop(images, seeds["crop"], image_size)
+    return augment.random_flip_left_right(views, seeds["flip"])
+
+
+def _color(images, seeds, image_size, strength):
+    del image_size
+    return augment.random_color_jitter(images, seeds["color"], strength)
+
+
+def _sobel(images, seeds, image_size, strength):
+    del seeds, image_size, strength
+    return augment.sobel(images)
+
+
+def _seeded(transform, seed_name):
+    def apply(images, seeds, image_size, strength):
+        del image_size, strength
+        return transform(images, seeds[seed_name])
+    return apply
+
+
+TRANSFORMS = {
+    "crop": _crop,
+    "cutout": _seeded(augment.cutout, "cutout"),
+    "color": _color,
+    "sobel": _sobel,
+    "noise": _seeded(augment.random_gaussian_noise, "noise"),
+    "blur": _seeded(augment.random_gaussian_blur, "blur"),
+    "rotate": _seeded(augment.random_rotation, "rotate"),
+}
+
+
+def paper_recipe(use_blur=True):
+    """The paper's views: crop (+ flip), colour distortion, and blur (the paper blurs ImageNet
+    views, not CIFAR-10's)."""
+    return ("crop", "color", "blur") if use_blur else ("crop", "color")
+
+
+def _sub_seeds(seed, names):
+    seeds = dict(zip(_PAPER_SEEDS, augment.split_seed(seed, len(_PAPER_SEEDS))))
+    if any(name in _STUDY_SEEDS for name in names):
+        study = augment.split_seed(augment.fold_seed(seed, 1), len(_STUDY_SEEDS))
+        seeds.update(zip(_STUDY_SEEDS, study))
+    return seeds
+
+
+def view(images, seed, image_size, recipe, color_jitter_strength=1.0):
+    """One view per image, made by the recipe's transforms in order.
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images (H, W may be dynamic).
+      seed: int32/int64 tensor of shape [2]; the same seed gives the same view.
+      image_size: output side S in pixels.
+      recipe: names from TRANSFORMS, as a sequence or a comma-separated string.
+      color_jitter_strength: the strength s of "color".
+
+    Returns:
+      float32 [B, S, S, 3] in [0, 1].
+    """
+    names = parse_augmentations(recipe)
+    seeds = _sub_seeds(seed, names)
+    views = images if names[0] == "crop" else augment.resize(tf.convert_to_tensor(images),
+                                                             image_size)
+    for name in names:
+        views = TRANSFORMS[name](views, seeds, image_size, color_jitter_strength)
+    return augment.clip_unit(augment.to_float(views))
+
+
+def identity_view(images, image_size):
+    """The untransformed branch of the asymmetric setting: the whole image resized to S."""
+    return augment.clip_unit(augment.resize(tf.convert_to_tensor(images), image_size))
+
+
+def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True,
+              augmentations=None, asymmetric=False):
+    """Two independently augmented views of each image (the positive pair).
+
+    Args:
+      images: [B, H, W, 3] uint8 or float images (H, W may be dynamic).
+      seed: int32/int64 tensor of shape [2]; each view gets its own seed split from it.
+      image_size: output side S in pixels.
+      color_jitter_strength: the colour-distortion strength s.
+      use_blur: the paper's recipe with blur (the paper blurs ImageNet views, not CIFAR-10's).
+      augmentations: None for the paper's recipe, else a recipe (names from TRANSFORMS; use_blur
+        is then ignored).
+      asymmetric: augment view_a only; view_b is the untransformed image resized to S (the
+        paper's Figure 5 setting).
+
+    Returns:
+      (view_a, view_b), each float32 [B, S, S, 3] in [0, 1].
+    """
+    seed_a, seed_b = augment.split_seed(seed, 2)
+    recipe = paper_recipe(use_blur) if augmentations is None else augmentations
+    view_a = view(images, seed_a, image_size, recipe, color_jitter_strength)
+    if asymmetric:
+        return view_a, identity_view(images, image_size)
+    return view_a, view(images, seed_b, image_size, recipe, color_jitter_strength)
+
+
+def train_view(images, seed, image_size, color_jitter_strength=1.0, use_blur=True):
+    """One view of the paper's recipe per image (see `view`)."""
+    return view(images, seed, image_size, paper_recipe(use_blur), color_jitter_strength)
+
+
+def preprocess_for_train_single(image, seed, image_size, color_jitter_strength=1.0,
+                                use_blur=True):
+    """The paper's augmentation of one image: `train_view` on a batch of one.
+
+    Args:
+      image: [H, W, 3] uint8 or float image (H, W may be dynamic).
+      seed: int32/int64 tensor of shape [2].
+      image_size: output side S in pixels.
+      color_jitter_strength, use_blur: as in `train_view`.
+
+    Returns:
+      float32 [S, S, 3] in [0, 1].
+    """
+    return train_view(tf.convert_to_tensor(image)[None], seed, image_size, color_jitter_strength,
+                      use_blur)[0]

@@ -1,0 +1,91 @@
+"""The configuration: one source for every default, derived defaults resolved by the config itself,
+config.json that refuses what it does not know, vocabularies that agree with the code, and no model
+code imported by config.py."""
+
+import ast
+import dataclasses
+import os
+
+import pytest
+
+from simclr_tf import config as cfg
+
+CONFIG_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "simclr_tf", "config.py")
+
+
+def test_every_setting_is_a_flag_with_the_same_default_and_a_help(parsed_flags):
+    assert parsed_flags([]) == cfg.RunConfig()
+    names = [field.name for _, field in cfg.settings()]
+    assert len(names) == len(set(names))  # one flag per setting
+    from absl import flags
+    for section, field in cfg.settings():
+        assert field.metadata["help"], f"{section}.{field.name}"
+        assert flags.FLAGS[field.name].help.endswith(field.metadata["help"])
+
+
+def test_derived_defaults_are_resolved_by_the_config_as_by_the_cli(parsed_flags):
+    small, large = cfg.RunConfig(), cfg.RunConfig(data=cfg.DataConfig(image_size=224))
+    assert (small.encoder.cifar_stem, small.augment.use_blur) == (True, False)
+    assert (large.encoder.cifar_stem, large.augment.use_blur) == (False, True)
+    assert parsed_flags(["--image_size=224"]) == large
+    explicit = cfg.RunConfig(data=cfg.DataConfig(image_size=224),
+                             encoder=cfg.EncoderConfig(cifar_stem=True),
+                             augment=cfg.AugmentConfig(use_blur=False))
+    assert (explicit.encoder.cifar_stem, explicit.augment.use_blur) == (True, False)
+    assert cfg.RunConfig.from_json(large.to_json()) == large
+
+
+def test_config_json_with_an_unknown_setting_is_an_error_naming_it(tmp_path):
+    text = cfg.RunConfig().to_json()
+    with pytest.raises(cfg.ConfigError, match=r"unknown setting\(s\) encoder.resnet_dpeth"):
+        cfg.RunConfig.from_json(text.replace('"resnet_depth"', '"resnet_dpeth"'))
+    with pytest.raises(cfg.ConfigError, match=r"unknown setting\(s\) model"):
+        cfg.RunConfig.from_json('{"model": {}}')
+    # A setting it lacks (a run written before the setting existed) takes its default.
+    assert cfg.RunConfig.from_json('{"head": {"proj_out_dim": 64}}') == cfg.RunConfig(
+        head=cfg.HeadConfig(proj_out_dim=64))
+    (tmp_path / cfg.CONFIG_FILENAME).write_text('{"train": {"train_steps": 3, "typo": 1}}')
+    with pytest.raises(cfg.ConfigError) as error:
+        cfg.load(str(tmp_path))
+    assert str(error.value).startswith(f"{tmp_path}/config.json: unknown setting(s) train.typo")
+    (tmp_path / cfg.CONFIG_FILENAME).write_text('{"train": ')
+    with pytest.raises(cfg.ConfigError, match="config.json is unreadable"):
+        cfg.load(str(tmp_path))
+
+
+def test_vocabularies_agree_with_the_modules_that_implement_them():
+    from simclr_tf import heads, losses, schedules, views
+    from simclr_tf.optim import build_optimizer
+    from simclr_tf.resnet import DEPTHS, min_image_size
+    from simclr_tf.schedules import Schedule
+
+    assert cfg.RESNET_DEPTHS == tuple(sorted(DEPTHS))
+    assert cfg.PROJ_HEAD_MODES == heads.PROJ_HEAD_MODES
+    assert cfg.LOSSES == losses.LOSSES and cfg.SEMI_HARD_LOSSES == losses.SEMI_HARD_LOSSES
+    assert cfg.AUGMENTATIONS == tuple(views.TRANSFORMS)
+    assert cfg.LR_SCALINGS == schedules.LR_SCALINGS
+    assert cfg.MIN_IMAGE_SIZE == {"CIFAR": min_image_size(True),
+                                  "ImageNet": min_image_size(False)}
+    for name in cfg.OPTIMIZERS:
+        build_optimizer(cfg.OptimizerConfig(optimizer=name), 256, Schedule(10, 1, 10))
+    assert cfg.LossConfig().margin == losses.DEFAULT_MARGIN
+
+
+def test_config_imports_no_model_code():
+    tree = ast.parse(open(CONFIG_SOURCE).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+    assert imported <= {"dataclasses", "json", "os", "tensorflow"}, imported
+
+
+def test_sections_are_frozen_and_the_head_counts_its_layers():
+    config = cfg.RunConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.train_steps = 3
+    assert [cfg.HeadConfig(proj_head_mode=mode, num_proj_layers=3).num_layers
+            for mode in ("none", "linear", "nonlinear")] == [0, 1, 3]
