@@ -350,6 +350,10 @@ def _validate_training(config, num_replicas, strategy):
     _check(train.train_mode in TRAIN_MODES,
            f"train_mode must be one of {TRAIN_MODES}, got {train.train_mode!r}")
     _check(batch > 0, f"train_batch_size must be positive, got {batch}")
+    # Every other view of the global batch is a negative: one image leaves only its positive.
+    _check(batch >= 2 or train.train_mode != "pretrain",
+           f"train_batch_size={batch} leaves the contrastive loss without negatives (an image's "
+           "only other view is its positive): use at least 2")
     _check(batch % num_replicas == 0,
            f"train_batch_size={batch} is not divisible by the {num_replicas} replicas: use a "
            f"multiple of {num_replicas}")

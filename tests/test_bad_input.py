@@ -57,6 +57,9 @@ CLI_CASES = [
      "error: jit_compile=True runs one replica (or --strategy=tpu), not 2 replicas of "
      "--strategy=mirrored: XLA cannot compile that step's cross-replica ops; drop --jit_compile "
      "or use one replica"),
+    ("contrastive_batch_without_negatives", "run", ["--train_batch_size=1"], {}, 2,
+     "error: train_batch_size=1 leaves the contrastive loss without negatives (an image's only "
+     "other view is its positive): use at least 2"),
     ("image_size_below_stem", "run", ["--image_size=4"], {}, 2,
      "error: image_size=4 is too small for the CIFAR stem: use at least 8"),
     ("unknown_dataset", "run", ["--dataset=no_such_dataset", "--model_dir={tmp}/runs/a"], {}, 2,

@@ -14,6 +14,9 @@ BAD_FLAGS = [
     (["--sk_ratio=1.5"], 1, "sk_ratio must be in"),
     (["--train_batch_size=0"], 1, "train_batch_size must be positive"),
     (["--train_batch_size=30"], 4, "not divisible by the 4 replicas"),
+    (["--train_batch_size=1"], 1, "train_batch_size=1 leaves the contrastive loss without "
+                                  "negatives (an image's only other view is its positive): use "
+                                  "at least 2"),
     (["--image_size=4"], 1, "image_size=4 is too small for the CIFAR stem"),
     (["--image_size=16", "--cifar_stem=false"], 1, "too small for the ImageNet stem"),
     (["--image_size=224", "--eval_image_size=16"], 1,
@@ -62,6 +65,11 @@ def test_flags_map_onto_config_with_small_image_defaults(parsed_flags):
     assert big.eval.eval_image_size == 0
     assert parsed_flags(["--image_size=16", "--eval_image_size=28"]).eval.eval_image_size == 28
     cfg.validate(big)
+
+
+def test_one_image_per_batch_is_refused_for_contrastive_pretraining_only(parsed_flags):
+    cfg.validate(parsed_flags(["--train_batch_size=2"]))
+    cfg.validate(parsed_flags(["--train_batch_size=1", "--train_mode=finetune"]))
 
 
 def test_config_json_round_trip(tmp_path):
