@@ -274,8 +274,7 @@ def simclr():
             trainer = pretrain_lib.Pretrainer(
                 config, tf.distribute.get_strategy(),
                 make_schedule(config.train, config.optimizer, info.num_examples), NUM_CLASSES)
-        checkpoints.restore(tf.train.Checkpoint(**trainer.checkpoint_items()),
-                            checkpoints.latest(out))
+        checkpoints.restore(checkpoints.latest(out), trainer.checkpoint_items())
     train_minutes = clock.training_seconds() / 60
     steps = int(trainer.step.numpy())
     if not curve or curve[-1]["step"] != steps:

@@ -5,9 +5,9 @@ Everything a train mode, the evaluation or the export does with a checkpoint goe
 * finding one: `latest(model_dir)`, `resolve(model_dir, name)` (a prefix, a name such as
   `ckpt-500`, or a step), and `resolve_source(--checkpoint)`, which also accepts a run directory or
   an exported encoder version to start fine-tuning from;
-* restoring: a whole run (`restore`: every object the trainer checkpoints must match) or parts of
-  one (`restore_encoder`, with the completeness check the export relies on; `read_parts` for the
-  heads), each failure a one-line `CheckpointError`;
+* restoring: a whole run (`restore`) or parts of one (`read_parts`, `restore_encoder`), each
+  part checked complete (a value for every variable) and of the right shapes, each failure a
+  one-line `CheckpointError`;
 * saving: `save` refuses non-finite weights and turns a failed write (a full disk) into a one-line
   error naming the last complete checkpoint, with the partial files removed;
 * before the first save: `check_writable` and `check_disk_space`; at start, what a killed run left
@@ -145,51 +145,40 @@ def resolve_source(checkpoint):
 # --------------------------------------------------------------------------------------------
 # Restoring.
 
-def restore(checkpoint, path):
-    """Restores a whole run: every object of `checkpoint` must find its values in `path`."""
+def restore(path, items):
+    """Restores a whole run: every part of `items` ({name: trackable}, as a trainer checkpoints
+    them) must find all its values in the checkpoint at `path`."""
+    for name, part in items.items():
+        if name != OPTIMIZER:  # its object graph reaches the model's variables too
+            _check_complete(path, name, part)
     try:
-        checkpoint.restore(path).assert_existing_objects_matched()
+        tf.train.Checkpoint(**items).restore(path).assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit the model these flags build "
                               f"({_first_line(e)}): use a new --model_dir, or the model flags "
                               "of the run that wrote it") from None
 
 
-def read_parts(path, **parts):
-    """Reads the entries named by `parts` (e.g. projection_head=head) from the checkpoint at
-    `path`, leaving its other entries (optimiser slots, other heads) behind; every variable of
-    the given parts must be matched."""
-    status = tf.train.Checkpoint(**parts).read(path)
-    try:
-        status.assert_existing_objects_matched()
-    except (AssertionError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} does not hold this {', '.join(parts)} "
-                              f"({_first_line(e)})") from None
-    status.expect_partial()
-
-
 def restore_encoder(encoder, path):
-    """Restores only the checkpoint's `encoder` entry into `encoder`; every variable must be there.
+    """Restores only the checkpoint's `encoder` entry into `encoder` (see `read_parts`)."""
+    read_parts(path, **{ENCODER: encoder})
+
+
+def read_parts(path, **parts):
+    """Reads the entries named by `parts` (e.g. encoder=f, projection_head=g) from the checkpoint
+    at `path`, leaving its other entries (optimiser slots, other heads) behind. Every variable of
+    each given part must have its value there.
 
     `assert_existing_objects_matched` alone is not enough: a variable whose checkpoint node has
     no saved value counts as matched and silently keeps its initial value. So the checkpoint's
-    object graph is checked first: as many encoder values as the model has variables, each
+    object graph is checked first: as many values under each part as it has variables, each
     present among the checkpoint's tensors.
 
     Raises:
-      CheckpointError: the checkpoint has no encoder, or one that does not match `encoder`.
+      CheckpointError: a part is missing, incomplete, or of another shape.
     """
-    keys, missing = _encoder_value_keys(path)
-    if not keys and not missing:
-        raise CheckpointError(f"checkpoint {path} has no '{ENCODER}' entry: is it a simclr_tf "
-                              "checkpoint?")
-    if missing:
-        raise CheckpointError(f"checkpoint {path} misses the values of {len(missing)} encoder "
-                              f"variable(s), e.g. {missing[0]}: it is incomplete")
-    if len(keys) != len(encoder.variables):
-        raise CheckpointError(f"checkpoint {path} holds {len(keys)} encoder variables but the "
-                              f"run's config.json builds {len(encoder.variables)}: config and "
-                              "checkpoint disagree")
+    for name, part in parts.items():
+        _check_complete(path, name, part)
     problem = None
     logger = tf.get_logger()
     level = logger.level
@@ -198,8 +187,7 @@ def restore_encoder(encoder, path):
     logger.setLevel("ERROR")
     try:
         try:
-            status = tf.train.Checkpoint(**{ENCODER: encoder}).read(path)
-            # The projection head, probe and optimiser slots stay behind on purpose.
+            status = tf.train.Checkpoint(**parts).read(path)
             status.expect_partial()
             status.assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as e:
@@ -207,11 +195,36 @@ def restore_encoder(encoder, path):
     finally:
         logger.setLevel(level)
     if problem is not None:
-        raise CheckpointError(f"checkpoint {path} does not hold this encoder: {problem}")
+        raise CheckpointError(f"checkpoint {path} does not hold this {', '.join(parts)}: "
+                              f"{problem}")
 
 
-def _encoder_value_keys(path):
-    """(keys of the encoder's variable values, those missing from the checkpoint's tensors).
+def _check_complete(path, name, part):
+    """CheckpointError unless the checkpoint holds a value for every variable of `part`."""
+    keys, missing = _value_keys(path, name)
+    if keys is None:
+        raise CheckpointError(f"checkpoint {path} has no '{name}' entry: is it a simclr_tf "
+                              "checkpoint of this kind of run?")
+    if not keys and not missing:
+        if name == PROJECTION_HEAD:
+            raise CheckpointError(
+                f"checkpoint {path} holds no values of its {name}: it was written before "
+                "simclr_tf saved the head's layers (2026-11-30), so it cannot be resumed or "
+                "fine-tuned from the head; its encoder still exports, evaluates and fine-tunes "
+                "(--ft_proj_selector=0)")
+        raise CheckpointError(f"checkpoint {path} holds no values of its '{name}'")
+    if missing:
+        raise CheckpointError(f"checkpoint {path} misses the values of {len(missing)} {name} "
+                              f"variable(s), e.g. {missing[0]}: it is incomplete")
+    if len(keys) != len(part.variables):
+        raise CheckpointError(f"checkpoint {path} holds {len(keys)} {name} variables but the "
+                              f"run's config.json builds {len(part.variables)}: config and "
+                              "checkpoint disagree")
+
+
+def _value_keys(path, name):
+    """(keys of the values of entry `name`'s variables, those missing from the checkpoint);
+    (None, None) when the checkpoint has no entry `name`.
 
     Read from the checkpoint's object graph, not from key prefixes: a variable is saved once,
     under whichever path reaches it first (the encoder's trainable variables are keyed under
@@ -223,7 +236,9 @@ def _encoder_value_keys(path):
             reader.get_tensor(_OBJECT_GRAPH_KEY))
     except (tf.errors.OpError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
-    todo = [c.node_id for c in graph.nodes[0].children if c.local_name == ENCODER]
+    todo = [c.node_id for c in graph.nodes[0].children if c.local_name == name]
+    if not todo:
+        return None, None
     seen = set(todo)
     keys, missing = [], []
     while todo:

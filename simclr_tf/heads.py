@@ -56,6 +56,11 @@ class ProjectionHead(keras.layers.Layer):
                 name=f"dense_{j}")
             bn = BatchNorm(self.bn_momentum, self.bn_epsilon, center=not last,
                            synchronized=self.global_bn, name=f"bn_{j}")
+            # Named attributes make them checkpoint dependencies of the head (`dense_0/kernel`,
+            # `bn_0/moving_mean`, ...): TensorFlow's checkpoints do not follow a Keras layer's
+            # lists, so a head whose layers only sat in lists was saved without them.
+            setattr(self, f"dense_{j}", dense)
+            setattr(self, f"bn_{j}", bn)
             self.dense_layers.append(dense)
             self.bn_layers.append(bn)
         width = int(input_shape[-1])

@@ -109,13 +109,13 @@ def run(trainer, config, strategy, dataset_fn, *, initialize=None, stop_requeste
     out_dir = distribute.write_dir(model_dir, strategy)
     items = trainer.checkpoint_items()
     variables = _unique_variables(items.values())
-    manager = checkpoints.manager(tf.train.Checkpoint(**items), out_dir, train.keep_checkpoint_max,
-                                  trainer.step)
+    manager = checkpoints.manager(tf.train.Checkpoint(**items), out_dir,
+                                  train.keep_checkpoint_max, trainer.step)
     try:
         checkpoints.check_disk_space(out_dir, variables, train.keep_checkpoint_max, export_bytes)
         resume_from = checkpoints.latest(model_dir)
         if resume_from:
-            checkpoints.restore(manager.checkpoint, resume_from)
+            checkpoints.restore(resume_from, items)
             logging.info("Resumed from %s at step %d", resume_from, int(trainer.step.numpy()))
         elif initialize is not None:
             initialize()

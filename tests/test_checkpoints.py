@@ -28,6 +28,9 @@ def run(tmp_path_factory, pretrain_config):
                                   num_classes=10)
     manager = checkpoints.manager(tf.train.Checkpoint(**trainer.checkpoint_items()), model_dir,
                                   5, trainer.step)
+    rng = np.random.default_rng(0)
+    for v in trainer.head.variables:  # off their initial values, moving statistics included
+        v.assign(v.numpy() + rng.uniform(0.1, 0.2, v.shape).astype(np.float32))
     for step in STEPS:
         trainer.optimizer.iterations.assign(step)
         checkpoints.save(manager, trainer.encoder.variables, step)
@@ -78,10 +81,33 @@ def test_restore_of_a_whole_run_refuses_another_model(run):
                                   Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=5),
                                   num_classes=10)
     with pytest.raises(checkpoints.CheckpointError) as error:
-        checkpoints.restore(tf.train.Checkpoint(**trainer.checkpoint_items()),
-                            run.checkpoints[-1])
+        checkpoints.restore(run.checkpoints[-1], trainer.checkpoint_items())
     assert "does not fit the model these flags build" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_the_projection_head_is_saved_and_read_whole_batch_norm_statistics_included(run,
+                                                                                    tmp_path):
+    """Its layers sat in Python lists, which TensorFlow's checkpoints do not follow: the head
+    was saved without them (its kernels only through the optimiser, its BN statistics not at
+    all), and reading it restored nothing without a word."""
+    assert len(run.trainer.head.variables) == 10  # 2 layers: kernel, gamma, beta, mean, variance
+    keys = [key for key, _ in tf.train.list_variables(run.checkpoints[-1])]
+    assert "projection_head/bn_0/moving_mean/.ATTRIBUTES/VARIABLE_VALUE" in keys
+    head = models.build_projection_head(run.config, 512)
+    checkpoints.read_parts(run.checkpoints[-1], projection_head=head)
+    for got, want in zip(head.variables, run.trainer.head.variables):
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.path)
+    encoder_only = tf.train.Checkpoint(encoder=_encoder(run.config)).write(
+        str(tmp_path / "ckpt-1"))
+    with pytest.raises(checkpoints.CheckpointError, match="has no 'projection_head' entry"):
+        checkpoints.read_parts(encoder_only, projection_head=head)
+    # A checkpoint from before: the head's node is there, with no values below it.
+    before = tf.train.Checkpoint(encoder=_encoder(run.config),
+                                 projection_head=tf.Module()).write(str(tmp_path / "ckpt-2"))
+    with pytest.raises(checkpoints.CheckpointError, match="written before simclr_tf saved the "
+                                                          "head's layers"):
+        checkpoints.read_parts(before, projection_head=head)
 
 
 def _object_graph(reader):

@@ -183,6 +183,36 @@ def test_ft_proj_selector_and_zero_init_logits_layer(finetune_config, colour_dat
     assert not any(id(v) in trained for v in model.head.dense_layers[2].trainable_variables)
 
 
+def test_fine_tuning_from_the_middle_of_the_head_starts_from_the_pretrained_layers(
+        tmp_path, finetune_config, colour_data):
+    """The head's layers (and their BN statistics) come from the pretraining checkpoint, and a
+    fine-tuned checkpoint gives back the classifier it saved."""
+    source_config = finetune_config(tmp_path / "pre")
+    source_config = dataclasses.replace(
+        source_config, train=dataclasses.replace(source_config.train, train_mode="pretrain"))
+    pretrainer = pretrain.Pretrainer(source_config, tf.distribute.get_strategy(),
+                                     Schedule(10, 0, 5), num_classes=colour_data.num_classes)
+    rng = np.random.default_rng(0)
+    for v in pretrainer.head.variables:
+        v.assign(v.numpy() + rng.uniform(0.1, 0.2, v.shape).astype(np.float32))
+    cfg.save(source_config, source_config.train.model_dir)
+    tf.train.Checkpoint(**pretrainer.checkpoint_items()).write(str(tmp_path / "pre" / "ckpt-3"))
+
+    config, source = finetune.prepare(finetune_config(
+        tmp_path / "ft", checkpoint=str(tmp_path / "pre" / "ckpt-3"), ft_proj_selector=2))
+    trainer = make_finetuner(config, colour_data.num_classes)
+    finetune.initialize_from(trainer.model, source)
+    for got, want in zip(trainer.model.head.variables, pretrainer.head.variables):
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=got.path)
+
+    run_steps(trainer, colour_data.batch(), 2)
+    saved = tf.train.Checkpoint(**trainer.checkpoint_items()).write(str(tmp_path / "ft" / "ckpt"))
+    restored = classifier.build_classifier(config, colour_data.num_classes)
+    checkpoints.read_parts(saved, **restored.checkpoint_items())
+    images = colour_data.batch(seed=3)["image"]
+    np.testing.assert_array_equal(restored(images).numpy(), trainer.model(images).numpy())
+
+
 def test_negative_ft_proj_selector_counts_from_the_end_of_the_head_as_the_original(
         finetune_config):
     layers = finetune_config().head.num_layers
