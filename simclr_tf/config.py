@@ -64,7 +64,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    color_jitter_strength: float = _setting(1.0, "Colour jitter strength s.")
+    color_jitter_strength: float = _setting(
+        1.0, "Colour jitter strength s; 0 leaves out the whole colour distortion, random "
+        "grayscale included, as the original code.")
     use_blur: bool | None = _setting(
         None, f"Gaussian blur in the views; default: on when image_size > {SMALL_IMAGE_SIZE} "
         "(as the paper).")

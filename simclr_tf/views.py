@@ -5,7 +5,7 @@ probabilities where it gives them and always applied otherwise:
 
     crop    random resized crop (+ resize to S) and horizontal flip with p=0.5
     cutout  one square of zeros, half the image side, placed uniformly inside the image
-    color   colour jitter with p=0.8, then grayscale with p=0.2 (strength s)
+    color   colour jitter with p=0.8, then grayscale with p=0.2 (strength s; s = 0: neither)
     sobel   Sobel gradient magnitude of the luma (an edge map), as 3 equal channels
     noise   additive Gaussian noise, sigma drawn per image from [0, 0.1]
     blur    Gaussian blur with p=0.5
@@ -38,6 +38,8 @@ def _crop(images, seeds, image_size, strength):
 
 def _color(images, seeds, image_size, strength):
     del image_size
+    if strength <= 0:  # as the original's `if color_jitter_strength > 0`: no grayscale either
+        return images
     return augment.random_color_jitter(images, seeds["color"], strength)
 
 

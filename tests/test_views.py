@@ -50,3 +50,18 @@ def test_the_paper_recipe_is_crop_flip_colour_blur_with_their_own_seeds():
         got = views.view(images, FIXTURE_SEED, size, views.paper_recipe(blur))
         np.testing.assert_array_equal(got.numpy(), expected.numpy())
         assert views.paper_recipe(blur) == ("crop", "color") + (("blur",) if blur else ())
+
+
+def test_colour_strength_zero_leaves_out_the_whole_colour_distortion_as_the_original():
+    """The original runs its colour block only `if color_jitter_strength > 0`: no jitter and no
+    random grayscale (here they used to run, the jitter as an identity HSV round trip)."""
+    from simclr_tf import views
+
+    images = tf.constant(fixture_images(32, 40, 8))
+    without = views.view(images, FIXTURE_SEED, 32, ("crop", "color"), color_jitter_strength=0.0)
+    crop_only = views.view(images, FIXTURE_SEED, 32, ("crop",))
+    np.testing.assert_array_equal(without.numpy(), crop_only.numpy())
+    for image in without.numpy():  # no image turned gray
+        assert not np.allclose(image[..., 0], image[..., 1])
+    weak = views.view(images, FIXTURE_SEED, 32, ("crop", "color"), color_jitter_strength=0.01)
+    assert not np.array_equal(weak.numpy(), crop_only.numpy())
