@@ -102,7 +102,14 @@ def step_of(path):
 
 def holds(path, part):
     """Whether the checkpoint at `path` has an entry `part` (e.g. LINEAR_PROBE)."""
-    return any(name.startswith(f"{part}/") for name, _ in tf.train.list_variables(path))
+    return _value_keys(path, part)[0] is not None
+
+
+def shapes_of(path, part):
+    """The shapes of the values entry `part` holds in the checkpoint at `path`, sorted."""
+    keys, _ = _value_keys(path, part)
+    shapes = dict(tf.train.list_variables(path))
+    return sorted(tuple(shapes[key]) for key in keys or [])
 
 
 @dataclasses.dataclass(frozen=True)

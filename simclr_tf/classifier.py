@@ -47,6 +47,7 @@ class Classifier:
         self.encoder = encoder
         self.head = head if ft_proj_selector else None
         self.ft_proj_selector = ft_proj_selector
+        self.zero_init_logits_layer = zero_init_logits_layer
         self.fine_tune_after_block = fine_tune_after_block
         self._frozen = self._tail = None
         if 0 <= fine_tune_after_block < LINEAR_EVAL_BLOCK:

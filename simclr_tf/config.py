@@ -169,7 +169,9 @@ class FinetuneConfig:
     ft_proj_selector: int = _setting(
         0, "Classify the output of projection-head layer j (SimCLRv2); 0: h; negative counts "
         "from the end as the original (-1: the last layer).")
-    zero_init_logits_layer: bool = _setting(False, "Start the classifier at zero.")
+    zero_init_logits_layer: bool = _setting(
+        False, "Start the classifier at zero; otherwise it starts from the linear probe of the "
+        "pretraining checkpoint when that fits (as the original), else at N(0, 0.01^2).")
     train_label_fraction: float = _setting(
         1.0, "Class-balanced fraction of the train split that keeps its labels (0.01, 0.1).")
     train_label_ids: str | None = _setting(

@@ -7,6 +7,10 @@ step (cross-entropy on the labels); distillation (`simclr_tf.distill`) subclasse
 split, the paper's fine-tuning augmentation (random crop + flip), and initial weights from a
 pretraining run, one of its checkpoints, or an exported encoder (`prepare` adopts that source's
 architecture, `initialize_from` loads it).
+
+As in the original code, which restores the whole pretrained model, the classifier starts from
+the linear probe trained during pretraining when that probe fits it (a classifier of h with the
+same classes), unless `zero_init_logits_layer` starts it at zero; otherwise at N(0, 0.01^2).
 """
 
 import dataclasses
@@ -19,6 +23,7 @@ from simclr_tf import data as data_lib
 from simclr_tf import export as export_lib
 from simclr_tf import label_subset
 from simclr_tf import loop
+from simclr_tf import models
 from simclr_tf import optim
 from simclr_tf import supervised_data
 from simclr_tf.classifier import build_classifier
@@ -76,13 +81,47 @@ def prepare(config):
 
 
 def initialize_from(model, source):
-    """Loads f (and the used head layers) of `source` into the `Classifier` `model`."""
+    """Loads f (and the used head layers) of `source` into the `Classifier` `model`, and, unless
+    it is zero-initialised, its logits layer from the source's linear probe when that fits."""
     if source.kind == "export":
         model.encoder.set_weights(export_lib.load_encoder(source.path).get_weights())
+    else:
+        checkpoints.restore_encoder(model.encoder, source.path)
+        if model.head is not None:
+            checkpoints.read_parts(source.path, **{checkpoints.PROJECTION_HEAD: model.head})
+    if model.zero_init_logits_layer:
+        logging.info("The classifier starts at zero (--zero_init_logits_layer)")
         return
-    checkpoints.restore_encoder(model.encoder, source.path)
-    if model.head is not None:
-        checkpoints.read_parts(source.path, **{checkpoints.PROJECTION_HEAD: model.head})
+    reason = _probe_misfit(model, source)
+    if reason:
+        logging.info("The classifier starts at N(0, 0.01^2): %s", reason)
+        return
+    probe = models.build_linear_probe(model.num_classes, model.feature_dim)
+    checkpoints.read_parts(source.path, **{checkpoints.LINEAR_PROBE: probe})
+    model.logits_layer.set_weights(probe.dense.get_weights())
+    logging.info("The classifier starts from the linear probe of %s (as the original code; "
+                 "--zero_init_logits_layer starts it at zero)", source.path)
+
+
+def _probe_misfit(model, source):
+    """Why the source's linear probe cannot start `model`'s logits layer, or None if it can.
+
+    The original restores the whole pretrained model, its supervised head included, so
+    fine-tuning starts from the probe trained during pretraining. That probe was fitted to h
+    with the pretraining dataset's classes: it fits a classifier of h with as many classes.
+    """
+    if source.kind == "export":
+        return f"{source.path} is an exported encoder (it has no linear probe)"
+    if model.ft_proj_selector:
+        return (f"the linear probe of {source.path} was fitted to h, not to the output of head "
+                f"layer {model.ft_proj_selector}")
+    if not checkpoints.holds(source.path, checkpoints.LINEAR_PROBE):
+        return f"{source.path} has no linear probe (pretrained without labels or without one)"
+    expected = sorted([(model.num_classes,), (model.feature_dim, model.num_classes)])
+    if checkpoints.shapes_of(source.path, checkpoints.LINEAR_PROBE) != expected:
+        return (f"the linear probe of {source.path} does not predict this dataset's "
+                f"{model.num_classes} classes")
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -183,23 +183,30 @@ def test_ft_proj_selector_and_zero_init_logits_layer(finetune_config, colour_dat
     assert not any(id(v) in trained for v in model.head.dense_layers[2].trainable_variables)
 
 
+def _pretraining_checkpoint(model_dir, finetune_config, num_classes):
+    """A pretraining run's checkpoint (f, a 3-layer g, a probe) with its head and probe moved
+    off their initial values; returns (checkpoint path, the Pretrainer)."""
+    config = finetune_config(model_dir)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                   train_mode="pretrain"))
+    pretrainer = pretrain.Pretrainer(config, tf.distribute.get_strategy(), Schedule(10, 0, 5),
+                                     num_classes=num_classes)
+    rng = np.random.default_rng(0)
+    for v in pretrainer.head.variables + pretrainer.probe.variables:
+        v.assign(v.numpy() + rng.uniform(0.1, 0.2, v.shape).astype(np.float32))
+    cfg.save(config, str(model_dir))
+    path = tf.train.Checkpoint(**pretrainer.checkpoint_items()).write(str(model_dir / "ckpt-3"))
+    return path, pretrainer
+
+
 def test_fine_tuning_from_the_middle_of_the_head_starts_from_the_pretrained_layers(
         tmp_path, finetune_config, colour_data):
     """The head's layers (and their BN statistics) come from the pretraining checkpoint, and a
     fine-tuned checkpoint gives back the classifier it saved."""
-    source_config = finetune_config(tmp_path / "pre")
-    source_config = dataclasses.replace(
-        source_config, train=dataclasses.replace(source_config.train, train_mode="pretrain"))
-    pretrainer = pretrain.Pretrainer(source_config, tf.distribute.get_strategy(),
-                                     Schedule(10, 0, 5), num_classes=colour_data.num_classes)
-    rng = np.random.default_rng(0)
-    for v in pretrainer.head.variables:
-        v.assign(v.numpy() + rng.uniform(0.1, 0.2, v.shape).astype(np.float32))
-    cfg.save(source_config, source_config.train.model_dir)
-    tf.train.Checkpoint(**pretrainer.checkpoint_items()).write(str(tmp_path / "pre" / "ckpt-3"))
-
-    config, source = finetune.prepare(finetune_config(
-        tmp_path / "ft", checkpoint=str(tmp_path / "pre" / "ckpt-3"), ft_proj_selector=2))
+    path, pretrainer = _pretraining_checkpoint(tmp_path / "pre", finetune_config,
+                                               colour_data.num_classes)
+    config, source = finetune.prepare(finetune_config(tmp_path / "ft", checkpoint=path,
+                                                      ft_proj_selector=2))
     trainer = make_finetuner(config, colour_data.num_classes)
     finetune.initialize_from(trainer.model, source)
     for got, want in zip(trainer.model.head.variables, pretrainer.head.variables):
@@ -211,6 +218,31 @@ def test_fine_tuning_from_the_middle_of_the_head_starts_from_the_pretrained_laye
     checkpoints.read_parts(saved, **restored.checkpoint_items())
     images = colour_data.batch(seed=3)["image"]
     np.testing.assert_array_equal(restored(images).numpy(), trainer.model(images).numpy())
+
+
+@pytest.mark.parametrize("settings,num_classes,start", [
+    (dict(), 3, "probe"),
+    (dict(zero_init_logits_layer=True), 3, "zeros"),
+    (dict(ft_proj_selector=1), 3, "random"),  # the probe was fitted to h, not to layer 1
+    (dict(), 5, "random"),  # the probe predicts other classes
+], ids=["probe", "zero_init", "from_layer_1", "other_classes"])
+def test_the_classifier_starts_from_the_pretraining_probe_as_the_original(
+        tmp_path, finetune_config, settings, num_classes, start):
+    """The original restores the whole pretrained model: without --zero_init_logits_layer the
+    classifier starts from the linear probe of pretraining, where that probe fits it."""
+    path, pretrainer = _pretraining_checkpoint(tmp_path / "pre", finetune_config, 3)
+    config, source = finetune.prepare(finetune_config(tmp_path / "ft", checkpoint=path,
+                                                      **settings))
+    model = make_finetuner(config, num_classes).model
+    finetune.initialize_from(model, source)
+    kernel, bias = (w.numpy() for w in model.logits_layer.weights)
+    if start == "probe":
+        for got, want in zip(model.logits_layer.weights, pretrainer.probe.dense.weights):
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
+    elif start == "zeros":
+        assert not kernel.any() and not bias.any()
+    else:
+        assert 0.008 < kernel.std() < 0.012 and not bias.any()  # N(0, 0.01^2)
 
 
 def test_negative_ft_proj_selector_counts_from_the_end_of_the_head_as_the_original(
