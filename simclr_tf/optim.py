@@ -1,9 +1,9 @@
 """The optimiser of every train mode: which one, its learning-rate schedule, and who decays what.
 
-As in the original code: LARS adapts and decays the weights of f and g itself, but leaves the
-supervised heads (the linear probe and the fine-tuning classifier, both Dense layers named
-"logits") to plain momentum with their L2 in the loss; with another optimiser the loss carries the
-L2 of every decayed weight.
+As in the original code: LARS adapts and decays the weights of f and g itself (not batch norm's,
+nor biases), but leaves the supervised heads (the linear probe and the fine-tuning classifier,
+both Dense layers named "logits") to plain momentum with their kernel's L2 in the loss; with
+another optimiser the loss carries the L2 of every weight but batch norm's, biases included.
 """
 
 import re
@@ -45,10 +45,21 @@ def build_optimizer(optimizer_config, batch_size, schedule):
     raise ValueError(f"optimizer must be one of lars, momentum, adam; got {name!r}")
 
 
+def is_batch_norm(variable):
+    """gamma or beta of a `batchnorm.BatchNorm` (the names it gives its weights)."""
+    return variable.path.rsplit("/", 1)[-1] in ("gamma", "beta")
+
+
 def decayed_in_loss(variables, optimizer_name):
-    """The variables whose L2 the loss carries: LARS decays the others itself."""
-    return [v for v in variables if not is_bn_or_bias(v)
-            and (optimizer_name != "lars" or is_supervised_head(v))]
+    """The variables whose L2 the loss carries, as the original's `add_weight_decay`.
+
+    With LARS, which decays the other weights itself, the supervised heads' kernels. With another
+    optimiser, every weight but batch norm's: biases too (the linear probe's and classifier's,
+    the squeeze-and-excitation convolutions').
+    """
+    if optimizer_name == "lars":
+        return [v for v in variables if is_supervised_head(v) and not is_bn_or_bias(v)]
+    return [v for v in variables if not is_batch_norm(v)]
 
 
 def l2_regularisation(weight_decay, variables):

@@ -88,9 +88,11 @@ def test_warmup_cosine():
 
 def test_lars_leaves_the_supervised_heads_to_momentum_and_their_l2_to_the_loss():
     """As the original's head_supervised: the probe / classifier kernel is neither adapted nor
-    decayed by LARS (plain momentum SGD), and the loss carries its L2 instead."""
+    decayed by LARS (plain momentum SGD), and the loss carries its L2 instead; other optimisers
+    have the L2 of every weight but batch norm's in the loss."""
     from simclr_tf import config as cfg
     from simclr_tf import optim
+    from simclr_tf.batchnorm import BatchNorm
     from simclr_tf.heads import LinearProbe
     from simclr_tf.schedules import Schedule
 
@@ -116,7 +118,12 @@ def test_lars_leaves_the_supervised_heads_to_momentum_and_their_l2_to_the_loss()
     np.testing.assert_allclose(hidden.kernel.numpy(), w0 - lr * trust * g_total, rtol=1e-6)
 
     assert optim.decayed_in_loss(variables, "lars") == [probe.dense.kernel]
-    assert optim.decayed_in_loss(variables, "momentum") == variables[:2]
+    # Other optimisers: every weight but batch norm's, biases included, as the original.
+    bn = BatchNorm(name="bn")
+    bn.build((None, 2))
+    everything = variables + bn.trainable_variables
+    assert optim.decayed_in_loss(everything, "momentum") == variables
+    assert optim.decayed_in_loss(everything, "adam") == variables
     want = wd * 0.5 * float(np.sum(probe.dense.kernel.numpy() ** 2))
     got = optim.l2_regularisation(wd, optim.decayed_in_loss(variables, "lars"))
     assert float(got) == pytest.approx(want, rel=1e-6)
