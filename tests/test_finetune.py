@@ -382,3 +382,24 @@ def test_pretrain_then_finetune_on_one_percent_and_from_the_export(tmp_path, fin
     checkpoints.restore_encoder(reference, tf.train.latest_checkpoint(str(tmp_path / "pre")))
     for a, b in zip(trainer.model.encoder.variables, reference.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_float16_fine_tuning_scales_its_loss(finetune_config, colour_data):
+    """float16 gradients underflow: fine-tuning wraps its optimiser for loss scaling, as
+    pretraining does (it used to train float16 without it)."""
+    import keras
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        config = finetune_config(fine_tune_after_block=2)
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                       precision="float16"))
+        trainer = make_finetuner(config, colour_data.num_classes)
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+        for _ in range(3):  # a step whose scaled gradients overflow is skipped
+            metrics = run_steps(trainer, colour_data.batch(), 1)
+            if int(trainer.step.numpy()) == 1:
+                break
+        assert int(trainer.step.numpy()) == 1 and np.isfinite(float(metrics["loss"]))
+        assert all(v.dtype == "float32" for v in trainer.model.trainable_variables)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
