@@ -1,8 +1,11 @@
 """Cheap checks, made once when a folder is listed, that an image file can be decoded.
 
 Policy for `folder:` datasets (see `data`): a file is skipped when its content is not JPEG, PNG,
-GIF or BMP (whatever its extension), when it ends before its format's end marker (truncated), or
-when its header announces more than `MAX_PIXELS` pixels (decoding it would take gigabytes). Each
+GIF or BMP (whatever its extension), when it ends before its format's end marker (truncated), when
+a JPEG's Huffman tables are ones the decoder refuses ("Bogus Huffman table definition"), or when
+its header announces more than `MAX_PIXELS` pixels (decoding it would take gigabytes). A JPEG
+damaged inside its image data is kept: TensorFlow's decoder recovers from that (libjpeg warns on
+stderr) and trains on what decodes, as an export's `serving_bytes` embeds it. Each
 listing logs ONE warning that counts the skipped files and names the first `NAMED_IN_WARNING` with
 the reason; `DatasetInfo.num_examples` counts only the files kept. Grayscale, RGBA, paletted and
 16-bit images are fine (the decoder turns them into 8-bit RGB).
@@ -36,7 +39,7 @@ _GIFS = (b"GIF87a", b"GIF89a")
 _BMP = b"BM"
 # JPEG start-of-frame markers (they carry the size); C4, C8 and CC are other markers.
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_JPEG_SOS, _JPEG_EOI = 0xDA, b"\xff\xd9"
+_JPEG_SOS, _JPEG_DHT, _JPEG_EOI = 0xDA, 0xC4, b"\xff\xd9"
 _NOT_AN_IMAGE = "not a JPEG, PNG, GIF or BMP file"
 
 
@@ -123,11 +126,15 @@ def _check_jpeg(f, size):
             offset += 1
             continue
         length = struct.unpack(">H", marker[2:4])[0]
+        if length < 2:  # a segment's length counts its own two bytes
+            return "truncated or corrupt JPEG (bad marker segments)"
         if code in _JPEG_SOF:
             frame = f.read(5)
             if len(frame) < 5:
                 return "truncated JPEG (in the frame header)"
             dims = struct.unpack(">HH", frame[1:5])[::-1]
+        if code == _JPEG_DHT and not _valid_huffman_tables(f.read(length - 2), length - 2):
+            return "corrupt JPEG (bad Huffman table)"
         if code == _JPEG_SOS:
             break
         offset += 2 + length
@@ -138,6 +145,31 @@ def _check_jpeg(f, size):
     # Entropy-coded data cannot contain FF D9 (a data byte FF is stuffed as FF 00), so an EOI
     # after the scan start means the image data is complete.
     return _check_size(*dims) or _check_end(f, size, _JPEG_EOI, offset, "JPEG (no end marker)")
+
+
+def _valid_huffman_tables(segment, length):
+    """Whether a DHT segment's tables pass the checks of libjpeg's get_dht and
+    jpeg_make_d_derived_tbl (a table that fails them stops the decoder)."""
+    if len(segment) < length:
+        return False
+    while segment:
+        if len(segment) < 17 or segment[0] >> 4 > 1 or segment[0] & 15 > 3:
+            return False
+        counts = segment[1:17]
+        total = sum(counts)
+        if total > 256 or len(segment) < 17 + total:
+            return False
+        if segment[0] >> 4 == 0 and any(symbol > 15 for symbol in segment[17:17 + total]):
+            return False  # a DC table's symbols are bit counts of at most 15
+        used = [size for size, count in enumerate(counts, 1) if count]
+        code = 0
+        for size in range(used[0], used[-1] + 1) if used else ():
+            code += counts[size - 1]
+            if code >= 1 << size:  # the codes of this length overflow it (or one is all ones)
+                return False
+            code <<= 1
+        segment = segment[17 + total:]
+    return True
 
 
 def _check_gif(f, head, size):

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import data
+from simclr_tf import data, image_files
 
 TINY = "simclr_tf_tiny_images"
 TINY_SHARDS = 4
@@ -180,6 +180,41 @@ def test_corrupt_images_are_skipped(tmp_path):
     assert sorted(label for _, label in _images_and_labels(images)) == [0, 1]
     batches = list(data.eval_dataset(f"folder:{tmp_path}", "train", 4, 8, crop=False))
     assert len(batches) == 1 and batches[0]["mask"].numpy().sum() == 2
+
+
+def _damaged_jpegs(height=40, width=48):
+    """(intact, damaged in its image data, damaged in its Huffman tables): 50 bytes zeroed."""
+    pixels = np.add.outer(np.arange(height), np.arange(width))[..., None] * [1, 2, 3] % 256
+    intact = tf.io.encode_jpeg(pixels.astype(np.uint8), quality=90).numpy()
+    scan = intact.index(b"\xff\xda")
+
+    def zeroed(at):
+        damaged = bytearray(intact)
+        damaged[at:at + 50] = bytes(50)
+        return bytes(damaged)
+
+    return intact, zeroed((scan + len(intact)) // 2), zeroed(intact.index(b"\xff\xc4") + 10)
+
+
+def test_jpeg_damaged_in_its_image_data_trains_and_one_the_decoder_refuses_is_named(tmp_path):
+    """As an export's serving_bytes: TensorFlow's decoder recovers from damaged image data
+    (libjpeg warns on stderr), and no check short of decoding finds it, so the file trains as it
+    decodes; a JPEG whose Huffman tables the decoder refuses is skipped and named at listing
+    (it used to pass the listing and be dropped by the pipeline without a name)."""
+    intact, damaged_data, damaged_tables = _damaged_jpegs()
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_jpeg(damaged_tables)
+    _write(f"{tmp_path}/a/intact.jpg", intact)
+    _write(f"{tmp_path}/a/damaged_data.jpg", damaged_data)
+    _write(f"{tmp_path}/b/damaged_tables.jpg", damaged_tables)
+    _write(f"{tmp_path}/b/other.jpg", intact)
+    assert image_files.problem(f"{tmp_path}/b/damaged_tables.jpg") == (
+        "corrupt JPEG (bad Huffman table)")
+    images, info = data.load_images(f"folder:{tmp_path}", "train")
+    assert info.num_examples == 3
+    found = [image for image, _ in _images_and_labels(images)]
+    assert len(found) == 3 and found[0].shape == (40, 48, 3)  # damaged_data.jpg, sorted first
+    assert not np.array_equal(found[0], found[1])  # decoded, garbled
 
 
 def test_empty_or_missing_folder(tmp_path):
