@@ -1,16 +1,24 @@
 """Sends image files to a running TF Serving and prints their embeddings (REST, `serving_bytes`).
 
     python -m export.serving_client --model=simclr [--host=localhost --port=8501] a.jpg b.png
+    python -m export.serving_client --model=simclr --load=200 --threads=8 --batch_size=8 *.jpg
 
 Each file goes base64-encoded as `{"image_bytes": {"b64": ...}}` (TF Serving decodes inputs whose
 name ends in `_bytes`); the server decodes, centre-crops and resizes it exactly as the model was
-evaluated. Prints one line per file: the path, then the embedding. Standard library and numpy only.
+evaluated. Prints one line per file: the path, then the embedding. With `--load=N` it sends N
+requests of `--batch_size` files (cycling through them) from `--threads` threads instead and
+prints one JSON line: requests/s, and each distinct error with its count (a hostile file among
+them should come back as its one-line refusal, the others as embeddings). Standard library and
+numpy only.
 """
 
 import argparse
 import base64
+import collections
+import concurrent.futures
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -80,6 +88,26 @@ def embed_files(paths, url, batch_size=32, post=post_json):
     return np.concatenate(chunks) if chunks else np.zeros([0, 0], np.float32)
 
 
+def load_test(url, files, requests, batch_size=8, threads=8, post=post_json):
+    """Sends `requests` requests of `batch_size` of `files` (bytes, cycled) from `threads`
+    threads; returns {requests, seconds, requests_per_sec, ok, errors: {message: count}}."""
+    bodies = [build_request([files[(r * batch_size + i) % len(files)] for i in range(batch_size)])
+              for r in range(requests)]
+
+    def send(body):
+        reply = post(url, body)
+        return reply["error"].splitlines()[0] if "error" in reply else None
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        outcomes = list(pool.map(send, bodies))
+    seconds = time.perf_counter() - t0
+    errors = collections.Counter(o for o in outcomes if o is not None)
+    return {"requests": requests, "seconds": round(seconds, 2),
+            "requests_per_sec": round(requests / max(seconds, 1e-9), 2),
+            "ok": outcomes.count(None), "errors": dict(errors)}
+
+
 def format_embedding(path, embedding, precision=6):
     values = " ".join(f"{v:.{precision}g}" for v in embedding)
     return f"{path}\t{values}"
@@ -94,8 +122,22 @@ def main(argv=None, post=post_json):
     parser.add_argument("--version", type=int, default=None, help="model version; default latest")
     parser.add_argument("--batch_size", type=int, default=32, help="files per request")
     parser.add_argument("--save", default=None, help="also write the embeddings to this .npy")
+    parser.add_argument("--load", type=int, default=0,
+                        help="send this many requests (a load test) instead of embedding once")
+    parser.add_argument("--threads", type=int, default=8, help="--load: concurrent requests")
     args = parser.parse_args(argv)
     url = predict_url(args.host, args.port, args.model, args.version)
+    if args.load:
+        try:
+            files = []
+            for path in args.images:
+                with open(path, "rb") as f:
+                    files.append(f.read())
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(load_test(url, files, args.load, args.batch_size, args.threads, post)))
+        return 0
     try:
         embeddings = embed_files(args.images, url, args.batch_size, post=post)
     except (OSError, RuntimeError, KeyError, ValueError) as e:

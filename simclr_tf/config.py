@@ -213,6 +213,18 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """Limits of an export's `serving_bytes` signature, checked from the files' headers before
+    anything is decoded (a small PNG can declare 20,000 x 20,000 pixels)."""
+    max_image_pixels: int = _setting(
+        16_000_000, "Exports: serving_bytes refuses an image file of more pixels (16 M: a 16-MP "
+        "photo, 48 MB once decoded).")
+    max_request_pixels: int = _setting(
+        64_000_000, "Exports: serving_bytes refuses a request whose images hold more pixels "
+        "together.")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run, by section. Unset derived defaults are resolved here:
     `augment.use_blur` and `encoder.cifar_stem` follow `data.image_size`."""
@@ -226,6 +238,7 @@ class RunConfig:
     finetune: FinetuneConfig = FinetuneConfig()
     distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
+    serving: ServingConfig = ServingConfig()
 
     def __post_init__(self):
         small = self.data.image_size <= SMALL_IMAGE_SIZE
@@ -324,6 +337,17 @@ def validate(config, num_replicas=1, strategy="default"):
     _validate_optimizer(config.optimizer)
     _validate_head_and_loss(config)
     _validate_evaluation(config)
+    validate_serving(config.serving)
+
+
+def validate_serving(serving):
+    """ConfigError unless the export's pixel limits are positive, a request's at least an
+    image's."""
+    _check(serving.max_image_pixels > 0,
+           f"max_image_pixels must be positive, got {serving.max_image_pixels}")
+    _check(serving.max_request_pixels >= serving.max_image_pixels,
+           f"max_request_pixels={serving.max_request_pixels} is below max_image_pixels="
+           f"{serving.max_image_pixels}: a request of one largest image must fit")
 
 
 def _validate_encoder(config):

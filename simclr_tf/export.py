@@ -16,7 +16,9 @@ encoder pretrained with global BN fine-tunes anywhere. Signatures:
 
 * `serving_default`: `images` float32 [batch, height, width, 3] in [0, 1] -> `embedding` [batch, D];
 * `serving_bytes`: `image_bytes` string [batch] (JPEG/PNG/GIF/BMP files, any size, grayscale or
-  RGBA too) -> the evaluation preprocessing -> `embedding`;
+  RGBA too) -> the evaluation preprocessing -> `embedding`. Before anything is decoded, the
+  files' headers must show a known format and at most `max_image_pixels` an image and
+  `max_request_pixels` a request (`config.ServingConfig`, recorded in the metadata);
 * `feature_maps` (with `include_feature_maps`): like `serving_default`, plus `block_group1..4`.
 
 `assets/simclr_export.json` beside it says what a consumer needs (image size, value range,
@@ -41,6 +43,7 @@ from absl import logging
 
 from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
+from simclr_tf import image_headers
 from simclr_tf import models
 from simclr_tf.augment import preprocess_for_eval
 from simclr_tf.checkpoints import read_export_metadata as load_metadata
@@ -102,7 +105,8 @@ def export_encoder(encoder, export_base, step, run_config, include_feature_maps=
     return _write_version(plain, export_base, step, run_config, include_feature_maps, source=None)
 
 
-def export_checkpoint(model_dir, export_base, checkpoint=None, include_feature_maps=False):
+def export_checkpoint(model_dir, export_base, checkpoint=None, include_feature_maps=False,
+                      serving=None):
     """Exports f from a training checkpoint of the run in `model_dir`.
 
     The encoder is rebuilt from `<model_dir>/config.json`; only the checkpoint's `encoder` entry
@@ -114,6 +118,7 @@ def export_checkpoint(model_dir, export_base, checkpoint=None, include_feature_m
       checkpoint: None for the latest checkpoint; a checkpoint prefix (path, or name inside
         model_dir such as "ckpt-500"), or a step number ("500").
       include_feature_maps: also export the `feature_maps` signature.
+      serving: a `config.ServingConfig` with the limits of `serving_bytes`; None: the run's.
 
     Returns:
       The path of the version directory.
@@ -126,6 +131,9 @@ def export_checkpoint(model_dir, export_base, checkpoint=None, include_feature_m
     path = checkpoints.resolve(model_dir, checkpoint)
     try:
         run_config = config_lib.load(model_dir)
+        if serving is not None:
+            config_lib.validate_serving(serving)
+            run_config = dataclasses.replace(run_config, serving=serving)
     except config_lib.ConfigError as e:
         raise ExportError(str(e)) from None
     plain = _plain_encoder(run_config)
@@ -215,7 +223,7 @@ class _ReusableEncoder(tf.Module):
     trainable_variables = None
 
 
-def _build_module(encoder, image_size, include_feature_maps, metadata_file):
+def _build_module(encoder, image_size, include_feature_maps, metadata_file, serving):
     """The root object and signatures of the SavedModel for `encoder`."""
     root = _ReusableEncoder()
     root.variables = [v.value for v in encoder.variables]
@@ -256,6 +264,7 @@ def _build_module(encoder, image_size, include_feature_maps, metadata_file):
              "got shape", tf.shape(image_bytes)], summarize=8)
         with tf.control_dependencies([rank_assert]):
             image_bytes = tf.ensure_shape(image_bytes, [None])
+        image_bytes = _within_pixel_budget(image_bytes, serving)
         images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
             [image_size, image_size, 3], tf.float32))
         return {EMBEDDING: encoder(images, training=False)}
@@ -301,6 +310,46 @@ def _checked_images(images):
         return tf.ensure_shape(images, [None, None, None, 3])
 
 
+def _within_pixel_budget(image_bytes, serving):
+    """`image_bytes` [batch], once their headers show a JPEG/PNG/GIF/BMP each, of at most
+    `max_image_pixels` each and `max_request_pixels` together; else an InvalidArgument error
+    whose one line names the file, its size and the limit. Nothing is decoded for this."""
+    sizes = tf.map_fn(image_headers.dimensions, image_bytes,
+                      fn_output_signature=tf.TensorSpec([2], tf.int64))
+    pixels = sizes[:, 0] * sizes[:, 1]
+    count = tf.shape(image_bytes, out_type=tf.int64)[0]
+
+    def first(bad):
+        """Index of the first True of `bad`, or `count` (a padding row below) if none."""
+        return tf.concat([tf.where(bad)[:, 0], [count]], axis=0)[0]
+
+    padded_sizes = tf.concat([sizes, tf.zeros([1, 2], tf.int64)], axis=0)
+    # (An empty batch used to fail inside batch norm: "Incompatible shapes: [64] vs. [0,...]".)
+    empty_assert = tf.debugging.Assert(count > 0, [
+        "image_bytes is an empty batch: send at least one image file"])
+    with tf.control_dependencies([empty_assert]):
+        unknown = first(sizes[:, 0] < 0)
+        format_assert = tf.debugging.Assert(tf.equal(unknown, count), [tf.strings.format(
+            "image_bytes[{}] is not a " + image_headers.FORMATS + " file (or its header is cut "
+            "short)", unknown)])
+    with tf.control_dependencies([format_assert]):
+        large = first(pixels > serving.max_image_pixels)
+        height, width = tf.unstack(tf.gather(padded_sizes, large))
+        image_assert = tf.debugging.Assert(tf.equal(large, count), [tf.strings.format(
+            "image_bytes[{}] is {}x{} = {} pixels, over the limit of "
+            f"{serving.max_image_pixels} pixels an image set at export (max_image_pixels)",
+            (large, width, height, width * height))])
+    with tf.control_dependencies([image_assert]):
+        total = tf.reduce_sum(pixels)
+        request_assert = tf.debugging.Assert(
+            total <= serving.max_request_pixels, [tf.strings.format(
+                "the {} images of the request hold {} pixels, over the limit of "
+                f"{serving.max_request_pixels} pixels a request set at export "
+                "(max_request_pixels)", (count, total))])
+    with tf.control_dependencies([request_assert]):
+        return tf.identity(image_bytes)
+
+
 def _refused_dtype(images, embedding_size):
     """For `__call__` with non-float32 images: an InvalidArgument error saying what to do."""
     hint = "tf.cast(images, tf.float32) / 255" if images.dtype.is_integer else "cast to float32"
@@ -341,6 +390,7 @@ def _metadata(run_config, step, encoder, digest, include_feature_maps, source):
                           "resize": "bilinear", "output_size": image_size},
         "signatures": signatures,
         "include_feature_maps": include_feature_maps,
+        "serving_limits": dataclasses.asdict(run_config.serving),
         "encoder": dataclasses.asdict(run_config.encoder),
         "num_variables": len(encoder.variables),
         "num_trainable_variables": len(encoder.trainable_variables),
@@ -359,7 +409,7 @@ def _write_version(encoder, export_base, step, run_config, include_feature_maps,
                          (v.numpy() for v in encoder.weights))
     version_dir = os.path.join(export_base, str(step))
     if tf.io.gfile.exists(version_dir):
-        return _same_export(version_dir, digest, include_feature_maps)
+        return _same_export(version_dir, digest, include_feature_maps, run_config.serving)
     meta = _metadata(run_config, step, encoder, digest, include_feature_maps, source)
     remove_stale_exports(export_base)
     tf.io.gfile.makedirs(export_base)
@@ -373,7 +423,8 @@ def _write_version(encoder, export_base, step, run_config, include_feature_maps,
             with open(meta_file, "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
             root, signatures = _build_module(
-                encoder, run_config.data.image_size, include_feature_maps, meta_file)
+                encoder, run_config.data.image_size, include_feature_maps, meta_file,
+                run_config.serving)
             tf.saved_model.save(root, tmp_dir, signatures=signatures)
         try:
             tf.io.gfile.rename(tmp_dir, version_dir)
@@ -381,14 +432,14 @@ def _write_version(encoder, export_base, step, run_config, include_feature_maps,
             if not tf.io.gfile.exists(version_dir):
                 raise
             # Another writer finished this version first.
-            return _same_export(version_dir, digest, include_feature_maps)
+            return _same_export(version_dir, digest, include_feature_maps, run_config.serving)
     finally:
         if tf.io.gfile.exists(tmp_dir):
             tf.io.gfile.rmtree(tmp_dir)
     return version_dir
 
 
-def _same_export(version_dir, digest, include_feature_maps):
+def _same_export(version_dir, digest, include_feature_maps, serving):
     """Returns version_dir when it already holds this very export, else raises."""
     try:
         existing = load_metadata(version_dir)
@@ -404,6 +455,11 @@ def _same_export(version_dir, digest, include_feature_maps):
         raise ExportError(f"{version_dir} holds this model with include_feature_maps="
                           f"{existing.get('include_feature_maps')}: delete it to re-export with "
                           f"include_feature_maps={include_feature_maps}")
+    limits = dataclasses.asdict(serving)
+    if existing.get("serving_limits", limits) != limits:
+        raise ExportError(f"{version_dir} holds this model with the serving limits "
+                          f"{existing.get('serving_limits')}: delete it to re-export with "
+                          f"{limits}")
     return version_dir
 
 

@@ -5,7 +5,8 @@ logs. The logical devices must exist before TensorFlow initialises its devices, 
 import, before any test module builds a tensor.
 
 Shared helpers, as fixtures: tiny configs (`pretrain_config`, `finetune_config`), tiny data
-(`image_folder`, `views_batch`, `colour_data`), a CLI subprocess (`cli`), and `parsed_flags`.
+(`image_folder`, `views_batch`, `colour_data`), hostile image files (`zeros_png`), a CLI
+subprocess (`cli`), and `parsed_flags`.
 """
 import os
 import subprocess
@@ -144,6 +145,14 @@ def _run_cli(*args, timeout=600, env=None):
     environment = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
     return subprocess.run([sys.executable, "-m", "simclr_tf.run", *args], capture_output=True,
                           text=True, timeout=timeout, env=environment, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def zeros_png():
+    """zeros_png(side) -> a real PNG of side x side zeros: small on disk, huge decoded. (Defined in
+    tests/serving_load.py, which runs on its own.)"""
+    from serving_load import zeros_png as make
+    return make
 
 
 @pytest.fixture(scope="session")
