@@ -138,6 +138,9 @@ class TrainConfig:
     train_steps: int = _setting(0, "Total steps; overrides train_epochs when > 0.")
     steps_per_loop: int = _setting(10, "Steps per compiled loop call (and per log line).")
     checkpoint_steps: int = _setting(500, "Checkpoint every this many steps.")
+    checkpoint_epochs: int = _setting(
+        0, "Checkpoint every this many epochs instead of checkpoint_steps (the original "
+        "code's flag); 0: every checkpoint_steps.")
     keep_checkpoint_max: int = _setting(5, "Checkpoints kept.")
     lineareval_while_pretraining: bool = _setting(
         True, "Train a linear probe on stop_gradient(h) when the dataset has labels.")
@@ -150,7 +153,7 @@ class TrainConfig:
     export_every: int = _setting(
         0, "Also export f at every this many checkpoints, i.e. at the multiples of "
         "checkpoint_steps x export_every (0: only at the end).")
-    keep_export_max: int = _setting(5, "Exports kept in <model_dir>/export.")
+    keep_export_max: int = _setting(5, "Exports kept in <model_dir>/export; 0: all.")
     train_mode: str = _setting(
         "pretrain", "pretrain (SimCLR), finetune (incl. linear eval: --fine_tune_after_block=4) "
         "or distill (SimCLRv2: a fine-tuned --teacher labels the train split).")
@@ -172,6 +175,9 @@ class FinetuneConfig:
     zero_init_logits_layer: bool = _setting(
         False, "Start the classifier at zero; otherwise it starts from the linear probe of the "
         "pretraining checkpoint when that fits (as the original), else at N(0, 0.01^2).")
+    logits_from_probe: bool = _setting(
+        True, "Without zero_init_logits_layer, start the classifier from the pretraining "
+        "checkpoint's linear probe when it fits (the original restores it with the model).")
     train_label_fraction: float = _setting(
         1.0, "Class-balanced fraction of the train split that keeps its labels (0.01, 0.1).")
     train_label_ids: str | None = _setting(
@@ -195,6 +201,9 @@ class DistillConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     eval_batch_size: int = _setting(256, "Batch size of evaluation.")
+    eval_steps: int = _setting(
+        0, "Evaluate on the first this many batches of the eval split (the original code's "
+        "flag); 0: all of it.")
     eval_protocols: str = _setting(
         "probe,knn,linear", "What evaluating a pretraining checkpoint reports: probe (the "
         "linear probe of pretraining), knn, linear (logistic regression on extracted h).")
@@ -400,8 +409,13 @@ def _validate_training(config, num_replicas, strategy):
     _check(train.summary_images >= 0,
            f"summary_images must be >= 0, got {train.summary_images}")
     _check(0 <= train.seed < 2**32, f"seed must be in 0..2**32-1, got {train.seed}")
-    for name in ("steps_per_loop", "checkpoint_steps", "keep_checkpoint_max", "keep_export_max"):
+    for name in ("steps_per_loop", "keep_checkpoint_max"):
         _check(getattr(train, name) > 0, f"{name} must be positive, got {getattr(train, name)}")
+    _check(train.checkpoint_steps > 0 or train.checkpoint_epochs > 0,
+           f"checkpoint_steps must be positive (or checkpoint_epochs set), got "
+           f"{train.checkpoint_steps}")
+    for name in ("checkpoint_epochs", "keep_export_max"):
+        _check(getattr(train, name) >= 0, f"{name} must be >= 0, got {getattr(train, name)}")
     _check(train.precision in PRECISIONS,
            f"precision must be one of {PRECISIONS}, got {train.precision!r}")
 
@@ -488,6 +502,8 @@ def _validate_evaluation(config):
     _check(config.train.train_mode != "distill" or distill.teacher,
            "train_mode=distill needs --teacher: the model_dir of a fine-tuned teacher run")
     _check(ev.eval_batch_size > 0, f"eval_batch_size must be positive, got {ev.eval_batch_size}")
+    _check(ev.eval_steps >= 0, f"eval_steps must be >= 0 (0: the whole eval split), got "
+                               f"{ev.eval_steps}")
     _check(ev.eval_every >= 0, f"eval_every must be >= 0 (0: no kNN monitor), got {ev.eval_every}")
     _check(ev.knn_k >= 1, f"knn_k must be >= 1, got {ev.knn_k}")
     _check(ev.knn_temperature > 0, f"knn_temperature must be positive, got {ev.knn_temperature}")

@@ -144,6 +144,8 @@ def run_distillation(config, strategy, source=None, on_checkpoint=None, stop_req
                  config.distill.distill_label_weight)
     metrics = loop.run(
         trainer, config, strategy, finetune.make_dataset_fn(config, subset, mark_subset=True),
-        initialize=(lambda: finetune.initialize_from(trainer.model, source)) if source else None,
+        initialize=(lambda: finetune.initialize_from(trainer.model, source,
+                                                     config.finetune.logits_from_probe))
+        if source else None,
         on_checkpoint=on_checkpoint, stop_requested=stop_requested)
     return trainer, metrics

@@ -37,14 +37,16 @@ def split_cpu(num_replicas):
             "num_cpu_replicas must be set before TensorFlow initialises its devices") from e
 
 
-def build_strategy(name="default", num_cpu_replicas=0, tpu=None):
+def build_strategy(name="default", num_cpu_replicas=0, tpu=None, tpu_zone=None,
+                   gcp_project=None):
     """Returns the tf.distribute strategy called `name`.
 
     Args:
       name: "default" (one device), "mirrored" (all GPUs, or `num_cpu_replicas` logical CPUs),
         "multi_worker" (MultiWorkerMirroredStrategy from TF_CONFIG) or "tpu".
       num_cpu_replicas: with "mirrored" and no GPU, split the CPU into this many replicas.
-      tpu: TPU name or address for "tpu".
+      tpu: TPU name or address for "tpu"; tpu_zone and gcp_project locate a Cloud TPU by
+        name (as the original code's flags).
     """
     if name == "default":
         return tf.distribute.get_strategy()
@@ -60,7 +62,8 @@ def build_strategy(name="default", num_cpu_replicas=0, tpu=None):
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+            tpu=tpu, zone=tpu_zone, project=gcp_project)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)

@@ -58,11 +58,15 @@ def eval_image_size(config):
 
 def eval_batches(config, split, batch_size=None, image_size=None):
     """One pass over `split` with the evaluation preprocessing, in masked full batches, of
-    `image_size` (default: `eval_image_size(config)`) pixels a side."""
+    `image_size` (default: `eval_image_size(config)`) pixels a side; over the eval split's first
+    `eval.eval_steps` batches when that is set."""
     size = image_size or eval_image_size(config)
-    return data_lib.eval_dataset(
+    batches = data_lib.eval_dataset(
         config.data.dataset, split, batch_size or config.eval.eval_batch_size, size,
         data_dir=config.data.data_dir, crop=eval_crop(size))
+    if split == config.data.eval_split and config.eval.eval_steps:
+        batches = batches.take(config.eval.eval_steps)
+    return batches
 
 
 def _takes_size(model, size):

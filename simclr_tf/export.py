@@ -143,9 +143,12 @@ def export_checkpoint(model_dir, export_base, checkpoint=None, include_feature_m
 
 
 def prune_exports(export_base, keep_max):
-    """Deletes all but the newest `keep_max` integer version directories; returns the deleted."""
-    if keep_max < 1:
-        raise ExportError(f"keep_export_max must be at least 1, got {keep_max}")
+    """Deletes all but the newest `keep_max` integer version directories (0: keeps all);
+    returns the deleted."""
+    if keep_max < 0:
+        raise ExportError(f"keep_export_max must be >= 0 (0: all), got {keep_max}")
+    if keep_max == 0:
+        return []
     removed = []
     for _, path in list_versions(export_base)[:-keep_max]:
         tf.io.gfile.rmtree(path)

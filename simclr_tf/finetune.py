@@ -80,9 +80,10 @@ def prepare(config):
     return resolve_selector(config), source
 
 
-def initialize_from(model, source):
+def initialize_from(model, source, logits_from_probe=True):
     """Loads f (and the used head layers) of `source` into the `Classifier` `model`, and, unless
-    it is zero-initialised, its logits layer from the source's linear probe when that fits."""
+    it is zero-initialised or `logits_from_probe` is off, its logits layer from the source's
+    linear probe when that fits."""
     if source.kind == "export":
         model.encoder.set_weights(export_lib.load_encoder(source.path).get_weights())
     else:
@@ -92,7 +93,8 @@ def initialize_from(model, source):
     if model.zero_init_logits_layer:
         logging.info("The classifier starts at zero (--zero_init_logits_layer)")
         return
-    reason = _probe_misfit(model, source)
+    reason = (_probe_misfit(model, source) if logits_from_probe
+              else "logits_from_probe is off (--variable_schema leaves out head_supervised)")
     if reason:
         logging.info("The classifier starts at N(0, 0.01^2): %s", reason)
         return
@@ -242,6 +244,8 @@ def run_finetuning(config, strategy, source=None, on_checkpoint=None, stop_reque
                  config.finetune.fine_tune_after_block, config.finetune.ft_proj_selector)
     metrics = loop.run(
         trainer, config, strategy, make_dataset_fn(config, subset),
-        initialize=(lambda: initialize_from(trainer.model, source)) if source else None,
+        initialize=(lambda: initialize_from(trainer.model, source,
+                                            config.finetune.logits_from_probe))
+        if source else None,
         on_checkpoint=on_checkpoint, stop_requested=stop_requested)
     return trainer, metrics

@@ -157,7 +157,7 @@ def _train(trainer, config, strategy, dataset_fn, manager, variables, out_dir, s
                 # A non-chief worker: resuming reads the chief's copy.
                 saved = os.path.join(train.model_dir, os.path.basename(saved))
             raise preemption.Preempted(step, total, saved)
-        every = train.checkpoint_steps
+        every = trainer.schedule.checkpoint_steps or train.checkpoint_steps
         steps = min(train.steps_per_loop, total - step, (step // every + 1) * every - step)
         t0 = time.time()
         out = train_loop(iterator, tf.constant(steps, tf.int32))

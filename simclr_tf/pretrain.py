@@ -181,7 +181,7 @@ def run_pretraining(config, strategy, on_checkpoint=None, stop_requested=None, o
     trainer = Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
     chief = distribute.is_chief(strategy)
     # Counted from step 0, so a resumed run exports at the same steps.
-    export_steps = config.train.export_every * config.train.checkpoint_steps
+    export_steps = config.train.export_every * schedule.checkpoint_steps
 
     def after_checkpoint(trainer, path):
         step = int(trainer.step.numpy())

@@ -5,8 +5,10 @@
 flags -> `RunConfig` (validated, saved to model_dir/config.json) -> strategy -> the train mode's
 run (`pretrain`, `finetune` or `distill`, all through `loop`) -> evaluation. Every setting of
 `config` is a flag of the same name, with the default and help written there; the flags below
-(mode, eval_checkpoint, strategy, num_cpu_replicas, tpu) say how this invocation runs. Flag names
-follow the original SimCLR code where one exists. Every error ends the command with one line.
+(mode, eval_checkpoint, strategy, num_cpu_replicas, tpu, ...) say how this invocation runs. Flag
+names follow the original SimCLR code, and every flag of its tf2/run.py (and the two TF1 flags its
+README's commands use) is accepted with its meaning, so its commands run unchanged; one that means
+nothing here says so in one line. Every error ends the command with one line.
 """
 
 import dataclasses
@@ -47,6 +49,26 @@ flags.DEFINE_string("eval_checkpoint", None,
 flags.DEFINE_string("strategy", "default", "default, mirrored, multi_worker or tpu.")
 flags.DEFINE_integer("num_cpu_replicas", 0, "With --strategy=mirrored and no GPU: logical CPUs.")
 flags.DEFINE_string("tpu", None, "TPU name or address for --strategy=tpu.")
+flags.DEFINE_string("tpu_zone", None, "GCE zone of the Cloud TPU --tpu names.")
+flags.DEFINE_string("gcp_project", None, "GCP project of the Cloud TPU --tpu names.")
+# The original code's flags with no setting of their own here (google-research/simclr tf2/run.py,
+# and --variable_schema and --train_summary_steps of its README's TF1 commands).
+flags.DEFINE_boolean("use_tpu", None,
+                     "The original code's: true is --strategy=tpu (the TPU --tpu_name or --master "
+                     "names), false is --strategy=mirrored (every GPU, else the CPU).")
+flags.DEFINE_string("tpu_name", None, "The original code's name of --tpu.")
+flags.DEFINE_string("master", None, "The original code's TPU address when --tpu_name is not set.")
+flags.DEFINE_integer("keep_hub_module_max", None,
+                     "The original code's name of --keep_export_max (exports kept; 0: all).")
+flags.DEFINE_string("eval_name", None,
+                    "Defined but unused by the original TF2 code; accepted, and ignored here too.")
+flags.DEFINE_string("variable_schema", None,
+                    "The original TF1 code's regex of the variables fine-tuning restores. Here f "
+                    "and the head layers --ft_proj_selector uses are always restored; a schema "
+                    "that leaves out head_supervised turns --logits_from_probe off.")
+flags.DEFINE_integer("train_summary_steps", None,
+                     "The original TF1 code's summary interval; summaries are written every "
+                     "--steps_per_loop steps here, so it is accepted and ignored.")
 
 
 def config_from_flags():
@@ -55,7 +77,63 @@ def config_from_flags():
     for section in dataclasses.fields(cfg.RunConfig):
         values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(section.type)}
         sections[section.name] = section.type(**values)
-    return cfg.RunConfig(**sections)
+    config = cfg.RunConfig(**sections)
+    if FLAGS.keep_hub_module_max is not None:
+        if FLAGS["keep_export_max"].present and FLAGS.keep_export_max != FLAGS.keep_hub_module_max:
+            raise cfg.ConfigError(f"--keep_hub_module_max={FLAGS.keep_hub_module_max} (the "
+                                  f"original code's name of --keep_export_max) contradicts "
+                                  f"--keep_export_max={FLAGS.keep_export_max}: give one")
+        config = dataclasses.replace(config, train=dataclasses.replace(
+            config.train, keep_export_max=FLAGS.keep_hub_module_max))
+    if FLAGS.variable_schema is not None and not _restores_supervised_head(FLAGS.variable_schema):
+        config = dataclasses.replace(config, finetune=dataclasses.replace(
+            config.finetune, logits_from_probe=False))
+    return config
+
+
+def _restores_supervised_head(schema):
+    """Whether the original's --variable_schema keeps its supervised head (the linear probe)."""
+    try:
+        return re.match(schema, "head_supervised/linear_layer/dense/kernel") is not None
+    except re.error as e:
+        raise cfg.ConfigError(f"variable_schema={schema!r} is not a regular expression ({e})"
+                              ) from None
+
+
+def strategy_from_flags():
+    """(strategy name, TPU) from --strategy and --tpu, or the original code's --use_tpu,
+    --tpu_name and --master; ConfigError when they contradict each other."""
+    strategy, tpu = FLAGS.strategy, FLAGS.tpu or FLAGS.tpu_name
+    if FLAGS.use_tpu is not None:
+        wanted = "tpu" if FLAGS.use_tpu else "mirrored"
+        if FLAGS["strategy"].present and FLAGS.strategy != wanted:
+            raise cfg.ConfigError(f"--use_tpu={FLAGS.use_tpu} means --strategy={wanted}, but "
+                                  f"--strategy={FLAGS.strategy} was given: drop one of them")
+        strategy = wanted
+    if strategy == "tpu" and not tpu:
+        tpu = FLAGS.master
+    return strategy, tpu
+
+
+def _warn_about_ignored_flags(strategy):
+    """One line for each of the original code's flags that means nothing here."""
+    ignored = {
+        "eval_name": "it is defined but unused in the original TF2 code",
+        "train_summary_steps": "summaries are written every --steps_per_loop steps",
+    }
+    if strategy != "tpu" or FLAGS.tpu or FLAGS.tpu_name:
+        ignored["master"] = "it names a TPU only with --use_tpu and no --tpu_name"
+    if strategy != "tpu":
+        ignored["tpu_zone"] = ignored["gcp_project"] = "they locate a TPU, and this run uses none"
+    for name, why in ignored.items():
+        if FLAGS[name].present:
+            logging.warning("--%s is ignored: %s", name, why)
+    if FLAGS.variable_schema is not None:
+        logging.warning(
+            "--variable_schema: fine-tuning restores f and the head layers --ft_proj_selector "
+            "uses from --checkpoint; the classifier %s", "may start from the linear probe"
+            if _restores_supervised_head(FLAGS.variable_schema) else
+            "does not start from the linear probe (the schema leaves out head_supervised)")
 
 
 def _fail(message):
@@ -63,9 +141,9 @@ def _fail(message):
     sys.exit(2)
 
 
-def _expected_replicas():
+def _expected_replicas(strategy):
     """Replica count known before TensorFlow starts (for early batch-size validation)."""
-    if FLAGS.strategy == "mirrored" and FLAGS.num_cpu_replicas > 0:
+    if strategy == "mirrored" and FLAGS.num_cpu_replicas > 0:
         return FLAGS.num_cpu_replicas
     return 1
 
@@ -132,14 +210,16 @@ def main(argv):
     if FLAGS.mode not in MODES:
         _fail(f"mode must be one of {MODES}, got {FLAGS.mode!r}")
     try:
+        strategy_name, tpu = strategy_from_flags()
+        _warn_about_ignored_flags(strategy_name)
         config = config_from_flags()
-        cfg.validate(config, _expected_replicas(), FLAGS.strategy)
+        cfg.validate(config, _expected_replicas(strategy_name), strategy_name)
         if FLAGS.mode == "eval":  # the model as it was trained, with these eval settings
             from simclr_tf.evaluate import config_for_evaluation
             config = config_for_evaluation(config)
             cfg.validate(config)
         checkpoints.check_writable(config.train.model_dir)
-        if FLAGS.strategy == "multi_worker":
+        if strategy_name == "multi_worker":
             distribute.check_tf_config(os.environ.get("TF_CONFIG", ""))
     except (ValueError, checkpoints.CheckpointError) as e:
         _fail(str(e))
@@ -150,11 +230,12 @@ def main(argv):
     stop = preemption.StopSignal()
     try:
         # Before any other TF op: MultiWorkerMirroredStrategy must be created at start-up.
-        strategy = distribute.build_strategy(FLAGS.strategy, FLAGS.num_cpu_replicas, FLAGS.tpu)
+        strategy = distribute.build_strategy(strategy_name, FLAGS.num_cpu_replicas, tpu,
+                                             FLAGS.tpu_zone, FLAGS.gcp_project)
         keras.utils.set_random_seed(config.train.seed)
         if config.train.precision != "float32":
             keras.mixed_precision.set_dtype_policy(f"mixed_{config.train.precision}")
-        cfg.validate(config, strategy.num_replicas_in_sync, FLAGS.strategy)
+        cfg.validate(config, strategy.num_replicas_in_sync, strategy_name)
         if FLAGS.mode != "eval":
             from simclr_tf import finetune
             source = None

@@ -12,10 +12,12 @@ LR_SCALINGS = ("linear", "sqrt")
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """Step counts derived from the config and the dataset size."""
+    """Step counts derived from the config and the dataset size (checkpoint_steps 0: the
+    train config's)."""
     total_steps: int
     warmup_steps: int
     steps_per_epoch: int
+    checkpoint_steps: int = 0
 
 
 def make_schedule(train_config, optimizer_config, num_examples):
@@ -30,8 +32,10 @@ def make_schedule(train_config, optimizer_config, num_examples):
     steps_per_epoch = max(num_examples // batch, 1)
     total = train_config.train_steps or num_examples * train_config.train_epochs // batch + 1
     warmup = int(round(optimizer_config.warmup_epochs * num_examples // batch))
+    checkpoint_steps = (train_config.checkpoint_epochs * steps_per_epoch
+                        or train_config.checkpoint_steps)
     return Schedule(total_steps=int(total), warmup_steps=min(warmup, int(total)),
-                    steps_per_epoch=steps_per_epoch)
+                    steps_per_epoch=steps_per_epoch, checkpoint_steps=checkpoint_steps)
 
 
 def scaled_learning_rate(base_learning_rate, batch_size, scaling):

@@ -532,8 +532,9 @@ def test_prune_exports_keeps_the_newest_integer_versions(tmp_path):
     assert sorted(os.path.basename(p) for p in removed) == ["1", "5"]
     assert sorted(os.listdir(tmp_path)) == [".tmp-50-123", "10", "40", "notes"]
     assert [s for s, _ in export.list_versions(str(tmp_path))] == [10, 40]
+    assert export.prune_exports(str(tmp_path), keep_max=0) == []  # 0 keeps all
     with pytest.raises(export.ExportError):
-        export.prune_exports(str(tmp_path), keep_max=0)
+        export.prune_exports(str(tmp_path), keep_max=-1)
 
 
 def test_export_removes_what_a_killed_export_of_this_host_left(run, tmp_path):

@@ -316,7 +316,7 @@ def test_evaluation_flags_map_onto_the_config(parsed_flags):
                            "--train_label_fraction=0.1", "--checkpoint=/x", "--knn_k=20",
                            "--eval_every=100"])
     assert config.train.train_mode == "finetune"
-    assert config.finetune == cfg.FinetuneConfig("/x", 4, 1, True, 0.1, None, 0)
+    assert config.finetune == cfg.FinetuneConfig("/x", 4, 1, True, True, 0.1, None, 0)
     assert config.eval.knn_k == 20 and config.eval.eval_every == 100
     assert cfg.RunConfig.from_json(config.to_json()) == config
 
