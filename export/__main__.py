@@ -8,13 +8,16 @@ named); the SavedModel is written to `OUT/<global_step>/` (default OUT: `RUN/exp
 version directory. On failure prints `error: <message>` to stderr and exits with status 1.
 """
 
+import dataclasses
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # simclr_tf's default; TF loads first here
+import simclr_tf  # TensorFlow with simclr_tf's oneDNN default, quietly (see quiet_start)
+import tensorflow as tf
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+from simclr_tf import checkpoints, export, quiet_start
+from simclr_tf import config as config_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "The training run's directory (config.json, checkpoints).")
@@ -42,12 +45,6 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
     if not FLAGS.model_dir:
         _fail("--model_dir is required: the directory of the training run to export")
-    import dataclasses
-
-    import tensorflow as tf
-    from simclr_tf import checkpoints, export
-    from simclr_tf import config as config_lib
-
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
     try:
         serving = None
@@ -67,4 +64,6 @@ def main(argv):
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)
+    with quiet_start.silenced(simclr_tf.QUIET_START):
+        tf.config.list_physical_devices()  # the CUDA probe app.run's TensorFlow hook would print
     app.run(main)

@@ -16,24 +16,26 @@ unset, and its oneDNN kernels are off, a one-line warning says how to turn them 
 import os
 import sys
 
+from simclr_tf import quiet_start
+
 _TF_LOADED_FIRST = "tensorflow" in sys.modules and "TF_ENABLE_ONEDNN_OPTS" not in os.environ
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # read by TensorFlow when it loads
-if sys.argv[:1] == ["-m"]:
-    # `python -m simclr_tf.<cli>` is importing this package, and TensorFlow below, before the CLI
-    # module runs: TensorFlow's INFO and WARNING lines are hidden here or not at all (those it
-    # prints before absl logging starts show whatever the level).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# `python -m simclr_tf.<cli>` imports this package, and TensorFlow with it, before the CLI module
+# runs: here is where TensorFlow's start-up messages are hidden (see `quiet_start`).
+QUIET_START = quiet_start.wanted(sys.argv[0] if sys.argv else "", os.environ)
+if QUIET_START:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"  # INFO and WARNING, after start-up too
+with quiet_start.silenced(QUIET_START):  # TensorFlow and Keras load here
+    from simclr_tf import augment, conv, views
+    from simclr_tf.augment import preprocess_for_eval
+    from simclr_tf.views import preprocess_for_train_single, two_views
+    from simclr_tf.batchnorm import BatchNorm
+    from simclr_tf.heads import LinearProbe, ProjectionHead
+    from simclr_tf.lars import LARS
+    from simclr_tf.losses import nt_xent, nt_xent_with_metrics
+    from simclr_tf.resnet import feature_extractor, resnet
+    from simclr_tf.schedules import WarmupCosine, scaled_learning_rate
 
-
-from simclr_tf import augment, conv, views
-from simclr_tf.augment import preprocess_for_eval
-from simclr_tf.views import preprocess_for_train_single, two_views
-from simclr_tf.batchnorm import BatchNorm
-from simclr_tf.heads import LinearProbe, ProjectionHead
-from simclr_tf.lars import LARS
-from simclr_tf.losses import nt_xent, nt_xent_with_metrics
-from simclr_tf.resnet import feature_extractor, resnet
-from simclr_tf.schedules import WarmupCosine, scaled_learning_rate
 
 if _TF_LOADED_FIRST and not conv.onednn_enabled():
     from absl import logging

@@ -18,9 +18,12 @@ import shlex
 import sys
 import typing
 
+import tensorflow as tf
 from absl import app, flags, logging
 
+import simclr_tf
 from simclr_tf import config as cfg
+from simclr_tf import quiet_start
 
 FLAGS = flags.FLAGS
 MODES = ("train", "eval", "train_then_eval")
@@ -184,7 +187,6 @@ def _prepare_model_dir(config, strategy):
 def op_error_message(error, model_dir):
     """One line for a TensorFlow error that ended a run, naming the checkpoint to resume from."""
     from simclr_tf import checkpoints
-    import tensorflow as tf
 
     text = (getattr(error, "message", None) or str(error)).strip()
     text = re.sub(r"\{\{[^}]*\}\}\s*", "", text.splitlines()[0] if text else "")
@@ -225,13 +227,15 @@ def main(argv):
         _fail(str(e))
 
     import keras
-    import tensorflow as tf
 
     stop = preemption.StopSignal()
     try:
-        # Before any other TF op: MultiWorkerMirroredStrategy must be created at start-up.
-        strategy = distribute.build_strategy(strategy_name, FLAGS.num_cpu_replicas, tpu,
-                                             FLAGS.tpu_zone, FLAGS.gcp_project)
+        # Before any other TF op: MultiWorkerMirroredStrategy must be created at start-up. The
+        # devices initialise here too (CUDA probing and all): quietly, see quiet_start.
+        with quiet_start.silenced(simclr_tf.QUIET_START):
+            strategy = distribute.build_strategy(strategy_name, FLAGS.num_cpu_replicas, tpu,
+                                                 FLAGS.tpu_zone, FLAGS.gcp_project)
+            tf.config.list_logical_devices()
         keras.utils.set_random_seed(config.train.seed)
         if config.train.precision != "float32":
             keras.mixed_precision.set_dtype_policy(f"mixed_{config.train.precision}")
@@ -261,4 +265,7 @@ def main(argv):
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
+    with quiet_start.silenced(simclr_tf.QUIET_START):
+        # The CUDA probe, which TensorFlow's own after-init hook of app.run would print.
+        tf.config.list_physical_devices()
     app.run(main)

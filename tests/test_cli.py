@@ -91,3 +91,29 @@ def test_cli_prints_one_line_error_without_traceback(tmp_path):
     assert "This TensorFlow binary is optimized" not in result.stderr  # TF_CPP_MIN_LOG_LEVEL in time
     assert result.stderr.strip().splitlines()[-1] == (
         "error: resnet_depth must be one of [18, 34, 50, 101, 152, 200], got 42")
+
+
+NOISE = ("absl::InitializeLog", "cudart_stub", "cuInit", "cpu_feature_guard",
+         "oneDNN custom operations", "This TensorFlow binary is optimized")
+
+
+def test_tensorflows_start_up_messages_are_silenced_unless_asked_for(tmp_path):
+    """A run that gets as far as building its strategy and reading its dataset (whose name is
+    wrong): without TF_CPP_MIN_LOG_LEVEL, none of TensorFlow's C++ start-up lines; with it set,
+    they are back."""
+    argv = [sys.executable, "-m", "simclr_tf.run", "--dataset=no_such_dataset",
+            f"--model_dir={tmp_path}"]
+    quiet_env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=quiet_env)
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip().splitlines()[-1].startswith("error: unknown dataset")
+    assert [line for line in quiet.stderr.splitlines() if any(n in line for n in NOISE)] == []
+    loud = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                          env={**quiet_env, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert "absl::InitializeLog" in loud.stderr
+    # The export command too.
+    exporting = subprocess.run([sys.executable, "-m", "export", f"--model_dir={tmp_path}/none"],
+                               capture_output=True, text=True, timeout=120, env=quiet_env,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert exporting.stderr.strip().splitlines() == [
+        f"error: model_dir {tmp_path}/none does not exist"]
