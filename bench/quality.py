@@ -65,12 +65,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags, logging  # noqa: E402
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from simclr_tf import config as cfg  # noqa: E402
 from simclr_tf import data as data_lib  # noqa: E402
-from simclr_tf import checkpoints, evaluate, finetune, knn, loop, models  # noqa: E402
+from simclr_tf import checkpoints, evaluate, finetune, knn, loop  # noqa: E402
 from simclr_tf import pretrain as pretrain_lib  # noqa: E402
 from simclr_tf.preemption import Preempted  # noqa: E402
 from simclr_tf.schedules import make_schedule  # noqa: E402
@@ -208,23 +207,10 @@ def supervised_config(model_dir, total_steps):
         finetune=cfg.FinetuneConfig(fine_tune_after_block=-1))
 
 
-def random_encoder(config, bn_batches=30):
-    """Initial weights; batch-norm moving statistics estimated on training images first.
-
-    Without that, inference-mode batch norm would use its initial statistics (mean 0, variance
-    1) and the baseline would measure un-normalised activations rather than random weights;
-    any training run, SimCLR included, fixes them within its first steps.
-    """
-    keras.utils.set_random_seed(FLAGS.seed)
-    encoder = models.build_encoder(config.encoder, evaluate.eval_image_size(config),
-                                   global_bn=False)
-    weights = [w.copy() for w in encoder.get_weights()]
-    update_statistics = tf.function(lambda images: encoder(images, training=True))
-    for batch in evaluate.eval_batches(config, "train", 256).take(bn_batches):
-        update_statistics(batch[data_lib.IMAGE])
-    changed = [not np.array_equal(a, b) for a, b in zip(weights, encoder.get_weights())]
-    trainable = [not any(v is w for w in encoder.trainable_variables) for v in encoder.variables]
-    assert all(t for c, t in zip(changed, trainable) if c), "only BN statistics may change"
+def random_encoder(config):
+    """f at random initialisation, its batch-norm statistics estimated on training images
+    (`evaluate.random_encoder`)."""
+    encoder = evaluate.random_encoder(config)
     return rounded(evaluate.evaluate_encoder(encoder, config, NUM_CLASSES, ("knn", "linear")))
 
 

@@ -30,6 +30,7 @@ LR_SCALINGS = ("linear", "sqrt")
 PRECISIONS = ("float32", "bfloat16", "float16")
 TRAIN_MODES = ("pretrain", "finetune", "distill")
 EVAL_PROTOCOLS = ("probe", "knn", "linear")
+EVAL_BASELINES = ("raw_pixels", "random_encoder")
 # Smallest input side for which every block group of f keeps at least one pixel.
 MIN_IMAGE_SIZE = {"CIFAR": 8, "ImageNet": 32}
 # image_size at or below which the CIFAR stem and no blur are the defaults (the paper's CIFAR-10).
@@ -207,12 +208,22 @@ class EvalConfig:
     eval_protocols: str = _setting(
         "probe,knn,linear", "What evaluating a pretraining checkpoint reports: probe (the "
         "linear probe of pretraining), knn, linear (logistic regression on extracted h).")
+    eval_baselines: str = _setting(
+        "", "Baselines a pretraining checkpoint is judged against, evaluated the same way (kNN, "
+        "linear): raw_pixels, random_encoder (f at random initialisation); empty: none.")
     eval_every: int = _setting(0, "kNN monitor every this many pretraining steps; 0: off.")
     knn_k: int = _setting(200, "Neighbours of the kNN classifier.")
     knn_temperature: float = _setting(
         0.1, "Temperature of the kNN vote weights exp(cos / t).")
     knn_bank_size: int = _setting(
         0, "Training examples in the kNN (and fast linear eval) bank; 0: all.")
+    projector_examples: int = _setting(
+        1000, "Evaluation images whose h, label and thumbnail are written for TensorBoard's "
+        "embedding projector (in eval_<split>/); 0: none.")
+    neighbour_queries: int = _setting(
+        8, "Rows of the nearest-neighbour picture (an evaluation image beside its 8 nearest "
+        "bank images under f), in TensorBoard's Images tab and <model_dir>/"
+        "nearest_neighbours.png; 0: none.")
     eval_timeout: int = _setting(
         0, "mode=eval: stop after this many seconds without a new checkpoint; 0: never.")
     eval_image_size: int = _setting(
@@ -485,6 +496,15 @@ def parse_protocols(text):
     return names
 
 
+def parse_baselines(text):
+    """'raw_pixels,random_encoder' -> a tuple ('' -> ()); ConfigError for an unknown name."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in EVAL_BASELINES]
+    _check(not unknown, f"eval_baselines must be a comma-separated list from "
+                        f"{','.join(EVAL_BASELINES)} (or empty), got {text!r}")
+    return names
+
+
 def _validate_evaluation(config):
     ft, distill, ev = config.finetune, config.distill, config.eval
     _check(-1 <= ft.fine_tune_after_block <= 4,
@@ -509,8 +529,14 @@ def _validate_evaluation(config):
     _check(ev.knn_temperature > 0, f"knn_temperature must be positive, got {ev.knn_temperature}")
     _check(ev.knn_bank_size >= 0,
            f"knn_bank_size must be >= 0 (0: the whole train split), got {ev.knn_bank_size}")
+    _check(0 <= ev.projector_examples <= 10000,
+           f"projector_examples must be in [0, 10000] (the projector's sprite holds at most "
+           f"8192 x 8192 pixels), got {ev.projector_examples}")
+    _check(0 <= ev.neighbour_queries <= 64,
+           f"neighbour_queries must be in [0, 64], got {ev.neighbour_queries}")
     _check(ev.eval_timeout >= 0, f"eval_timeout must be >= 0, got {ev.eval_timeout}")
     parse_protocols(ev.eval_protocols)
+    parse_baselines(ev.eval_baselines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,11 +76,13 @@ class DatasetInfo:
       num_examples: examples in the split over all input pipelines (image files for folders).
       num_classes: number of label ids, 0 if unlabelled.
       image_shape: (H, W, 3) of the images `load_images` yields, None if their sizes vary.
+      class_names: the name of each label id (sub-folder names, tfds label names); () if none.
     """
     name: str
     num_examples: int
     num_classes: int
     image_shape: tuple | None
+    class_names: tuple = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +328,8 @@ def _tfds_info(name: str, builder, split: str) -> DatasetInfo:
         name=name,
         num_examples=int(_tfds_split(name, builder, split).num_examples),
         num_classes=int(features[label_key].num_classes) if label_key else 0,
-        image_shape=(height, width, 3) if height and width else None)
+        image_shape=(height, width, 3) if height and width else None,
+        class_names=tuple(features[label_key].names) if label_key else ())
 
 
 def _tfds_images(name, builder, split, input_context, shuffle_files, seed) -> tf.data.Dataset:
@@ -520,7 +523,8 @@ def _join(folder: str, name: str) -> str:
 
 def _folder_info(dataset: str, listing: _FolderListing) -> DatasetInfo:
     return DatasetInfo(name=dataset, num_examples=len(listing.paths),
-                       num_classes=len(listing.class_names), image_shape=None)
+                       num_classes=len(listing.class_names), image_shape=None,
+                       class_names=listing.class_names)
 
 
 def _folder_images(listing: _FolderListing, input_context, shuffle_files: bool,

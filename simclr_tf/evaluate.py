@@ -14,6 +14,10 @@ What a checkpoint reports depends on the run that wrote it:
 
 Evaluation images are `eval_image_size` pixels a side (default: the training `image_size`).
 
+A pretraining checkpoint can be judged against baselines measured the same way, on the same
+images (`eval_baselines`): raw pixels, and f at random initialisation. Its evaluation also writes
+what TensorBoard's embedding projector reads and the nearest-neighbour picture (`visualise`).
+
 Every eval example counts exactly once (the padded rows of `data.eval_dataset` are dropped by
 their mask). Results go to TensorBoard (`<model_dir>/eval_<split>/`) and to
 `<model_dir>/results.json` (the latest evaluated checkpoint; `eval_<split>/results-<step>.json`
@@ -26,6 +30,7 @@ import os
 import re
 import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -36,6 +41,7 @@ from simclr_tf import data as data_lib
 from simclr_tf import finetune
 from simclr_tf import knn as knn_lib
 from simclr_tf import models
+from simclr_tf import visualise
 from simclr_tf.classifier import build_classifier
 from simclr_tf.schedules import make_schedule
 
@@ -254,7 +260,18 @@ def linear_eval_fast(train_features, train_labels, eval_features, eval_labels, n
 # --------------------------------------------------------------------------------------------
 # Evaluating an encoder, a classifier, a checkpoint.
 
-def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), probe=None):
+@dataclasses.dataclass
+class Features:
+    """What an evaluation extracted: features and labels of the eval split and of the bank (the
+    training split's first `knn_bank_size` images; None when no protocol needed it)."""
+    eval_h: np.ndarray
+    eval_y: np.ndarray
+    bank_h: np.ndarray | None = None
+    bank_y: np.ndarray | None = None
+
+
+def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), probe=None,
+                     return_features=False):
     """The frozen-f evaluations of `encoder` (f in inference mode) on the eval split.
 
     Args:
@@ -267,23 +284,39 @@ def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), 
         `eval_image_size` is (h's statistics change with the size).
 
     Returns:
-      Flat dict of metrics (`knn_top1`, `linear_top5`, ...) and `num_examples`.
+      Flat dict of metrics (`knn_top1`, `linear_top5`, ...) and `num_examples`; with
+      `return_features`, (that dict, the `Features` of f).
     """
-    ev, split = config.eval, config.data.eval_split
     trained = encoder
     encoder = encoder_for_evaluation(trained, config)
-    features = lambda images: encoder(images, training=False)  # noqa: E731
-    eval_h, eval_y = extract(features, eval_batches(config, split))
-    results = {"num_examples": int(len(eval_y))}
+    results, extracted = evaluate_features(
+        lambda images: encoder(images, training=False), config, num_classes, protocols)
     if "probe" in protocols and probe is not None:
-        probe_h = eval_h
+        probe_h = extracted.eval_h
         if eval_image_size(config) != config.data.image_size:
             probe_h, _ = extract(lambda images: trained(images, training=False),
-                                 eval_batches(config, split, image_size=config.data.image_size))
-        results.update(accuracies(np.asarray(probe(tf.constant(probe_h))), eval_y, "probe_"))
+                                 eval_batches(config, config.data.eval_split,
+                                              image_size=config.data.image_size))
+        results.update(accuracies(np.asarray(probe(tf.constant(probe_h))), extracted.eval_y,
+                                  "probe_"))
+    return (results, extracted) if return_features else results
+
+
+def evaluate_features(features, config, num_classes, protocols=("knn", "linear")):
+    """kNN and the fast linear evaluation of `features` (images -> [B, D]) on the eval split,
+    with the training split's first `knn_bank_size` images as the bank and training set.
+
+    Returns:
+      (results: `num_examples` and `knn_*` / `linear_*` metrics, the extracted `Features`).
+    """
+    ev = config.eval
+    eval_h, eval_y = extract(features, eval_batches(config, config.data.eval_split))
+    results = {"num_examples": int(len(eval_y))}
+    extracted = Features(eval_h, eval_y)
     if "knn" in protocols or "linear" in protocols:
         train_h, train_y = extract(features, eval_batches(config, config.data.train_split),
                                    max_examples=ev.knn_bank_size)
+        extracted.bank_h, extracted.bank_y = train_h, train_y
         if "knn" in protocols:
             scores = knn_lib.knn_predict_scores(eval_h, train_h, train_y, num_classes, ev.knn_k,
                                                 ev.knn_temperature)
@@ -291,6 +324,45 @@ def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), 
         if "linear" in protocols:
             results.update(linear_eval_fast(train_h, train_y, eval_h, eval_y, num_classes,
                                             seed=config.train.seed))
+    return results, extracted
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines: what f is judged against, measured the same way.
+
+def raw_pixels(images):
+    """The evaluation images themselves, flattened: the features of the raw-pixel baseline."""
+    return tf.reshape(images, [tf.shape(images)[0], -1])
+
+
+def random_encoder(config, bn_batches=30):
+    """f at random initialisation (seeded by `train.seed`), at the evaluation image size, with
+    its batch-norm moving statistics estimated on `bn_batches` batches of training images.
+
+    Without that estimate, inference-mode batch norm would use its initial statistics (mean 0,
+    variance 1), and the baseline would measure un-normalised activations rather than random
+    weights; any training fixes them within its first steps.
+    """
+    keras.utils.set_random_seed(config.train.seed)
+    encoder = models.build_float32_encoder(config.encoder)
+    update_statistics = tf.function(lambda images: encoder(images, training=True))
+    for batch in eval_batches(config, config.data.train_split).take(bn_batches):
+        update_statistics(batch[data_lib.IMAGE])
+    return encoder
+
+
+def evaluate_baselines(config, num_classes, names):
+    """kNN and linear evaluation of the baselines `names` (from config.EVAL_BASELINES), on the
+    same images, bank and eval split as f; keys prefixed `<baseline>_`."""
+    results = {}
+    for name in names:
+        if name == "raw_pixels":
+            features = raw_pixels
+        else:
+            encoder = random_encoder(config)
+            features = lambda images, encoder=encoder: encoder(images, training=False)  # noqa
+        found, _ = evaluate_features(features, config, num_classes)
+        results.update({f"{name}_{k}": v for k, v in found.items() if k != "num_examples"})
     return results
 
 
@@ -328,7 +400,12 @@ def evaluate_checkpoint(config, path):
                                  "knn or linear")
             logging.warning("Checkpoint %s has no linear probe: evaluating %s only", path,
                             ",".join(p for p in protocols if p != "probe"))
-        results.update(evaluate_encoder(encoder, config, info.num_classes, protocols, probe))
+        found, extracted = evaluate_encoder(encoder, config, info.num_classes, protocols, probe,
+                                            return_features=True)
+        results.update(found)
+        results.update(show_embeddings(config, extracted, info.class_names, results["step"]))
+        results.update(evaluate_baselines(config, info.num_classes,
+                                          config_lib.parse_baselines(config.eval.eval_baselines)))
         main = next((p for p in ("linear", "probe", "knn") if f"{p}_top1" in results), None)
         if main:
             results.update(protocol=main, top1=results[f"{main}_top1"],
@@ -338,6 +415,41 @@ def evaluate_checkpoint(config, path):
         checkpoints.read_parts(path, **model.checkpoint_items())  # not the optimiser slots
         results.update(protocol="classifier", **evaluate_classifier(model, config))
     return results
+
+
+def show_embeddings(config, extracted, class_names=(), step=0):
+    """The projector files for `eval.projector_examples` evaluation images and the
+    nearest-neighbour picture for `eval.neighbour_queries` of them (`visualise`), from the
+    `Features` an evaluation extracted. Returns {"projector_dir", "nearest_neighbours"}: the
+    paths written."""
+    ev, written = config.eval, {}
+    directory = eval_dir(config)
+    sample = visualise.sample_indices(len(extracted.eval_y), ev.projector_examples)
+    queries = np.zeros([0], np.int64)
+    if ev.neighbour_queries and extracted.bank_h is not None:
+        queries = visualise.pick_queries(extracted.eval_y, ev.neighbour_queries)
+    wanted = np.union1d(sample, queries)
+    if not len(wanted):
+        return written
+    eval_images = visualise.images_at(eval_batches(config, config.data.eval_split), wanted)
+    image_of = lambda rows: eval_images[np.searchsorted(wanted, rows)]  # noqa: E731
+    if len(sample):
+        visualise.write_projector(directory, extracted.eval_h[sample], extracted.eval_y[sample],
+                                  image_of(sample), class_names, tensor_name=f"h at step {step}")
+        written["projector_dir"] = directory
+    if len(queries):
+        neighbours = visualise.nearest_neighbours(extracted.eval_h[queries], extracted.bank_h)
+        bank_rows = np.unique(neighbours)
+        bank_images = visualise.images_at(eval_batches(config, config.data.train_split),
+                                          bank_rows)
+        neighbour_images = bank_images[np.searchsorted(bank_rows, neighbours)]
+        query_labels = extracted.eval_y[queries]
+        pixels = visualise.neighbour_picture(image_of(queries), query_labels, neighbour_images,
+                                             extracted.bank_y[neighbours])
+        written["nearest_neighbours"] = visualise.write_neighbour_picture(
+            config.train.model_dir, directory, step, pixels,
+            visualise.legend(query_labels, class_names))
+    return written
 
 
 def eval_dir(config):

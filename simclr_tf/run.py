@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import sys
+import time
 import typing
 
 import tensorflow as tf
@@ -24,6 +25,7 @@ from absl import app, flags, logging
 import simclr_tf
 from simclr_tf import config as cfg
 from simclr_tf import quiet_start
+from simclr_tf import summary
 
 FLAGS = flags.FLAGS
 MODES = ("train", "eval", "train_then_eval")
@@ -170,6 +172,15 @@ def _train(config, strategy, source, stop):
     return pretrain.run_pretraining(config, strategy, stop_requested=stop, on_loop_end=monitor)
 
 
+def _epoch_size(config):
+    """Examples in an epoch of pretraining or distillation (None: fine-tuning counts labels)."""
+    if config.train.train_mode == "finetune":
+        return None
+    from simclr_tf import data
+    return data.dataset_info(config.data.dataset, config.data.train_split,
+                             config.data.data_dir).num_examples
+
+
 def _prepare_model_dir(config, strategy):
     """Before training: the model_dir's checkpoints must be of this model; the chief clears
     what a killed run left half-written and writes config.json."""
@@ -229,6 +240,7 @@ def main(argv):
     import keras
 
     stop = preemption.StopSignal()
+    train_seconds = None
     try:
         # Before any other TF op: MultiWorkerMirroredStrategy must be created at start-up. The
         # devices initialise here too (CUDA probing and all): quietly, see quiet_start.
@@ -246,12 +258,18 @@ def main(argv):
             if config.train.train_mode != "pretrain":  # the architecture of --checkpoint's run
                 config, source = finetune.prepare(config)
             _prepare_model_dir(config, strategy)
+            t0 = time.time()
             with stop:
                 _train(config, strategy, source, stop)
+            train_seconds = time.time() - t0
+        results = None
         if FLAGS.mode != "train" and distribute.is_chief(strategy):
             from simclr_tf import evaluate
-            evaluate.run_evaluation(config, FLAGS.eval_checkpoint if FLAGS.mode == "eval" else
-                                    checkpoints.latest(config.train.model_dir))
+            results = evaluate.run_evaluation(
+                config, FLAGS.eval_checkpoint if FLAGS.mode == "eval" else
+                checkpoints.latest(config.train.model_dir))
+        if distribute.is_chief(strategy):
+            print(summary.text(config, results, train_seconds, _epoch_size(config)))
     except preemption.Preempted as e:
         cause = stop.received or "another worker was stopped"
         print(f"preempted ({cause}): {e}; to resume, run the same command again: "

@@ -130,7 +130,8 @@ def _take_batches(dataset, count):
 
 def test_labelled_folder_images_and_labels(labelled_folder):
     info = data.dataset_info(f"folder:{labelled_folder}", "train", None)
-    assert info == data.DatasetInfo(f"folder:{labelled_folder}", 4, 3, None)
+    assert info == data.DatasetInfo(f"folder:{labelled_folder}", 4, 3, None,
+                                   ("a", "b", "c"))
 
     images, _ = data.load_images(f"folder:{labelled_folder}", "train")
     assert images.element_spec[0].dtype == tf.uint8
@@ -263,7 +264,7 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path):
 
 def test_tfds_info_and_images(tiny_tfds_dir):
     info = data.dataset_info(TINY, "train", tiny_tfds_dir)
-    assert info == data.DatasetInfo(TINY, 20, 3, (8, 8, 3))
+    assert info == data.DatasetInfo(TINY, 20, 3, (8, 8, 3), ("0", "1", "2"))
     images, _ = data.load_images(TINY, "train", data_dir=tiny_tfds_dir)
     assert images.element_spec[0].shape.as_list() == [8, 8, 3]
     assert images.element_spec[1].dtype == tf.int32
@@ -455,7 +456,10 @@ def fashion_dir(tmp_path_factory):
 def test_fashion_mnist_prepared_offline(fashion_dir):
     # load_images on an empty data_dir prepares it from the Debian files (no network).
     images, info = data.load_images("fashion_mnist", "train", data_dir=fashion_dir)
-    assert info == data.DatasetInfo("fashion_mnist", 60000, 10, (28, 28, 3))
+    assert info == data.DatasetInfo(
+        "fashion_mnist", 60000, 10, (28, 28, 3),
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+         "Bag", "Ankle boot"))
     builder = tfds.builder("fashion_mnist", data_dir=fashion_dir)
     assert builder.is_prepared()
     assert builder.info.splits["train"].num_examples == 60000

@@ -1,0 +1,122 @@
+"""The few lines a command ends with: what was trained, what f is worth next to the baselines
+measured in the same run, where the checkpoint and the export are, and what to run next."""
+
+import os
+import shlex
+
+from simclr_tf import checkpoints
+
+_ROWS = (("linear", "linear evaluation"), ("knn", "kNN"), ("probe", "probe of pretraining"))
+_BASELINES = (("raw_pixels", "raw pixels"), ("random_encoder", "random f"))
+
+
+def text(config, results=None, train_seconds=None, num_examples=None):
+    """The summary of the run `config` describes (`results`: its evaluation, if any)."""
+    train, enc = config.train, config.encoder
+    model_dir = train.model_dir
+    latest = checkpoints.latest(model_dir)
+    step = checkpoints.step_of(latest) if latest else 0
+    stem = "CIFAR" if enc.cifar_stem else "ImageNet"
+    what = {"pretrain": "SimCLR pretraining", "finetune": "Fine-tuning",
+            "distill": "Distillation"}[train.train_mode]
+    line = (f"{what} of ResNet-{enc.resnet_depth} x{enc.width_multiplier} ({stem} stem) on "
+            f"{config.data.dataset} ({config.data.train_split}): step {step}, batches of "
+            f"{train.train_batch_size}")
+    if num_examples:
+        line += f", {step * train.train_batch_size / num_examples:.2f} epochs"
+    if train_seconds is not None:
+        line += f", trained for {train_seconds / 60:.1f} minutes here"
+    lines = [line + "."]
+    if results:
+        lines += _results(config, results)
+        lines += _pictures(config, results)
+    lines.append(f"Checkpoint: {latest or 'none yet'}")
+    export = os.path.join(model_dir, "export", str(step))
+    if train.train_mode == "pretrain" and os.path.isdir(export):
+        lines.append(f"Export of f: {export} (a SavedModel; images float32 in [0, 1])")
+    lines += _next_steps(config, export)
+    return "\n".join(lines)
+
+
+def _percent(value):
+    return f"{100 * value:.1f}%"
+
+
+def _results(config, results):
+    size = config.eval.eval_image_size or config.data.image_size
+    ev = config.eval
+    bank = (f"the first {ev.knn_bank_size}" if ev.knn_bank_size else "all the") + " training images"
+    lines = [f"Evaluated on {config.data.dataset} ({config.data.eval_split}): "
+             f"{results.get('num_examples')} images at {size} px; kNN (k={ev.knn_k}) and the "
+             f"linear evaluation (logistic regression on frozen features) use {bank}."]
+    if "top1" in results and results.get("protocol") == "classifier":
+        return lines + [f"  top-1 {_percent(results['top1'])}, top-5 {_percent(results['top5'])}"]
+    baselines = [(key, name) for key, name in _BASELINES if f"{key}_linear_top1" in results]
+    header = f"  {'':<20}{'f (this run)':>14}" + "".join(f"{name:>14}" for _, name in baselines)
+    lines.append(header)
+    for key, name in _ROWS:
+        if f"{key}_top1" not in results:
+            continue
+        row = f"  {name:<20}{_percent(results[f'{key}_top1']):>14}"
+        for baseline, _ in baselines:
+            value = results.get(f"{baseline}_{key}_top1")
+            row += f"{_percent(value) if value is not None else '':>14}"
+        lines.append(row)
+    lines.append(_verdict(results))
+    return lines
+
+
+def _verdict(results):
+    """One sentence on f against the baselines, by the linear evaluation (else kNN)."""
+    key = "linear" if "linear_top1" in results else "knn"
+    if f"{key}_top1" not in results:
+        return ""
+    f_value = results[f"{key}_top1"]
+    raw = results.get(f"raw_pixels_{key}_top1")
+    random = results.get(f"random_encoder_{key}_top1")
+    parts = []
+    if random is not None:
+        gain = 100 * (f_value - random)
+        parts.append(f"f is {gain:+.1f} points from its random initialisation")
+    if raw is not None:
+        parts.append(f"{100 * (f_value - raw):+.1f} from raw pixels")
+    if not parts:
+        return ""
+    return ("  " + ", ".join(parts) + f" ({key} evaluation). SimCLR wants many epochs: see "
+            "docs/quality.md for what longer runs reach.")
+
+
+def _pictures(config, results):
+    seen = []
+    if "projector_dir" in results:
+        shown = min(config.eval.projector_examples, results.get("num_examples", 0))
+        seen.append(f"the Projector tab shows h of {shown} of the "
+                    "evaluation images")
+    if "nearest_neighbours" in results:
+        seen.append(f"Images shows their nearest training images ({results['nearest_neighbours']})")
+    if not seen:
+        return []
+    return [f"See the embeddings: tensorboard --logdir={shlex.quote(config.train.model_dir)}; "
+            + ", ".join(seen) + "."]
+
+
+def _next_steps(config, export):
+    model_dir = config.train.model_dir
+    data = [f"--dataset={config.data.dataset}", f"--image_size={config.data.image_size}"]
+    if config.data.data_dir:
+        data.append(f"--data_dir={config.data.data_dir}")
+    command = "python -m simclr_tf.run"
+    lines = ["Next:",
+             f"  evaluate again, on the whole train split: {command} --mode=eval "
+             f"--model_dir={shlex.quote(model_dir)} --knn_bank_size=0"]
+    if config.train.train_mode == "pretrain":
+        tuned = shlex.quote(model_dir.rstrip("/") + "_finetune_1pct")
+        lines.append(
+            f"  fine-tune on 1% of the labels: {command} --train_mode=finetune "
+            f"--mode=train_then_eval --checkpoint={shlex.quote(model_dir)} --model_dir={tuned} "
+            f"{' '.join(data)} --train_label_fraction=0.01 --train_batch_size=64 "
+            "--train_epochs=30 --optimizer=momentum --learning_rate=0.05 --warmup_epochs=0")
+        lines.append(f"  use f: hub.KerasLayer({export!r}) in tf-keras, or "
+                     f"keras.layers.TFSMLayer({export!r}, call_endpoint='serving_default') in "
+                     "Keras 3 (export/README.md)")
+    return lines

@@ -1,0 +1,114 @@
+"""The README's main command, shrunk: it ends with an evaluation next to its baselines, the
+pictures of the embeddings, and a summary whose next commands run as printed."""
+
+import json
+import os
+import re
+import shlex
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import config as cfg
+from simclr_tf import evaluate, summary
+
+SMALL = ["--train_split=train[:600]", "--eval_split=test[:200]", "--eval_batch_size=100"]
+
+
+def test_baselines_are_evaluated_like_f(tmp_path, image_folder):
+    config = cfg.RunConfig(
+        data=cfg.DataConfig(dataset=image_folder(tmp_path / "images", per_class=4, size=8,
+                                                 classes=("a", "b", "c")),
+                            image_size=8, eval_split="train"),
+        encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=True),
+        eval=cfg.EvalConfig(eval_batch_size=4, knn_k=3))
+    results = evaluate.evaluate_baselines(config, 3, ("raw_pixels", "random_encoder"))
+    assert {k for k in results if k.endswith("top1")} == {
+        "raw_pixels_knn_top1", "raw_pixels_linear_top1", "raw_pixels_linear_heldout_top1",
+        "raw_pixels_linear_train_top1", "random_encoder_knn_top1",
+        "random_encoder_linear_top1", "random_encoder_linear_heldout_top1",
+        "random_encoder_linear_train_top1"}
+    # Raw pixels on their own split: each image's nearest neighbour is itself (cosine 1,
+    # weight e^10 against at most 2 * e^(cos / 0.1) with cos < 0.9 here), so kNN is exact.
+    images, labels = evaluate.extract(lambda x: x, evaluate.eval_batches(config, "train"))
+    flat = images.reshape(len(images), -1)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True)
+    cosines = flat @ flat.T - 2 * np.eye(len(flat))
+    assert cosines.max() < 0.9
+    assert results["raw_pixels_knn_top1"] == 1.0
+
+    # f at random initialisation: seeded, and only its batch-norm statistics are estimated.
+    a, b = evaluate.random_encoder(config), evaluate.random_encoder(config)
+    for x, y in zip(a.variables, b.variables):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+    statistics = [v for v in a.variables if "moving" in v.path]
+    assert statistics and not any(v.trainable for v in statistics)
+    assert any(np.abs(v.numpy()).max() > 0 for v in statistics if "moving_mean" in v.path)
+
+
+def test_summary_reads_as_a_result(tmp_path):
+    config = cfg.RunConfig(
+        data=cfg.DataConfig(dataset="fashion_mnist", image_size=24),
+        train=cfg.TrainConfig(model_dir=str(tmp_path), train_batch_size=256),
+        eval=cfg.EvalConfig(knn_bank_size=5000))
+    results = {"num_examples": 10000, "linear_top1": 0.833, "knn_top1": 0.698,
+               "probe_top1": 0.446, "raw_pixels_linear_top1": 0.835,
+               "raw_pixels_knn_top1": 0.730, "random_encoder_linear_top1": 0.665,
+               "random_encoder_knn_top1": 0.559, "projector_dir": str(tmp_path / "eval_test"),
+               "nearest_neighbours": str(tmp_path / "nearest_neighbours.png")}
+    text = summary.text(config, results, train_seconds=456, num_examples=60000)
+    lines = text.splitlines()
+    assert lines[0].startswith("SimCLR pretraining of ResNet-50 x1 (CIFAR stem) on fashion_mnist "
+                               "(train): step 0, batches of 256, 0.00 epochs, trained for 7.6 "
+                               "minutes here.")
+    table = lines[lines.index(next(l for l in lines if "f (this run)" in l)):][:4]
+    assert table[0].split() == ["f", "(this", "run)", "raw", "pixels", "random", "f"]
+    assert table[1].split() == ["linear", "evaluation", "83.3%", "83.5%", "66.5%"]
+    assert table[2].split() == ["kNN", "69.8%", "73.0%", "55.9%"]
+    assert table[3].split() == ["probe", "of", "pretraining", "44.6%"]
+    assert ("f is +16.8 points from its random initialisation, -0.2 from raw pixels (linear "
+            "evaluation)") in text
+    assert "the first 5000 training images" in text
+    assert f"tensorboard --logdir={tmp_path}" in text and "nearest_neighbours.png" in text
+    assert "Checkpoint: none yet" in text
+    assert len([l for l in lines if l.startswith("  ") and "python -m simclr_tf.run" in l]) == 2
+
+
+@pytest.mark.slow
+def test_main_command_ends_with_a_result_and_next_commands_that_run(tmp_path, cli):
+    model_dir = tmp_path / "run"
+    result = cli("--flagfile=flags/fashion_mnist.flags", *SMALL, f"--model_dir={model_dir}",
+                 "--train_steps=2", "--checkpoint_steps=2", "--steps_per_loop=1",
+                 "--train_batch_size=32", "--knn_bank_size=300", "--projector_examples=50",
+                 "--neighbour_queries=3", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "step 2, batches of 32" in out
+    assert re.search(r"linear evaluation +\d+\.\d% +\d+\.\d% +\d+\.\d%", out), out
+    assert re.search(r"kNN +\d+\.\d% +\d+\.\d% +\d+\.\d%", out), out
+    assert "points from its random initialisation" in out
+    assert f"Checkpoint: {model_dir}/ckpt-2" in out
+    assert f"Export of f: {model_dir}/export/2" in out
+    with open(model_dir / "results.json") as f:
+        results = json.load(f)
+    for key in ("linear_top1", "knn_top1", "raw_pixels_linear_top1", "random_encoder_knn_top1"):
+        assert 0 <= results[key] <= 1
+    assert f"{100 * results['linear_top1']:.1f}%" in out
+    assert os.path.exists(model_dir / "nearest_neighbours.png")
+    assert len(open(model_dir / "eval_test__200_" / "embeddings.tsv").readlines()) == 50
+
+    # The next commands, as printed (plus a smaller data and step budget), run.
+    commands = {name: line.split(": ", 1)[1] for name, line in
+                (("eval", next(l for l in out.splitlines() if "evaluate again" in l)),
+                 ("finetune", next(l for l in out.splitlines() if "fine-tune on 1%" in l)))}
+    evaluation = cli(*shlex.split(commands["eval"])[3:], *SMALL, "--knn_bank_size=300",
+                     "--projector_examples=0", "--neighbour_queries=0")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert "linear evaluation" in evaluation.stdout
+    finetune = cli(*shlex.split(commands["finetune"])[3:], *SMALL, "--train_steps=2",
+                   f"--model_dir={tmp_path / 'ft'}")
+    assert finetune.returncode == 0, finetune.stderr[-3000:]
+    assert re.search(r"top-1 \d+\.\d%, top-5 \d+\.\d%", finetune.stdout), finetune.stdout
+    export = re.search(r"hub\.KerasLayer\('([^']+)'\)", out).group(1)
+    assert tf.saved_model.contains_saved_model(export)
