@@ -335,9 +335,10 @@ def raw_pixels(images):
     return tf.reshape(images, [tf.shape(images)[0], -1])
 
 
-def random_encoder(config, bn_batches=30):
+def random_encoder(config, bn_batches=30, bn_batch_size=64):
     """f at random initialisation (seeded by `train.seed`), at the evaluation image size, with
-    its batch-norm moving statistics estimated on `bn_batches` batches of training images.
+    its batch-norm moving statistics estimated on `bn_batches` batches of `bn_batch_size`
+    training images (30 steps of the moving averages' momentum 0.9 cover 96% of the way).
 
     Without that estimate, inference-mode batch norm would use its initial statistics (mean 0,
     variance 1), and the baseline would measure un-normalised activations rather than random
@@ -346,7 +347,7 @@ def random_encoder(config, bn_batches=30):
     keras.utils.set_random_seed(config.train.seed)
     encoder = models.build_float32_encoder(config.encoder)
     update_statistics = tf.function(lambda images: encoder(images, training=True))
-    for batch in eval_batches(config, config.data.train_split).take(bn_batches):
+    for batch in eval_batches(config, config.data.train_split, bn_batch_size).take(bn_batches):
         update_statistics(batch[data_lib.IMAGE])
     return encoder
 
@@ -356,6 +357,7 @@ def evaluate_baselines(config, num_classes, names):
     same images, bank and eval split as f; keys prefixed `<baseline>_`."""
     results = {}
     for name in names:
+        logging.info("Baseline %s: kNN and linear evaluation on the same images", name)
         if name == "raw_pixels":
             features = raw_pixels
         else:
@@ -400,6 +402,8 @@ def evaluate_checkpoint(config, path):
                                  "knn or linear")
             logging.warning("Checkpoint %s has no linear probe: evaluating %s only", path,
                             ",".join(p for p in protocols if p != "probe"))
+        logging.info("Evaluating f of %s on %s: %s", path, config.data.eval_split,
+                     ",".join(protocols))
         found, extracted = evaluate_encoder(encoder, config, info.num_classes, protocols, probe,
                                             return_features=True)
         results.update(found)
@@ -420,7 +424,7 @@ def evaluate_checkpoint(config, path):
 def show_embeddings(config, extracted, class_names=(), step=0):
     """The projector files for `eval.projector_examples` evaluation images and the
     nearest-neighbour picture for `eval.neighbour_queries` of them (`visualise`), from the
-    `Features` an evaluation extracted. Returns {"projector_dir", "nearest_neighbours"}: the
+    `Features` an evaluation extracted. Returns {"projector_config", "nearest_neighbours"}: the
     paths written."""
     ev, written = config.eval, {}
     directory = eval_dir(config)
@@ -434,9 +438,11 @@ def show_embeddings(config, extracted, class_names=(), step=0):
     eval_images = visualise.images_at(eval_batches(config, config.data.eval_split), wanted)
     image_of = lambda rows: eval_images[np.searchsorted(wanted, rows)]  # noqa: E731
     if len(sample):
-        visualise.write_projector(directory, extracted.eval_h[sample], extracted.eval_y[sample],
-                                  image_of(sample), class_names, tensor_name=f"h at step {step}")
-        written["projector_dir"] = directory
+        split = config.data.eval_split
+        written["projector_config"] = visualise.write_projector(
+            config.train.model_dir, directory, extracted.eval_h[sample],
+            extracted.eval_y[sample], image_of(sample), class_names,
+            tensor_name=f"h of {split} at step {step}")
     if len(queries):
         neighbours = visualise.nearest_neighbours(extracted.eval_h[queries], extracted.bank_h)
         bank_rows = np.unique(neighbours)
@@ -449,6 +455,8 @@ def show_embeddings(config, extracted, class_names=(), step=0):
         written["nearest_neighbours"] = visualise.write_neighbour_picture(
             config.train.model_dir, directory, step, pixels,
             visualise.legend(query_labels, class_names))
+    logging.info("Embeddings to look at in TensorBoard: %s", ", ".join(
+        f"{key} {value}" for key, value in written.items()))
     return written
 
 

@@ -88,7 +88,7 @@ def _verdict(results):
 
 def _pictures(config, results):
     seen = []
-    if "projector_dir" in results:
+    if "projector_config" in results:
         shown = min(config.eval.projector_examples, results.get("num_examples", 0))
         seen.append(f"the Projector tab shows h of {shown} of the "
                     "evaluation images")

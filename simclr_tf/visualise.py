@@ -1,10 +1,10 @@
 """What a person looks at to see the embeddings: the files of TensorBoard's embedding projector and
 the nearest-neighbour picture.
 
-* The projector (`<model_dir>/eval_<split>/`, the evaluation's TensorBoard run): h of a sample of
-  evaluation images (`embeddings.tsv`), their labels and class names (`metadata.tsv`), their
-  thumbnails (`sprite.png`) and the `projector_config.pbtxt` that ties them together. TensorBoard's
-  Projector tab then shows the sample in PCA, t-SNE or UMAP, coloured by class, as pictures.
+* The projector: h of a sample of evaluation images (`embeddings.tsv`), their labels and class
+  names (`metadata.tsv`) and thumbnails (`sprite.png`) in `<model_dir>/eval_<split>/`, and the
+  `<model_dir>/projector_config.pbtxt` that ties them together. TensorBoard's Projector tab then
+  shows the sample in PCA, t-SNE or UMAP, coloured by class, as pictures.
 * The nearest-neighbour picture: each row is an evaluation image (blue frame) followed by its
   nearest training images under f (cosine similarity of h, most similar first), framed green when
   they share the query's class and red when not. It goes to TensorBoard's Images tab
@@ -156,28 +156,42 @@ def write_png(path, pixels):
     _write_atomically(path, tf.io.encode_png(pixels).numpy(), mode="wb")
 
 
-def write_projector(directory, features, labels, images, class_names=(), tensor_name="h"):
+def write_projector(run_dir, files_dir, features, labels, images, class_names=(),
+                    tensor_name="h"):
     """Writes the projector's files for `features` [N, D], `labels` [N] and `images`
-    [N, H, W, 3] (float in [0, 1]) into `directory` (a TensorBoard run directory); returns the
-    path of its projector_config.pbtxt."""
-    tf.io.gfile.makedirs(directory)
+    [N, H, W, 3] (float in [0, 1]) into `files_dir`, and lists them first in
+    `run_dir`/projector_config.pbtxt (`files_dir` inside `run_dir`: TensorBoard reads paths
+    relative to the config). Returns the config's path.
+
+    The config lives in the run directory itself (the model_dir), not in the evaluation's: there
+    it is TensorBoard's first run and these embeddings its first tensor, so the Projector tab
+    opens on them; the variables of the run's checkpoint, which TensorBoard adds on its own,
+    come after. Embeddings listed from other directories (other eval splits) are kept.
+    """
+    tf.io.gfile.makedirs(files_dir)
     rows = ("\t".join(f"{v:.6g}" for v in row) for row in np.asarray(features, np.float32))
-    _write_atomically(os.path.join(directory, EMBEDDINGS_FILENAME), "\n".join(rows) + "\n")
+    _write_atomically(os.path.join(files_dir, EMBEDDINGS_FILENAME), "\n".join(rows) + "\n")
     names = [class_names[int(l)] if 0 <= int(l) < len(class_names) else str(int(l))
              for l in labels]
     metadata = ["label\tclass"] + [f"{int(l)}\t{name}" for l, name in zip(labels, names)]
-    _write_atomically(os.path.join(directory, METADATA_FILENAME), "\n".join(metadata) + "\n")
+    _write_atomically(os.path.join(files_dir, METADATA_FILENAME), "\n".join(metadata) + "\n")
     pixels, side = sprite(images)
-    write_png(os.path.join(directory, SPRITE_FILENAME), pixels)
+    write_png(os.path.join(files_dir, SPRITE_FILENAME), pixels)
 
+    relative = os.path.relpath(files_dir, run_dir)
+    path = os.path.join(run_dir, PROJECTOR_CONFIG_FILENAME)
     config = projector.ProjectorConfig()
     embedding = config.embeddings.add()
     embedding.tensor_name = tensor_name
-    embedding.tensor_path = EMBEDDINGS_FILENAME
-    embedding.metadata_path = METADATA_FILENAME
-    embedding.sprite.image_path = SPRITE_FILENAME
+    embedding.tensor_path = os.path.join(relative, EMBEDDINGS_FILENAME)
+    embedding.metadata_path = os.path.join(relative, METADATA_FILENAME)
+    embedding.sprite.image_path = os.path.join(relative, SPRITE_FILENAME)
     embedding.sprite.single_image_dim.extend([side, side])
-    path = os.path.join(directory, PROJECTOR_CONFIG_FILENAME)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            old = text_format.Parse(f.read(), projector.ProjectorConfig())
+        config.embeddings.extend(e for e in old.embeddings
+                                 if os.path.dirname(e.tensor_path) != relative)
     _write_atomically(path, text_format.MessageToString(config))
     return path
 

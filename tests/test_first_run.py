@@ -55,7 +55,7 @@ def test_summary_reads_as_a_result(tmp_path):
     results = {"num_examples": 10000, "linear_top1": 0.833, "knn_top1": 0.698,
                "probe_top1": 0.446, "raw_pixels_linear_top1": 0.835,
                "raw_pixels_knn_top1": 0.730, "random_encoder_linear_top1": 0.665,
-               "random_encoder_knn_top1": 0.559, "projector_dir": str(tmp_path / "eval_test"),
+               "random_encoder_knn_top1": 0.559, "projector_config": str(tmp_path / "projector_config.pbtxt"),
                "nearest_neighbours": str(tmp_path / "nearest_neighbours.png")}
     text = summary.text(config, results, train_seconds=456, num_examples=60000)
     lines = text.splitlines()

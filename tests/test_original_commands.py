@@ -113,3 +113,31 @@ def test_the_cifar10_pretraining_and_linear_evaluation_commands_run_as_written(t
     assert results["step"] == 2 and results["num_examples"] == 256  # one eval batch
     saved = cfg.load(str(tmp_path / "ft"))
     assert saved.finetune.fine_tune_after_block == 4 and saved.encoder.resnet_depth == 18
+
+
+@pytest.mark.slow
+def test_the_imagenet_fine_tuning_command_runs_on_a_dataset_here(tmp_path, cli):
+    # Its 1% ImageNet fine-tuning of a 3-layer-head SimCLRv2 model from the middle of the head,
+    # as written, with what this machine has: Fashion-MNIST (train, test) for the ImageNet subset
+    # (train, validation), no TPU, and
+    # (appended, so they override) a small image size, batch and step budget.
+    pretrain = _flags(CIFAR10_PRETRAIN, **{"--dataset=cifar10": "--dataset=fashion_mnist",
+                                           "/tmp/simclr_test": str(tmp_path / "pre")})
+    result = cli(*pretrain, "--num_proj_layers=3", "--train_steps=2", "--steps_per_loop=1",
+                 "--train_batch_size=32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    here = {"--dataset=imagenet2012_subset/1pct": "--dataset=fashion_mnist",
+            "--eval_split=validation": "--eval_split=test", "--data_dir=$DATA_DIR ": "", "$MODEL_DIR": str(tmp_path / "ft"),
+            "$CHKPT_DIR": str(tmp_path / "pre"),
+            "--use_tpu=True --tpu_name=$TPU_NAME": "--use_tpu=False"}
+    result = cli(*_flags(IMAGENET_FINETUNE_1PCT, **here), "--image_size=32",
+                 "--train_batch_size=16", "--train_steps=2", "--steps_per_loop=1",
+                 "--eval_steps=1", "--eval_batch_size=64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = cfg.load(str(tmp_path / "ft"))
+    assert (saved.head.num_proj_layers, saved.finetune.ft_proj_selector) == (3, 1)
+    assert saved.encoder.resnet_depth == 18  # the pretrained model's, from --checkpoint
+    with open(tmp_path / "ft" / "results.json") as f:
+        results = json.load(f)
+    assert results["step"] == 2 and results["num_examples"] == 64
+    assert "top-1" in result.stdout

@@ -74,12 +74,14 @@ def test_sprite_is_row_major_on_a_square_grid():
 def test_projector_files(tmp_path):
     rng = np.random.default_rng(0)
     features = rng.normal(size=(5, 4)).astype(np.float32)
-    path = visualise.write_projector(str(tmp_path), features, [0, 1, 1, 2, 7],
+    files = tmp_path / "eval_test"
+    path = visualise.write_projector(str(tmp_path), str(files), features, [0, 1, 1, 2, 7],
                                      _constant_images([0.5] * 5), ("cat", "dog", "bird"),
-                                     tensor_name="h at step 3")
+                                     tensor_name="h of test at step 3")
+    assert path == str(tmp_path / visualise.PROJECTOR_CONFIG_FILENAME)
     config = text_format.Parse(open(path).read(), projector.ProjectorConfig())
     (embedding,) = config.embeddings
-    assert embedding.tensor_name == "h at step 3"
+    assert embedding.tensor_name == "h of test at step 3"
     assert list(embedding.sprite.single_image_dim) == [8, 8]
     # TensorBoard resolves the relative paths against the config's directory.
     np.testing.assert_allclose(np.loadtxt(tmp_path / embedding.tensor_path, delimiter="\t"),
@@ -87,7 +89,16 @@ def test_projector_files(tmp_path):
     assert open(tmp_path / embedding.metadata_path).read().splitlines() == [
         "label\tclass", "0\tcat", "1\tdog", "1\tdog", "2\tbird", "7\t7"]
     assert _read_png(str(tmp_path / embedding.sprite.image_path)).shape == (24, 24, 3)
-    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
+    assert not [name for name in os.listdir(files) if ".tmp-" in name]
+
+    # Another split's embeddings are kept, the newest first; the same split's are replaced.
+    for split, step in (("validation", 3), ("test", 4)):
+        visualise.write_projector(str(tmp_path), str(tmp_path / f"eval_{split}"), features,
+                                  [0] * 5, _constant_images([0.5] * 5),
+                                  tensor_name=f"h of {split} at step {step}")
+    config = text_format.Parse(open(path).read(), projector.ProjectorConfig())
+    assert [e.tensor_name for e in config.embeddings] == ["h of test at step 4",
+                                                          "h of validation at step 3"]
 
 
 def test_evaluation_writes_the_projector_and_the_neighbour_picture(tmp_path, image_folder):
@@ -107,7 +118,8 @@ def test_evaluation_writes_the_projector_and_the_neighbour_picture(tmp_path, ima
     results = evaluate.evaluate_checkpoint(config, path)
 
     directory = evaluate.eval_dir(config)
-    assert results["projector_dir"] == directory
+    assert results["projector_config"] == os.path.join(config.train.model_dir,
+                                                       visualise.PROJECTOR_CONFIG_FILENAME)
     embeddings = np.loadtxt(os.path.join(directory, visualise.EMBEDDINGS_FILENAME),
                             delimiter="\t")
     h, labels = evaluate.extract(lambda x: trainer.encoder(x, training=False),
