@@ -9,11 +9,19 @@ STDERR"), so TF_CPP_MIN_LOG_LEVEL cannot hide them. `silenced` points file descr
 own messages of that moment go with them, so nothing else runs inside. The command line uses it
 when the environment does not set TF_CPP_MIN_LOG_LEVEL: setting it (to 0 for everything) brings
 TensorFlow's messages back.
+
+The same switch hides the INFO lines TensorFlow, tensorflow-datasets and Keras log from Python
+while a run goes ("Load dataset info from ...", "Sharding callback duration", "Assets written
+to ..."), so the run's own progress lines stand out (`hide_library_info`); their warnings stay.
 """
 
 import contextlib
+import logging
 import os
 import sys
+
+_LIBRARY_DIRS = tuple(f"{os.sep}{name}{os.sep}" for name in
+                      ("tensorflow", "tensorflow_datasets", "keras", "tf_keras", "absl"))
 
 
 def wanted(argv0, environ):
@@ -41,3 +49,20 @@ def silenced(enabled=True):
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+
+
+class LibraryInfoFilter(logging.Filter):
+    """Drops records at INFO or below that the libraries' own source files log."""
+
+    def filter(self, record):
+        return record.levelno > logging.INFO or not any(
+            part in record.pathname for part in _LIBRARY_DIRS)
+
+
+def hide_library_info():
+    """Filters the loggers the libraries log through: absl's (tensorflow-datasets, TensorFlow's
+    absl calls) and TensorFlow's own."""
+    for name in ("absl", "tensorflow"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, LibraryInfoFilter) for f in logger.filters):
+            logger.addFilter(LibraryInfoFilter())

@@ -239,6 +239,8 @@ def main(argv):
 
     import keras
 
+    if simclr_tf.QUIET_START:
+        quiet_start.hide_library_info()
     stop = preemption.StopSignal()
     train_seconds = None
     try:

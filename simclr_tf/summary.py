@@ -61,7 +61,7 @@ def _results(config, results):
         for baseline, _ in baselines:
             value = results.get(f"{baseline}_{key}_top1")
             row += f"{_percent(value) if value is not None else '':>14}"
-        lines.append(row)
+        lines.append(row.rstrip())
     lines.append(_verdict(results))
     return lines
 

@@ -142,7 +142,8 @@ def colour_data():
 
 
 def _run_cli(*args, timeout=600, env=None):
-    environment = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+    environment = {name: value for name, value in
+                   dict(os.environ, PYTHONPATH=REPO, **(env or {})).items() if value is not None}
     return subprocess.run([sys.executable, "-m", "simclr_tf.run", *args], capture_output=True,
                           text=True, timeout=timeout, env=environment, cwd=REPO)
 
@@ -157,5 +158,6 @@ def zeros_png():
 
 @pytest.fixture(scope="session")
 def cli():
-    """cli(*flags, timeout=600, env=None) -> the finished `python -m simclr_tf.run` process."""
+    """cli(*flags, timeout=600, env=None) -> the finished `python -m simclr_tf.run` process
+    (`env`: variables to set, or to unset with None)."""
     return _run_cli

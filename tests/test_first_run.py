@@ -81,8 +81,12 @@ def test_main_command_ends_with_a_result_and_next_commands_that_run(tmp_path, cl
     result = cli("--flagfile=flags/fashion_mnist.flags", *SMALL, f"--model_dir={model_dir}",
                  "--train_steps=2", "--checkpoint_steps=2", "--steps_per_loop=1",
                  "--train_batch_size=32", "--knn_bank_size=300", "--projector_examples=50",
-                 "--neighbour_queries=3", timeout=900)
+                 "--neighbour_queries=3", timeout=900, env={"TF_CPP_MIN_LOG_LEVEL": None})
     assert result.returncode == 0, result.stderr[-3000:]
+    # The run's own lines, without the libraries' INFO chatter (a user's default).
+    assert "step 2/2" in result.stderr and "Evaluating f of" in result.stderr
+    for chatter in ("Load dataset info", "Sharding callback", "Assets written"):
+        assert chatter not in result.stderr, result.stderr
     out = result.stdout
     assert "step 2, batches of 32" in out
     assert re.search(r"linear evaluation +\d+\.\d% +\d+\.\d% +\d+\.\d%", out), out
