@@ -47,8 +47,9 @@ VARIABLES = {"$DATA_DIR": "gs://bucket/data", "$MODEL_DIR": "gs://bucket/model",
 
 
 def _flags(command, **replace):
-    """The command's flags (after `python run.py`), with `replace` = {old text: new text}."""
-    for old, new in {**VARIABLES, **replace}.items():
+    """The command's flags (after `python run.py`), with `replace` = {old text: new text} applied
+    before the shell variables are given their test values."""
+    for old, new in [*replace.items(), *VARIABLES.items()]:
         command = command.replace(old, new)
     words = shlex.split(command.replace("\\\n", " "))
     assert words[:2] == ["python", "run.py"]
