@@ -15,6 +15,11 @@ project's 2-core machines); `Conv2D` routes around them and leaves everything el
   GFLOP/s); the patches of a map that small are no bigger than the activations of a larger one.
   Eigen's filter gradient is as fast as that matmul (102 against 93 GFLOP/s), so it keeps its own.
 
+Both are CPU routes, chosen per convolution from the device it is built for (`device_type`): a GPU
+build of TensorFlow on x86 has oneDNN on too, and on a GPU the matmul route would replace cuDNN's
+filter-gradient kernel with `extract_patches` + matmul. On GPUs and TPUs every convolution is the
+plain op.
+
 The weights, their names and the forward result are those of `keras.layers.Conv2D`, so checkpoints
 and exports do not change.
 """
@@ -30,6 +35,27 @@ def onednn_enabled():
         return bool(_pywrap_util_port.IsMklEnabled())
     except (ImportError, AttributeError):
         return False
+
+
+def _requested_device():
+    """The device string in force where the next op is created ("" if none was asked for): in a
+    graph, the scope its ops record (a strategy's replica device); else, or if that is empty,
+    the eager context's (a `tf.device` around the call, which places a whole tf.function)."""
+    from tensorflow.python.eager import context
+    in_graph = "" if tf.executing_eagerly() else tf.raw_ops.NoOp().device
+    return in_graph or context.context().device_name or ""
+
+
+def device_type():
+    """"CPU", "GPU" or "TPU": where an op created here runs. TPUStrategy's replica functions run
+    on TPUs; otherwise the device scope in force decides (a strategy's replica device,
+    `tf.device`), and without one TensorFlow's default placement: a GPU when there is one."""
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy):
+        return "TPU"
+    requested = tf.DeviceSpec.from_string(_requested_device()).device_type
+    if requested:
+        return requested.upper()
+    return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
 
 
 # Read once: TensorFlow fixes the choice when it loads.
@@ -118,8 +144,10 @@ class Conv2D(keras.layers.Conv2D):
             height * width <= MATMUL_FILTER_GRADIENT_MAX_POSITIONS)
 
     def convolution_op(self, inputs, kernel):
-        forward_input = USE_FORWARD_INPUT_GRADIENT and self.forward_input_gradient_applies()
-        matmul_filter = (USE_MATMUL_FILTER_GRADIENT
+        on_cpu = device_type() == "CPU"
+        forward_input = (on_cpu and USE_FORWARD_INPUT_GRADIENT
+                         and self.forward_input_gradient_applies())
+        matmul_filter = (on_cpu and USE_MATMUL_FILTER_GRADIENT
                          and self.matmul_filter_gradient_applies(inputs.shape))
         if not (forward_input or matmul_filter):
             return super().convolution_op(inputs, kernel)

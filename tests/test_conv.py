@@ -1,5 +1,6 @@
 """The encoder's Conv2D: same outputs and gradients as TensorFlow's convolution, same weights."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -171,3 +172,43 @@ def test_importing_tensorflow_first_warns_once_that_onednn_is_off(code, environm
     assert len(lines) == (1 if warns else 0), err
     if warns:
         assert "import simclr_tf first or set TF_ENABLE_ONEDNN_OPTS=1" in lines[0]
+
+
+@pytest.mark.parametrize("device,gpus,route", [
+    (None, False, "cpu"),                      # no scope, no GPU: the CPU
+    ("/device:CPU:1", True, "cpu"),            # a strategy's CPU replica, even beside a GPU
+    ("/job:worker/task:1", False, "cpu"),      # a worker without a device type: its default
+    (None, True, "plain"),                     # no scope, a GPU: TensorFlow places it there
+    ("/device:GPU:0", False, "plain"),
+    ("/job:worker/task:0/device:TPU:0", False, "plain"),
+])
+def test_cpu_gradient_routes_only_on_cpus(device, gpus, route, monkeypatch):
+    """The gradient graph of a 4x4 "same" convolution built under each device: the CPU routes
+    (extract_patches + matmul for the filter, a forward conv for the input) only on a CPU; a GPU
+    or TPU gets TensorFlow's own gradient ops (traced only: this machine has neither)."""
+    monkeypatch.setattr(conv, "USE_FORWARD_INPUT_GRADIENT", True)
+    monkeypatch.setattr(conv, "USE_MATMUL_FILTER_GRADIENT", True)
+    if gpus:
+        cpu_only = tf.config.list_logical_devices
+        monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: (
+            [tf.config.LogicalDevice("/device:GPU:0", "GPU")] if kind == "GPU"
+            else cpu_only(kind)))
+    layer = Conv2D(8, 3, padding="same", use_bias=False)
+    layer.build((2, 4, 4, 8))
+
+    @tf.function
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        return tape.gradient(y, [x, layer.kernel])
+
+    with tf.device(device) if device else contextlib.nullcontext():
+        graph = gradients.get_concrete_function(tf.TensorSpec([2, 4, 4, 8])).graph
+    ops = {op.type for op in graph.get_operations()}
+    if route == "cpu":
+        assert "ExtractImagePatches" in ops and "Conv2DBackpropFilter" not in ops
+        assert "Conv2DBackpropInput" not in ops
+    else:
+        assert {"Conv2DBackpropFilter", "Conv2DBackpropInput"} <= ops
+        assert "ExtractImagePatches" not in ops
