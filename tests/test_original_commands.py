@@ -102,7 +102,9 @@ def test_the_original_flags_without_a_setting_of_their_own_map_onto_this_clis(pa
 def test_the_cifar10_pretraining_and_linear_evaluation_commands_run_as_written(tmp_path, cli):
     here = {"--dataset=cifar10": "--dataset=fashion_mnist",
             "/tmp/simclr_test_ft": str(tmp_path / "ft"), "/tmp/simclr_test": str(tmp_path / "pre")}
-    a_few_steps = ["--train_steps=2", "--steps_per_loop=1", "--eval_steps=1"]
+    # Appended, so they override: two steps, and batches of 64 rather than its 512 (a 2-core CI).
+    a_few_steps = ["--train_steps=2", "--steps_per_loop=1", "--eval_steps=1",
+                   "--train_batch_size=64"]
     result = cli(*_flags(CIFAR10_PRETRAIN, **here), *a_few_steps)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Pretraining resnet18x1 from step 0 to 2" in result.stderr
