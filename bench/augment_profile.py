@@ -1,0 +1,91 @@
+"""Where the time of one augmented view goes, stage by stage, on ONE core.
+
+    python bench/augment_profile.py
+
+For the paper's recipe at 32 px (from 32 px images, no blur, batch 256) and at 224 px (from 256 px
+images, blur, batch 32), times each transform of `views.view` on its own, inside a `tf.function`,
+with TensorFlow limited to one thread (best of 5 after a warm-up): the crop-resize (from uint8),
+the flip, the colour jitter's hue pass (an RGB -> HSV -> RGB round trip) and one of its six linear
+passes, the whole colour distortion (jitter with p 0.8, grayscale with p 0.2), the blur, and the
+whole view; then the whole view compiled by XLA (`jit_compile=True`), with the largest absolute
+difference between its views and the graph's. Prints a table of ms per view and one JSON line at
+the end.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # simclr_tf's default; TF loads first here
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import tensorflow as tf  # noqa: E402
+
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
+from simclr_tf import augment, views  # noqa: E402
+
+SEED = tf.constant([1, 2], tf.int64)
+CASES = {"32px": dict(batch=256, in_size=32, out_size=32, use_blur=False),
+         "224px": dict(batch=32, in_size=256, out_size=224, use_blur=True)}
+
+
+def best_seconds(fn, *args, repeats=5, jit_compile=False):
+    fn = tf.function(fn, jit_compile=jit_compile)
+    tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def stages(batch, in_size, out_size, use_blur):
+    """{stage: ms per view}."""
+    images = tf.cast(tf.random.uniform([batch, in_size, in_size, 3], 0, 256, tf.int32), tf.uint8)
+    crops = augment.random_resized_crop(images, SEED, out_size)
+    ones = tf.ones([batch])
+    hue = tf.fill([batch], 0.1)
+    linear_op = tf.zeros([batch], tf.int32)  # brightness
+    params = dict(brightness=ones * 1.2, contrast=ones, saturation=ones, hue=hue,
+                  order=tf.zeros([batch, 4], tf.int32))
+    timed = {
+        "uint8 to float": (augment.to_float, images),
+        "crop + resize": (lambda x: augment.random_resized_crop(x, SEED, out_size), images),
+        "flip": (lambda x: augment.random_flip_left_right(x, SEED), crops),
+        "jitter: hue pass (HSV round trip)": (lambda x: augment._adjust_hue(x, hue), crops),
+        "jitter: one linear pass (of 6)": (
+            lambda x: augment._apply_linear_slot(x, linear_op, ones > 0, params), crops),
+        "colour distortion (jitter p 0.8, grayscale p 0.2)": (
+            lambda x: augment.random_color_jitter(x, SEED, 1.0), crops),
+    }
+    if use_blur:
+        timed["blur (p 0.5)"] = (lambda x: augment.random_gaussian_blur(x, SEED), crops)
+    recipe = views.paper_recipe(use_blur)
+    timed["whole view"] = (lambda x: views.view(x, SEED, out_size, recipe), images)
+    figures = {name: round(1000 * best_seconds(fn, x) / batch, 3)
+               for name, (fn, x) in timed.items()}
+    whole = timed["whole view"][0]
+    figures["whole view, XLA"] = round(
+        1000 * best_seconds(whole, images, jit_compile=True) / batch, 3)
+    difference = tf.reduce_max(tf.abs(tf.function(whole, jit_compile=True)(images)
+                                      - tf.function(whole)(images)))
+    figures["XLA's largest difference"] = float(difference)
+    return figures
+
+
+def main():
+    results = {name: stages(**case) for name, case in CASES.items()}
+    for name, figures in results.items():
+        print(f"{name} ({CASES[name]}), ms per view on one thread:")
+        for stage, ms in figures.items():
+            print(f"  {stage:<52}{ms:>9.3g}")
+    print(json.dumps({"ms_per_view": results, "threads": 1}))
+
+
+if __name__ == "__main__":
+    main()
