@@ -46,11 +46,13 @@ def _results(config, results):
     size = config.eval.eval_image_size or config.data.image_size
     ev = config.eval
     bank = (f"the first {ev.knn_bank_size}" if ev.knn_bank_size else "all the") + " training images"
-    lines = [f"Evaluated on {config.data.dataset} ({config.data.eval_split}): "
-             f"{results.get('num_examples')} images at {size} px; kNN (k={ev.knn_k}) and the "
-             f"linear evaluation (logistic regression on frozen features) use {bank}."]
-    if "top1" in results and results.get("protocol") == "classifier":
-        return lines + [f"  top-1 {_percent(results['top1'])}, top-5 {_percent(results['top5'])}"]
+    where = (f"Evaluated on {config.data.dataset} ({config.data.eval_split}): "
+             f"{results.get('num_examples')} images at {size} px")
+    if results.get("protocol") == "classifier":
+        return [f"{where}: top-1 {_percent(results['top1'])}, top-5 "
+                f"{_percent(results['top5'])}."]
+    lines = [f"{where}; kNN (k={ev.knn_k}) and the linear evaluation (logistic regression on "
+             f"frozen features) use {bank}."]
     baselines = [(key, name) for key, name in _BASELINES if f"{key}_linear_top1" in results]
     header = f"  {'':<20}{'f (this run)':>14}" + "".join(f"{name:>14}" for _, name in baselines)
     lines.append(header)
@@ -62,8 +64,8 @@ def _results(config, results):
             value = results.get(f"{baseline}_{key}_top1")
             row += f"{_percent(value) if value is not None else '':>14}"
         lines.append(row.rstrip())
-    lines.append(_verdict(results))
-    return lines
+    verdict = _verdict(results)
+    return lines + [verdict] if verdict else lines
 
 
 def _verdict(results):
@@ -106,17 +108,19 @@ def _next_steps(config, export):
     if config.data.data_dir:
         data.append(f"--data_dir={config.data.data_dir}")
     command = "python -m simclr_tf.run"
+    if config.train.train_mode != "pretrain":
+        return ["Next:", f"  evaluate again: {command} --mode=eval "
+                         f"--model_dir={shlex.quote(model_dir)}"]
     lines = ["Next:",
-             f"  evaluate again, on the whole train split: {command} --mode=eval "
+             f"  evaluate again, with the whole train split as the bank: {command} --mode=eval "
              f"--model_dir={shlex.quote(model_dir)} --knn_bank_size=0"]
-    if config.train.train_mode == "pretrain":
-        tuned = shlex.quote(model_dir.rstrip("/") + "_finetune_1pct")
-        lines.append(
-            f"  fine-tune on 1% of the labels: {command} --train_mode=finetune "
-            f"--mode=train_then_eval --checkpoint={shlex.quote(model_dir)} --model_dir={tuned} "
-            f"{' '.join(data)} --train_label_fraction=0.01 --train_batch_size=64 "
-            "--train_epochs=30 --optimizer=momentum --learning_rate=0.05 --warmup_epochs=0")
-        lines.append(f"  use f: hub.KerasLayer({export!r}) in tf-keras, or "
-                     f"keras.layers.TFSMLayer({export!r}, call_endpoint='serving_default') in "
-                     "Keras 3 (export/README.md)")
+    tuned = shlex.quote(model_dir.rstrip("/") + "_finetune_1pct")
+    lines.append(
+        f"  fine-tune on 1% of the labels: {command} --train_mode=finetune "
+        f"--mode=train_then_eval --checkpoint={shlex.quote(model_dir)} --model_dir={tuned} "
+        f"{' '.join(data)} --train_label_fraction=0.01 --train_batch_size=64 "
+        "--train_epochs=30 --optimizer=momentum --learning_rate=0.05 --warmup_epochs=0")
+    lines.append(f"  use f: hub.KerasLayer({export!r}) in tf-keras, or "
+                 f"keras.layers.TFSMLayer({export!r}, call_endpoint='serving_default') in "
+                 "Keras 3 (export/README.md)")
     return lines

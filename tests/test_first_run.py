@@ -1,6 +1,7 @@
 """The README's main command, shrunk: it ends with an evaluation next to its baselines, the
 pictures of the embeddings, and a summary whose next commands run as printed."""
 
+import dataclasses
 import json
 import os
 import re
@@ -73,6 +74,16 @@ def test_summary_reads_as_a_result(tmp_path):
     assert f"tensorboard --logdir={tmp_path}" in text and "nearest_neighbours.png" in text
     assert "Checkpoint: none yet" in text
     assert len([l for l in lines if l.startswith("  ") and "python -m simclr_tf.run" in l]) == 2
+
+    # A fine-tuned classifier: its top-1 / top-5, and no kNN or baselines to speak of.
+    tuned = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                  train_mode="finetune"))
+    text = summary.text(tuned, {"num_examples": 10000, "protocol": "classifier", "top1": 0.8,
+                                "top5": 0.99})
+    assert ("Evaluated on fashion_mnist (test): 10000 images at 24 px: top-1 80.0%, top-5 "
+            "99.0%.") in text
+    assert "kNN" not in text and "fine-tune on 1%" not in text
+    assert f"evaluate again: python -m simclr_tf.run --mode=eval --model_dir={tmp_path}" in text
 
 
 @pytest.mark.slow
