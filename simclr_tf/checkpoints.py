@@ -336,6 +336,15 @@ def check_writable(model_dir):
                               "choose a directory this user can write to") from None
 
 
+def write_atomically(path, content):
+    """Writes `content` (str or bytes) to `path` through a temporary file renamed over it, so a
+    reader never sees half of it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
 def size_in_bytes(variables):
     """Bytes the values of `variables` take in a checkpoint."""
     return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in variables)

@@ -480,10 +480,7 @@ def write_results(config, results, summary_prefix="eval"):
     text = json.dumps(results, indent=2, sort_keys=True)
     for path in (os.path.join(directory, f"results-{results['step']}.json"),
                  os.path.join(model_dir, RESULTS_FILENAME)):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with tf.io.gfile.GFile(tmp, "w") as f:
-            f.write(text + "\n")
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        checkpoints.write_atomically(path, text + "\n")
     return os.path.join(model_dir, RESULTS_FILENAME)
 
 

@@ -13,6 +13,15 @@ DEFAULT_K = 200
 DEFAULT_TEMPERATURE = 0.1
 
 
+def nearest(queries, bank, k):
+    """The k most cosine-similar rows of `bank` [N, D] for each of `queries` [Q, D], best first
+    (ties: lower index first): (cosine similarities [Q, k'], indices [Q, k']), k' = min(k, N)."""
+    queries = tf.math.l2_normalize(tf.cast(queries, tf.float32), axis=-1)
+    bank = tf.math.l2_normalize(tf.cast(bank, tf.float32), axis=-1)
+    similarities = tf.matmul(queries, bank, transpose_b=True)  # [Q, N]
+    return tf.math.top_k(similarities, k=min(k, int(bank.shape[0])))
+
+
 def knn_scores(queries, bank, bank_labels, num_classes, k=DEFAULT_K,
                temperature=DEFAULT_TEMPERATURE):
     """Class scores of `queries` voted by their k nearest (cosine) neighbours in `bank`.
@@ -32,11 +41,7 @@ def knn_scores(queries, bank, bank_labels, num_classes, k=DEFAULT_K,
         raise ValueError(f"knn_k must be >= 1, got {k}")
     if temperature <= 0:
         raise ValueError(f"knn_temperature must be positive, got {temperature}")
-    queries = tf.math.l2_normalize(tf.cast(queries, tf.float32), axis=-1)
-    bank = tf.math.l2_normalize(tf.cast(bank, tf.float32), axis=-1)
-    k = min(k, int(bank.shape[0]))
-    similarities = tf.matmul(queries, bank, transpose_b=True)  # [Q, N]
-    top_sim, top_index = tf.math.top_k(similarities, k=k)
+    top_sim, top_index = nearest(queries, bank, k)
     neighbour_labels = tf.gather(tf.cast(bank_labels, tf.int32), top_index)  # [Q, k]
     votes = tf.one_hot(neighbour_labels, num_classes) * tf.exp(top_sim / temperature)[..., None]
     return tf.reduce_sum(votes, axis=1)

@@ -22,6 +22,8 @@ from google.protobuf import text_format
 from tensorboard.plugins import projector
 
 from simclr_tf import data as data_lib
+from simclr_tf import knn
+from simclr_tf.checkpoints import write_atomically
 
 EMBEDDINGS_FILENAME = "embeddings.tsv"
 METADATA_FILENAME = "metadata.tsv"
@@ -78,11 +80,9 @@ def images_at(dataset, indices):
 
 
 def nearest_neighbours(queries, bank, k=NEIGHBOURS):
-    """Indices [Q, k] of the k most cosine-similar rows of `bank` for each query, best first."""
-    queries = tf.math.l2_normalize(tf.constant(queries, tf.float32), axis=-1)
-    bank = tf.math.l2_normalize(tf.constant(bank, tf.float32), axis=-1)
-    _, index = tf.math.top_k(tf.matmul(queries, bank, transpose_b=True),
-                             k=min(k, int(bank.shape[0])))
+    """Indices [Q, k] of the k most cosine-similar rows of `bank` for each query, best first
+    (the kNN classifier's search)."""
+    _, index = knn.nearest(queries, bank, k)
     return index.numpy()
 
 
@@ -145,15 +145,14 @@ def sprite(images):
 # --------------------------------------------------------------------------------------------
 # Files.
 
-def _write_atomically(path, content, mode="w"):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, mode) as f:
-        f.write(content)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+def _class_name(label, class_names):
+    """The name of label id `label`, or the id itself when the dataset names none for it."""
+    label = int(label)
+    return class_names[label] if 0 <= label < len(class_names) else str(label)
 
 
 def write_png(path, pixels):
-    _write_atomically(path, tf.io.encode_png(pixels).numpy(), mode="wb")
+    write_atomically(path, tf.io.encode_png(pixels).numpy())
 
 
 def write_projector(run_dir, files_dir, features, labels, images, class_names=(),
@@ -170,11 +169,9 @@ def write_projector(run_dir, files_dir, features, labels, images, class_names=()
     """
     tf.io.gfile.makedirs(files_dir)
     rows = ("\t".join(f"{v:.6g}" for v in row) for row in np.asarray(features, np.float32))
-    _write_atomically(os.path.join(files_dir, EMBEDDINGS_FILENAME), "\n".join(rows) + "\n")
-    names = [class_names[int(l)] if 0 <= int(l) < len(class_names) else str(int(l))
-             for l in labels]
-    metadata = ["label\tclass"] + [f"{int(l)}\t{name}" for l, name in zip(labels, names)]
-    _write_atomically(os.path.join(files_dir, METADATA_FILENAME), "\n".join(metadata) + "\n")
+    write_atomically(os.path.join(files_dir, EMBEDDINGS_FILENAME), "\n".join(rows) + "\n")
+    metadata = ["label\tclass"] + [f"{int(l)}\t{_class_name(l, class_names)}" for l in labels]
+    write_atomically(os.path.join(files_dir, METADATA_FILENAME), "\n".join(metadata) + "\n")
     pixels, side = sprite(images)
     write_png(os.path.join(files_dir, SPRITE_FILENAME), pixels)
 
@@ -192,7 +189,7 @@ def write_projector(run_dir, files_dir, features, labels, images, class_names=()
             old = text_format.Parse(f.read(), projector.ProjectorConfig())
         config.embeddings.extend(e for e in old.embeddings
                                  if os.path.dirname(e.tensor_path) != relative)
-    _write_atomically(path, text_format.MessageToString(config))
+    write_atomically(path, text_format.MessageToString(config))
     return path
 
 
@@ -210,8 +207,7 @@ def write_neighbour_picture(model_dir, summary_dir, step, pixels, description=""
 
 def legend(query_labels, class_names=()):
     """Markdown describing the picture's rows (for the TensorBoard image's description)."""
-    names = [class_names[int(l)] if 0 <= int(l) < len(class_names) else str(int(l))
-             for l in query_labels]
+    names = [_class_name(l, class_names) for l in query_labels]
     return ("Each row: an evaluation image (blue frame), then its nearest training images under "
             "f, most similar first; green frame: same class as the query, red: another class. "
             "Rows: " + ", ".join(names) + ".")
