@@ -1,0 +1,112 @@
+"""Checkpoints and SavedModels in the layout of the original SimCLR TF2 code, written without it.
+
+`tests/data/original/*.json` hold, for a few models, the names, shapes and trainability of the
+variables the original code (google-research/simclr, `tf2/`) creates, as its own checkpoints key
+them (`model/resnet_model/...`). The values come from `recipe_value`, a deterministic function of
+a variable's path and shape, so a test can rebuild the whole model from a few kB of JSON:
+
+* kernels (conv and dense): N(0, 1 / fan_in), fan_in = product of all but the last dimension;
+* BN gamma and moving_variance: U(0.5, 1.5); BN beta, moving_mean and dense biases: N(0, 0.1^2);
+* drawn with `numpy.random.RandomState(crc32(path))` (the legacy generator, stable across numpy
+  versions), in float32.
+
+`tests/data/original/make_reference.py` puts the same values into the original code's model and
+stores its outputs for `reference_images()`; the tests write the same weights here, convert them
+and compare. Nothing in this file comes from the original code: only its variable names do.
+"""
+
+import json
+import os
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "original")
+VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def recipe_value(path, shape):
+    """The value of the variable at checkpoint path `path` (without the VALUE_SUFFIX)."""
+    rng = np.random.RandomState(zlib.crc32(path.encode()))
+    leaf = path.rsplit("/", 1)[-1]
+    shape = tuple(int(d) for d in shape)
+    if leaf == "kernel":
+        fan_in = int(np.prod(shape[:-1]))
+        value = rng.standard_normal(shape) / np.sqrt(fan_in)
+    elif leaf in ("gamma", "moving_variance"):
+        value = rng.uniform(0.5, 1.5, shape)
+    elif leaf in ("beta", "moving_mean", "bias"):
+        value = 0.1 * rng.standard_normal(shape)
+    else:
+        raise ValueError(f"no recipe for variable {path}")
+    return value.astype(np.float32)
+
+
+def reference_images(image_size=40, count=2):
+    """The images the reference outputs are computed for: uniform in [0, 1), float32 NHWC."""
+    return np.random.RandomState(2020).uniform(
+        0, 1, (count, image_size, image_size, 3)).astype(np.float32)
+
+
+def load_fixture(name):
+    """(description dict, {output name: array}) of fixture `name` (e.g. "r50_1x_sk0")."""
+    with open(os.path.join(FIXTURES, f"{name}.json")) as f:
+        description = json.load(f)
+    with np.load(os.path.join(FIXTURES, f"{name}_outputs.npz")) as outputs:
+        return description, dict(outputs)
+
+
+class _Node(tf.Module):
+    """One object of the original layout's object graph; children are set as attributes."""
+
+
+def _tree(variables):
+    """A tf.Module tree whose checkpoint keys are the given paths: {path: tf.Variable}."""
+    root, made = _Node(), {}
+    for path, (value, trainable) in variables.items():
+        node = root
+        *parents, leaf = path.split("/")
+        for part in parents:
+            child = getattr(node, part, None) if hasattr(node, part) else None
+            if child is None:
+                child = _Node()
+                setattr(node, part, child)
+            node = child
+        made[path] = tf.Variable(value, trainable=trainable, name=leaf)
+        setattr(node, leaf, made[path])
+    return root, made
+
+
+def original_variables(description):
+    """{path under the checkpoint root: (recipe value, trainable)} of a fixture description."""
+    return {v["path"]: (recipe_value(v["path"], v["shape"]), v["trainable"])
+            for v in description["variables"]}
+
+
+def write_checkpoint(description, prefix, global_step=1000, drop=(), reshape=None):
+    """Writes a TF2 checkpoint as the original's `tf.train.Checkpoint(model=..., global_step=...)`
+    keys it; returns its path. `drop`: paths left out; `reshape`: {path: new shape} (for tests
+    of bad checkpoints)."""
+    variables = original_variables(description)
+    for path in drop:
+        del variables[path]
+    for path, shape in (reshape or {}).items():
+        variables[path] = (recipe_value(path, shape), variables[path][1])
+    root, _ = _tree(variables)
+    checkpoint = tf.train.Checkpoint(model=root.model,
+                                     global_step=tf.Variable(global_step, dtype=tf.int64))
+    return checkpoint.write(prefix)
+
+
+def write_saved_model(description, directory):
+    """Writes a SavedModel as the original's `run.build_saved_model` + `tf.saved_model.save` lays
+    out its variables: the model under `model/`, and its trainable variables also in the list
+    `trainable_variables_list` (so the SavedModel's checkpoint keys those by list index)."""
+    variables = original_variables(description)
+    root, made = _tree(variables)
+    module = tf.Module()
+    module.model = root.model
+    module.trainable_variables_list = [made[p] for p, (_, t) in variables.items() if t]
+    tf.saved_model.save(module, directory)
+    return directory
