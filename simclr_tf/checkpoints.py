@@ -135,7 +135,12 @@ def resolve_source(checkpoint):
     """What `--checkpoint` names: a run directory (its latest checkpoint), a checkpoint prefix
     inside a run directory, or an exported encoder version directory."""
     path = str(checkpoint)
+    convert_first = (f"; if it is the original SimCLR code's (a released model), convert it "
+                     f"first: python -m simclr_tf.convert --source={path} --model_dir=NEW_RUN")
     if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        if not tf.io.gfile.exists(os.path.join(path, EXPORT_METADATA)):
+            raise CheckpointError(f"{path} is a SavedModel but not a simclr_tf export (no "
+                                  f"{EXPORT_METADATA}){convert_first}")
         meta = read_export_metadata(path)
         return Source("export", path, config_lib.EncoderConfig(**meta["encoder"]), None)
     is_dir = tf.io.gfile.isdir(path)
@@ -143,7 +148,7 @@ def resolve_source(checkpoint):
     if not tf.io.gfile.exists(config_lib.path_in(model_dir)):
         raise CheckpointError(
             f"checkpoint {path} is neither a simclr_tf run directory, a checkpoint in one, nor an "
-            "exported encoder (no config.json or saved_model.pb)")
+            f"exported encoder (no config.json or saved_model.pb){convert_first}")
     prefix = resolve(model_dir, None if is_dir else path)
     run = config_lib.load(model_dir)
     return Source("checkpoint", prefix, run.encoder, run.head)

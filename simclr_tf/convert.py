@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 from tensorflow.core.protobuf import trackable_object_graph_pb2
@@ -83,11 +82,17 @@ class Original:
         return self.reader.get_variable_to_shape_map()
 
     def value(self, path):
-        try:
-            return self.reader.get_tensor(self.keys[path])
-        except (tf.errors.OpError, ValueError) as e:
-            raise ConversionError(f"cannot read {path} from {self.source} ({_first_line(e)}): "
-                                  "is it truncated or damaged? fetch it again") from None
+        return _read(self.reader, self.keys[path], self.source)
+
+
+def _read(reader, key, source):
+    """The tensor `key` of a checkpoint; ConversionError when its data cannot be read (a
+    truncated data file reads short: IndexError)."""
+    try:
+        return reader.get_tensor(key)
+    except (tf.errors.OpError, ValueError, IndexError) as e:
+        raise ConversionError(f"cannot read {key} from {source} ({_first_line(e)}): is it "
+                              "truncated or damaged? fetch it again") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +120,7 @@ def read_source(source):
     source = str(source).rstrip("/")
     if not tf.io.gfile.exists(source) and not tf.io.gfile.exists(f"{source}.index"):
         raise ConversionError(f"--source={source} does not exist")
-    kind, prefix, step = _locate(source)
+    kind, prefix, step, source = _locate(source)
     try:
         reader = tf.train.load_checkpoint(prefix)
     except (tf.errors.OpError, ValueError) as e:
@@ -126,7 +131,7 @@ def read_source(source):
             f"{source} is a TF1 (name-based) checkpoint, such as the original TF1 code writes: "
             f"this converter reads the TF2 code's checkpoints and SavedModels ({RELEASED}...)")
     graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
-        reader.get_tensor(_OBJECT_GRAPH_KEY))
+        _read(reader, _OBJECT_GRAPH_KEY, source))
     top = [c.local_name for c in graph.nodes[0].children]
     if "model" not in top:
         hint = (" (it is a simclr_tf run already)" if "encoder" in top else "")
@@ -143,7 +148,8 @@ def read_source(source):
 
 
 def _locate(source):
-    """(kind, checkpoint prefix to read, step or None) of `source`."""
+    """(kind, checkpoint prefix to read, step or None, what is read: the SavedModel directory or
+    the checkpoint prefix) of `source`."""
     if tf.io.gfile.isdir(source):
         if tf.io.gfile.exists(os.path.join(source, "tfhub_module.pb")):
             raise ConversionError(
@@ -155,7 +161,7 @@ def _locate(source):
                 raise ConversionError(f"SavedModel {source} has no variables/variables.index: is "
                                       "it complete?")
             name = os.path.basename(source)
-            return "saved_model", prefix, int(name) if name.isdigit() else None
+            return "saved_model", prefix, int(name) if name.isdigit() else None, source
         steps = sorted(int(n.strip("/")) for n in tf.io.gfile.listdir(source)
                        if n.strip("/").isdigit()
                        and tf.io.gfile.exists(os.path.join(source, n.strip("/"), "saved_model.pb")))
@@ -167,13 +173,13 @@ def _locate(source):
                 f"{source} holds neither a checkpoint (no 'checkpoint' file) nor a SavedModel "
                 "(no saved_model.pb): pass the original's model_dir, a checkpoint prefix, or "
                 "a saved_model/<step> directory")
-        return "checkpoint", prefix, None
+        return "checkpoint", prefix, None, prefix
     prefix = source[: -len(".index")] if source.endswith(".index") else source
     prefix = re.sub(r"\.data-\d+-of-\d+$", "", prefix)
     if not tf.io.gfile.exists(f"{prefix}.index"):
         raise ConversionError(f"--source={source} is neither a directory nor a checkpoint "
                               f"prefix (no {prefix}.index)")
-    return "checkpoint", prefix, None
+    return "checkpoint", prefix, None, prefix
 
 
 def _global_step(reader, fallback):
@@ -433,7 +439,7 @@ def _uncentred_betas(parts):
 # --------------------------------------------------------------------------------------------
 # Writing the run.
 
-def run_config(arch, model_dir, image_size, dataset, train_mode, ft_proj_selector,
+def run_config(arch, model_dir, image_size, dataset, train_mode, ft_proj_selector, step,
                data_dir=None):
     """The `RunConfig` of the converted run."""
     config = config_lib.RunConfig(
@@ -444,7 +450,8 @@ def run_config(arch, model_dir, image_size, dataset, train_mode, ft_proj_selecto
         head=config_lib.HeadConfig(proj_head_mode=arch.proj_head_mode,
                                    num_proj_layers=arch.num_proj_layers,
                                    proj_out_dim=arch.proj_out_dim),
-        train=config_lib.TrainConfig(model_dir=model_dir, train_mode=train_mode,
+        # train_steps: the run ends at its one checkpoint, so --mode=eval does not wait for more.
+        train=config_lib.TrainConfig(model_dir=model_dir, train_mode=train_mode, train_steps=step,
                                      lineareval_while_pretraining=bool(arch.num_classes)),
         finetune=config_lib.FinetuneConfig(ft_proj_selector=ft_proj_selector))
     try:
@@ -478,7 +485,12 @@ def convert(source, model_dir, image_size=None, dataset="imagenet2012", train_mo
         image_size = 32 if arch.cifar_stem else 224
         logging.info("The image size is not in the weights: using %d (--image_size)", image_size)
     selector = _resolve_selector(arch, train_mode, ft_proj_selector)
-    config = run_config(arch, model_dir, image_size, dataset, train_mode, selector, data_dir)
+    if not original.step:
+        original = dataclasses.replace(original, step=1)
+        logging.info("The step is unknown (a SavedModel outside a numbered directory): the run "
+                     "records step 1")
+    config = run_config(arch, model_dir, image_size, dataset, train_mode, selector,
+                        original.step, data_dir)
     items = build_parts(config, arch, train_mode, selector)
     pairs = encoder_pairs(original, items[checkpoints.ENCODER])
     if checkpoints.PROJECTION_HEAD in items:
@@ -605,7 +617,12 @@ def _first_line(error, limit=200):
 def main(argv):
     from absl import flags
 
+    import simclr_tf
+    from simclr_tf import quiet_start
+
     FLAGS = flags.FLAGS
+    if simclr_tf.QUIET_START:
+        quiet_start.hide_library_info()
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
     if not FLAGS.source or not FLAGS.model_dir:
@@ -616,10 +633,12 @@ def main(argv):
         config = config_lib.load(FLAGS.model_dir)
     except (ConversionError, checkpoints.CheckpointError, config_lib.ConfigError) as e:
         _fail(str(e))
+    except tf.errors.OpError as e:  # e.g. gs:// out of reach
+        _fail(f"cannot read --source={FLAGS.source} ({_first_line(e)})")
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, CONVERTED_FROM)) as f:
         described = json.load(f)
     enc, head = config.encoder, config.head
-    print(f"Converted {described['format']} {FLAGS.source} (step {described['step']}): "
+    print(f"Converted {described['format']} {described['source']} (step {described['step']}): "
           f"ResNet-{enc.resnet_depth} {enc.width_multiplier}x, sk_ratio {enc.sk_ratio}, "
           f"se_ratio {enc.se_ratio}, {'CIFAR' if enc.cifar_stem else 'ImageNet'} stem; "
           f"{head.num_layers}-layer projection head to {head.proj_out_dim}; "
@@ -660,6 +679,11 @@ def _define_flags():
 if __name__ == "__main__":
     from absl import app
 
+    import simclr_tf
+    from simclr_tf import quiet_start
+
     logging.set_verbosity(logging.INFO)
+    with quiet_start.silenced(simclr_tf.QUIET_START):
+        tf.config.list_physical_devices()  # the CUDA probe app.run's TensorFlow hook would print
     _define_flags()
     app.run(main)

@@ -391,10 +391,20 @@ def evaluate_checkpoint(config, path):
         encoder = models.build_encoder(config.encoder, config.data.image_size, global_bn=False)
         checkpoints.restore_encoder(encoder, path)
         probe = None
-        if "probe" in protocols and checkpoints.holds(path, checkpoints.LINEAR_PROBE):
+        probe_classes = _probe_classes(path)
+        if "probe" in protocols and probe_classes == info.num_classes:
             probe = models.build_linear_probe(info.num_classes,
                                               models.encoder_output_dim(encoder))
             checkpoints.read_parts(path, **{checkpoints.LINEAR_PROBE: probe})
+        elif "probe" in protocols and probe_classes:
+            if set(protocols) == {"probe"}:
+                raise ValueError(f"the linear probe of {path} predicts {probe_classes} classes, "
+                                 f"{config.data.dataset} has {info.num_classes}: use "
+                                 "--eval_protocols=knn or linear")
+            logging.warning("The linear probe of %s predicts %d classes, %s has %d: evaluating "
+                            "%s only", path, probe_classes, config.data.dataset,
+                            info.num_classes, ",".join(p for p in protocols if p != "probe"))
+            protocols = tuple(p for p in protocols if p != "probe")
         elif "probe" in protocols:
             if set(protocols) == {"probe"}:
                 raise ValueError(f"checkpoint {path} has no linear probe (it was trained with "
@@ -419,6 +429,14 @@ def evaluate_checkpoint(config, path):
         checkpoints.read_parts(path, **model.checkpoint_items())  # not the optimiser slots
         results.update(protocol="classifier", **evaluate_classifier(model, config))
     return results
+
+
+def _probe_classes(path):
+    """Classes the checkpoint's linear probe predicts; 0 without one."""
+    if not checkpoints.holds(path, checkpoints.LINEAR_PROBE):
+        return 0
+    return next(s[0] for s in checkpoints.shapes_of(path, checkpoints.LINEAR_PROBE)
+                if len(s) == 1)
 
 
 def show_embeddings(config, extracted, class_names=(), step=0):

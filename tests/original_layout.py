@@ -78,32 +78,33 @@ def _tree(variables):
     return root, made
 
 
-def original_variables(description):
-    """{path under the checkpoint root: (recipe value, trainable)} of a fixture description."""
-    return {v["path"]: (recipe_value(v["path"], v["shape"]), v["trainable"])
-            for v in description["variables"]}
-
-
-def write_checkpoint(description, prefix, global_step=1000, drop=(), reshape=None):
-    """Writes a TF2 checkpoint as the original's `tf.train.Checkpoint(model=..., global_step=...)`
-    keys it; returns its path. `drop`: paths left out; `reshape`: {path: new shape} (for tests
-    of bad checkpoints)."""
-    variables = original_variables(description)
+def original_variables(description, drop=(), reshape=None):
+    """{path under the checkpoint root: (recipe value, trainable)} of a fixture description;
+    `drop`: paths left out; `reshape`: {path: another shape} (for other heads and for tests of
+    bad checkpoints)."""
+    variables = {v["path"]: (recipe_value(v["path"], v["shape"]), v["trainable"])
+                 for v in description["variables"]}
     for path in drop:
         del variables[path]
     for path, shape in (reshape or {}).items():
         variables[path] = (recipe_value(path, shape), variables[path][1])
-    root, _ = _tree(variables)
+    return variables
+
+
+def write_checkpoint(description, prefix, global_step=1000, **changes):
+    """Writes a TF2 checkpoint as the original's `tf.train.Checkpoint(model=..., global_step=...)`
+    keys it; returns its path. `changes`: `drop` / `reshape` of `original_variables`."""
+    root, _ = _tree(original_variables(description, **changes))
     checkpoint = tf.train.Checkpoint(model=root.model,
                                      global_step=tf.Variable(global_step, dtype=tf.int64))
     return checkpoint.write(prefix)
 
 
-def write_saved_model(description, directory):
+def write_saved_model(description, directory, **changes):
     """Writes a SavedModel as the original's `run.build_saved_model` + `tf.saved_model.save` lays
     out its variables: the model under `model/`, and its trainable variables also in the list
     `trainable_variables_list` (so the SavedModel's checkpoint keys those by list index)."""
-    variables = original_variables(description)
+    variables = original_variables(description, **changes)
     root, made = _tree(variables)
     module = tf.Module()
     module.model = root.model
