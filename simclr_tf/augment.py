@@ -559,6 +559,14 @@ def _blur_with_kernels(images, kernels):
     return tf.ensure_shape(tf.transpose(horizontal, [0, 2, 1, 3]), images.shape)
 
 
+def gaussian_blur(images, sigma, radius):
+    """Every image blurred by the same separable Gaussian of `sigma` (a float), `2 * radius + 1`
+    taps, SAME zero padding; float32 [B, H, W, C] -> the same."""
+    batch = tf.shape(images)[0]
+    kernels = _gaussian_kernels(tf.fill([batch], tf.constant(sigma, tf.float32)), radius)
+    return _blur_with_kernels(images, kernels)
+
+
 def random_gaussian_blur(images, seed, p=0.5, sigma_range=(0.1, 2.0)):
     """Gaussian blur with a per-image sigma, applied to each image with probability p.
 

@@ -31,6 +31,13 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 TRAIN_MODES = ("pretrain", "finetune", "distill")
 EVAL_PROTOCOLS = ("probe", "knn", "linear")
 EVAL_BASELINES = ("raw_pixels", "random_encoder")
+# --corrupt kinds (Cole et al. 2022's data-quality study) and the values each takes.
+CORRUPTIONS = {
+    "downsample": ("F", "a factor F > 1: down to 1/F of the side, then back up (bilinear)"),
+    "jpeg": ("Q", "a JPEG quality Q in 1..100"),
+    "salt_pepper": ("P", "a fraction P in [0, 1] of pixels set to black or white"),
+    "blur": ("SIGMA", "a Gaussian sigma > 0 in pixels"),
+}
 # Smallest input side for which every block group of f keeps at least one pixel.
 MIN_IMAGE_SIZE = {"CIFAR": 8, "ImageNet": 32}
 # image_size at or below which the CIFAR stem and no blur are the defaults (the paper's CIFAR-10).
@@ -61,6 +68,16 @@ class DataConfig:
     tf_data_service: str | None = _setting(
         None, "grpc://host:port of a tf.data service dispatcher: decode and augment on its "
         "workers instead of this host.")
+    train_examples: int = _setting(
+        0, "Train on this many images of train_split: a seeded random subset, a smaller one "
+        "inside a larger one (0: all). Fine-tuning's label fraction is taken within it.")
+    train_examples_seed: int = _setting(0, "Seed of the train_examples subset.")
+    corrupt: str | None = _setting(
+        None, "Corrupt every training image (pretraining, fine-tuning, distillation) before "
+        "augmenting it, the same way every time: downsample:F, jpeg:Q, salt_pepper:P or "
+        "blur:SIGMA.")
+    eval_corrupt: str | None = _setting(
+        None, "The same for the images evaluation reads (its train-split bank and eval split).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,11 +370,21 @@ def validate(config, num_replicas=1, strategy="default"):
     `strategy` is the --strategy name; with `num_replicas` it says how the step is distributed.
     """
     _validate_encoder(config)
+    _validate_data(config.data)
     _validate_training(config, num_replicas, strategy)
     _validate_optimizer(config.optimizer)
     _validate_head_and_loss(config)
     _validate_evaluation(config)
     validate_serving(config.serving)
+
+
+def _validate_data(data):
+    _check(data.train_examples >= 0,
+           f"train_examples must be 0 (all) or a number of images, got {data.train_examples}")
+    _check(0 <= data.train_examples_seed < 2**32,
+           f"train_examples_seed must be in 0..2**32-1, got {data.train_examples_seed}")
+    parse_corruption(data.corrupt, "corrupt")
+    parse_corruption(data.eval_corrupt, "eval_corrupt")
 
 
 def validate_serving(serving):
@@ -485,6 +512,25 @@ def parse_augmentations(augmentations):
            f"augmentations={','.join(names)} names a transform twice: give each of {allowed} at "
            "most once")
     return names
+
+
+def parse_corruption(text, flag="corrupt"):
+    """'jpeg:10' -> ("jpeg", 10.0); None or '' -> None; ConfigError naming `flag` otherwise."""
+    if not text:
+        return None
+    kind, _, value = text.partition(":")
+    usage = ", ".join(f"{k}:{letter}" for k, (letter, _) in CORRUPTIONS.items())
+    _check(kind in CORRUPTIONS and value, f"{flag}={text!r} is not one of {usage}")
+    takes = CORRUPTIONS[kind][1]
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r}: {value!r} is not a number ({kind} takes "
+                          f"{takes})") from None
+    valid = {"downsample": number > 1, "jpeg": number == int(number) and 1 <= number <= 100,
+             "salt_pepper": 0 <= number <= 1, "blur": number > 0}[kind]
+    _check(valid, f"{flag}={text!r}: {kind} takes {takes}")
+    return kind, number
 
 
 def parse_protocols(text):

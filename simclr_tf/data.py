@@ -99,7 +99,8 @@ def dataset_info(dataset: str, split: str, data_dir: str | None = None) -> Datas
 
 def load_images(dataset: str, split: str, data_dir: str | None = None,
                 input_context: tf.distribute.InputContext | None = None,
-                shuffle_files: bool = False, seed: int | None = None):
+                shuffle_files: bool = False, seed: int | None = None, *,
+                examples: np.ndarray | None = None, corruption=None):
     """Reads this input pipeline's share of a split as decoded images.
 
     Args:
@@ -109,10 +110,54 @@ def load_images(dataset: str, split: str, data_dir: str | None = None,
       input_context: the `tf.distribute.InputContext` of this pipeline; None = read everything.
       shuffle_files: shuffle the order of files (tfds shards; every image for folders), per epoch.
       seed: seed of that shuffle (None = not reproducible).
+      examples: read only these indices into the split's reading order (`example_subset`); the
+        split is then read in order, unshuffled, and the chosen examples shared between the
+        pipelines. `DatasetInfo.num_examples` counts them.
+      corruption: a function uint8 image -> uint8 image applied to every image read
+        (`corrupt.corruption_fn`), or None.
 
     Returns:
       (dataset of (image uint8 [H, W, 3], label int32, -1 if unlabelled), DatasetInfo).
     """
+    if examples is not None:
+        images, info = load_images(dataset, split, data_dir, corruption=corruption)
+        member = np.zeros([info.num_examples], bool)
+        member[np.asarray(examples, np.int64)] = True
+        member = tf.constant(member)
+        images = images.enumerate().filter(lambda i, _: tf.gather(member, i)).map(
+            lambda _, example: example)
+        if input_context and input_context.num_input_pipelines > 1:
+            images = images.shard(input_context.num_input_pipelines,
+                                  input_context.input_pipeline_id)
+        return images, dataclasses.replace(info, num_examples=len(examples))
+    images, info = _load_images(dataset, split, data_dir, input_context, shuffle_files, seed)
+    if corruption is not None:
+        images = images.map(lambda image, label: (corruption(image), label),
+                            num_parallel_calls=_AUTOTUNE, deterministic=True)
+    return images, info
+
+
+def example_subset(num_examples: int, count: int, seed: int = 0) -> np.ndarray | None:
+    """Sorted indices of `count` of `num_examples` examples: the first `count` of a seeded
+    permutation, so a smaller subset of the same seed lies inside a larger one. None for
+    count 0 (all)."""
+    if not count:
+        return None
+    if count > num_examples:
+        raise DatasetError(f"train_examples={count} is more than the {num_examples} examples of "
+                           "the split: use at most that, or 0 for all")
+    return np.sort(np.random.RandomState(seed).permutation(num_examples)[:count])
+
+
+def training_subset(dataset: str, split: str, data_dir: str | None, count: int,
+                    seed: int = 0) -> np.ndarray | None:
+    """`example_subset` of a split (`--train_examples`, `--train_examples_seed`)."""
+    if not count:
+        return None
+    return example_subset(dataset_info(dataset, split, data_dir).num_examples, count, seed)
+
+
+def _load_images(dataset, split, data_dir, input_context, shuffle_files, seed):
     if dataset.startswith(FOLDER_PREFIX):
         listing = _list_folder(dataset, split)
         images = _folder_images(listing, input_context, shuffle_files, seed)
@@ -128,7 +173,8 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
                      color_jitter_strength: float = 1.0, use_blur: bool = True,
                      seed: int | None = 0, shuffle_buffer: int = 10000,
                      cache: bool = False, augmentations: str | None = None,
-                     asymmetric: bool = False) -> tf.data.Dataset:
+                     asymmetric: bool = False, examples: np.ndarray | None = None,
+                     corruption=None) -> tf.data.Dataset:
     """Endless, shuffled batches of two augmented views per image, for one input pipeline.
 
     The views of a batch come from a stateless seed derived from (`seed`, input pipeline id, batch
@@ -142,6 +188,7 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
       image_size: side S of the square views.
       color_jitter_strength, use_blur: the paper's recipe, passed to `views.two_views`.
       augmentations, asymmetric: the augmentation ablation, passed to `views.two_views`.
+      examples, corruption: which images, and how they are corrupted, as in `load_images`.
       cache: keep the decoded uint8 images in memory after the first epoch.
       seed: seed of the shuffles and views; None draws them afresh wherever the pipeline runs
         (needed on tf.data service, whose workers would otherwise all produce the same stream).
@@ -155,7 +202,8 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     pipeline_seed = None if seed is None else seed + pipeline_id
     images, info = load_images(dataset, split, data_dir, input_context,
-                               shuffle_files=True, seed=pipeline_seed)
+                               shuffle_files=True, seed=pipeline_seed, examples=examples,
+                               corruption=corruption)
     _check_enough_examples(info, input_context)
     if cache:
         images = images.cache()
@@ -194,7 +242,7 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
 def eval_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,
                  data_dir: str | None = None,
                  input_context: tf.distribute.InputContext | None = None,
-                 crop: bool = True) -> tf.data.Dataset:
+                 crop: bool = True, corruption=None) -> tf.data.Dataset:
     """One pass over this pipeline's share of a split, in full batches with a mask.
 
     The last partial batch is padded with zero images, label 0 (a valid class id, so a loss on a
@@ -203,6 +251,7 @@ def eval_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,
 
     Args:
       crop: centre-crop 87.5% before resizing (pass False for images of 32 px or less).
+      corruption: as in `load_images`.
       Others: as in `pretrain_dataset`.
 
     Returns:
@@ -210,7 +259,8 @@ def eval_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,
       mask: float32 [batch_size]}.
     """
     _check_positive(batch_size=batch_size, image_size=image_size)
-    images, info = load_images(dataset, split, data_dir, input_context, shuffle_files=False)
+    images, info = load_images(dataset, split, data_dir, input_context, shuffle_files=False,
+                               corruption=corruption)
 
     def preprocess(image):
         return augment.preprocess_for_eval(image, image_size, crop=crop)

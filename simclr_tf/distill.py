@@ -134,8 +134,9 @@ def run_distillation(config, strategy, source=None, on_checkpoint=None, stop_req
     if not info.num_classes:
         raise finetune.FinetuneError(f"dataset {config.data.dataset} has no classes to distil")
     subset = finetune.labelled_subset(config) if config.distill.distill_label_weight else None
-    # Epochs count passes over the whole (unlabelled) training split.
-    schedule = finetune.schedule_for(config, num_examples=info.num_examples)
+    # Epochs count passes over the whole (unlabelled) training split, or its --train_examples.
+    schedule = finetune.schedule_for(
+        config, num_examples=config.data.train_examples or info.num_examples)
     trainer = Distiller(config, strategy, schedule, info.num_classes, teacher)
     logging.info("Distilling %s (resnet%d x%d) into resnet%d x%d, temperature %g, label weight %g",
                  teacher.checkpoint, teacher.config.encoder.resnet_depth,

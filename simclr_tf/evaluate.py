@@ -37,6 +37,7 @@ from absl import logging
 
 from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
+from simclr_tf import corrupt
 from simclr_tf import data as data_lib
 from simclr_tf import finetune
 from simclr_tf import knn as knn_lib
@@ -69,7 +70,8 @@ def eval_batches(config, split, batch_size=None, image_size=None):
     size = image_size or eval_image_size(config)
     batches = data_lib.eval_dataset(
         config.data.dataset, split, batch_size or config.eval.eval_batch_size, size,
-        data_dir=config.data.data_dir, crop=eval_crop(size))
+        data_dir=config.data.data_dir, crop=eval_crop(size),
+        corruption=corrupt.corruption_fn(config.data.eval_corrupt, "eval_corrupt"))
     if split == config.data.eval_split and config.eval.eval_steps:
         batches = batches.take(config.eval.eval_steps)
     return batches
@@ -385,7 +387,7 @@ def evaluate_checkpoint(config, path):
                          "labels to evaluate with")
     mode = config.train.train_mode
     results = {"step": checkpoints.step_of(path), "checkpoint": path, "train_mode": mode,
-               "eval_split": config.data.eval_split}
+               "eval_split": config.data.eval_split, **data_study_settings(config.data)}
     if mode == "pretrain":
         protocols = config_lib.parse_protocols(config.eval.eval_protocols)
         encoder = models.build_encoder(config.encoder, config.data.image_size, global_bn=False)
@@ -429,6 +431,14 @@ def evaluate_checkpoint(config, path):
         checkpoints.read_parts(path, **model.checkpoint_items())  # not the optimiser slots
         results.update(protocol="classifier", **evaluate_classifier(model, config))
     return results
+
+
+def data_study_settings(data):
+    """The data-study settings a run used (`--train_examples`, `--corrupt`, `--eval_corrupt`),
+    for its results; the ones left at their defaults are left out."""
+    settings = {"train_examples": data.train_examples, "corrupt": data.corrupt,
+                "eval_corrupt": data.eval_corrupt}
+    return {name: value for name, value in settings.items() if value}
 
 
 def _probe_classes(path):
@@ -608,5 +618,6 @@ def config_for_evaluation(requested):
     return dataclasses.replace(
         saved, eval=requested.eval,
         data=dataclasses.replace(saved.data, eval_split=requested.data.eval_split,
-                                 data_dir=requested.data.data_dir or saved.data.data_dir),
+                                 data_dir=requested.data.data_dir or saved.data.data_dir,
+                                 eval_corrupt=requested.data.eval_corrupt),
         train=dataclasses.replace(saved.train, model_dir=model_dir))

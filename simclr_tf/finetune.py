@@ -19,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from simclr_tf import checkpoints
+from simclr_tf import corrupt
 from simclr_tf import data as data_lib
 from simclr_tf import export as export_lib
 from simclr_tf import label_subset
@@ -188,22 +189,35 @@ class Finetuner:
                                         self.optimizer, self.config.train.jit_compile)
 
 
+def training_examples(config):
+    """Indices of the examples training reads at all (`--train_examples`), None = the split."""
+    data = config.data
+    return data_lib.training_subset(data.dataset, data.train_split, data.data_dir,
+                                    data.train_examples, data.train_examples_seed)
+
+
 def labelled_subset(config):
-    """Indices of the labelled training examples (None = all), from the fraction or id file."""
+    """Indices of the labelled training examples (None = all), from the fraction or id file,
+    taken within `--train_examples` when that is set."""
     ft = config.finetune
     return label_subset.subset_indices(
         config.data.dataset, config.data.train_split, config.data.data_dir,
-        fraction=ft.train_label_fraction, id_file=ft.train_label_ids, seed=ft.train_label_seed)
+        fraction=ft.train_label_fraction, id_file=ft.train_label_ids, seed=ft.train_label_seed,
+        within=training_examples(config))
 
 
 def make_dataset_fn(config, subset, mark_subset=False):
     """function(input_context, seed) -> this pipeline's fine-tuning batches."""
+    examples = training_examples(config)
+    corruption = corrupt.corruption_fn(config.data.corrupt)
+
     def dataset_fn(input_context, seed):
         batch = input_context.get_per_replica_batch_size(config.train.train_batch_size)
         return supervised_data.labelled_dataset(
             config.data.dataset, config.data.train_split, batch, config.data.image_size,
             data_dir=config.data.data_dir, input_context=input_context, subset=subset,
-            mark_subset=mark_subset, seed=seed, cache=config.data.cache_dataset)
+            mark_subset=mark_subset, seed=seed, cache=config.data.cache_dataset,
+            examples=examples, corruption=corruption)
     return dataset_fn
 
 

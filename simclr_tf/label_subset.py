@@ -124,15 +124,25 @@ def split_file_names(dataset, split, data_dir=None):
     return [n.decode() for b in names.batch(8192).as_numpy_iterator() for n in b]
 
 
-def subset_indices(dataset, split, data_dir=None, fraction=1.0, id_file=None, seed=0):
-    """The indices of the labelled subset, or None for "every example" (fraction 1, no file)."""
+def subset_indices(dataset, split, data_dir=None, fraction=1.0, id_file=None, seed=0,
+                   within=None):
+    """The indices of the labelled subset, or None for "every example" (fraction 1, no file).
+
+    within: indices of the examples the subset is taken from (`--train_examples`); None = all.
+    """
     if id_file:
-        return read_id_file(id_file, split_file_names(dataset, split, data_dir))
+        chosen = read_id_file(id_file, split_file_names(dataset, split, data_dir))
+        return chosen if within is None else np.intersect1d(chosen, within)
     if not 0.0 < fraction <= 1.0:
         raise LabelSubsetError(f"train_label_fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
-        return None
-    return balanced_subset(split_labels(dataset, split, data_dir), fraction, seed)
+        return None if within is None else np.asarray(within)
+    labels = split_labels(dataset, split, data_dir)
+    if within is not None:
+        outside = np.ones(len(labels), bool)
+        outside[np.asarray(within, np.int64)] = False
+        labels = np.where(outside, -1, labels)
+    return balanced_subset(labels, fraction, seed)
 
 
 def _tfds_parts(dataset, split, data_dir):

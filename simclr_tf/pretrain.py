@@ -6,12 +6,14 @@ and g, the contrastive loss over the global batch, the probe on stop_gradient(h)
 (`simclr_tf.loop`), exporting f at the end (and every `export_every` checkpoints).
 """
 
+import dataclasses
 import os
 
 import tensorflow as tf
 from absl import logging
 
 from simclr_tf import checkpoints
+from simclr_tf import corrupt
 from simclr_tf import data as data_lib
 from simclr_tf import distribute
 from simclr_tf import export as export_lib
@@ -122,6 +124,10 @@ def make_dataset_fn(config):
     seeds instead of repeating one seeded stream).
     """
     service = config.data.tf_data_service
+    data = config.data
+    examples = data_lib.training_subset(data.dataset, data.train_split, data.data_dir,
+                                        data.train_examples, data.train_examples_seed)
+    corruption = corrupt.corruption_fn(data.corrupt)
 
     def dataset_fn(input_context, seed):
         batch = input_context.get_per_replica_batch_size(config.train.train_batch_size)
@@ -131,7 +137,8 @@ def make_dataset_fn(config):
             color_jitter_strength=config.augment.color_jitter_strength,
             use_blur=config.augment.use_blur, seed=None if service else seed,
             cache=config.data.cache_dataset, augmentations=config.augment.augmentations,
-            asymmetric=config.augment.asymmetric_augment)
+            asymmetric=config.augment.asymmetric_augment, examples=examples,
+            corruption=corruption)
         if service:
             dataset = dataset.apply(tf.data.experimental.service.distribute(
                 processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
@@ -177,6 +184,10 @@ def run_pretraining(config, strategy, on_checkpoint=None, stop_requested=None, o
     if config.loss.loss == "supcon" and not info.num_classes:
         raise ConfigError(f"--loss=supcon needs labels, but {config.data.dataset} "
                           f"({config.data.train_split}) has none: use another --loss")
+    if config.data.train_examples:
+        info = dataclasses.replace(info, num_examples=config.data.train_examples)
+        logging.info("Pretraining on %d images of %s (--train_examples)", info.num_examples,
+                     config.data.train_split)
     schedule = make_schedule(config.train, config.optimizer, info.num_examples)
     trainer = Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
     chief = distribute.is_chief(strategy)

@@ -177,8 +177,8 @@ def _epoch_size(config):
     if config.train.train_mode == "finetune":
         return None
     from simclr_tf import data
-    return data.dataset_info(config.data.dataset, config.data.train_split,
-                             config.data.data_dir).num_examples
+    return config.data.train_examples or data.dataset_info(
+        config.data.dataset, config.data.train_split, config.data.data_dir).num_examples
 
 
 def _prepare_model_dir(config, strategy):

@@ -22,7 +22,8 @@ _AUTOTUNE = tf.data.AUTOTUNE
 
 def labelled_dataset(dataset, split, batch_size, image_size, *, data_dir=None,
                      input_context=None, subset=None, mark_subset=False, augment_images=True,
-                     crop=True, seed=0, cache=False, shuffle_buffer=10000):
+                     crop=True, seed=0, cache=False, shuffle_buffer=10000, examples=None,
+                     corruption=None):
     """Endless shuffled batches {image, label, labelled} for one input pipeline.
 
     Args:
@@ -37,6 +38,8 @@ def labelled_dataset(dataset, split, batch_size, image_size, *, data_dir=None,
       crop: for the evaluation preprocessing, the 87.5% centre crop (off for images <= 32 px).
       seed: seed of the shuffle and of the augmentation.
       cache: keep the decoded images in memory (always done for a subset read alone: it is small).
+      examples: indices of the examples read at all (`--train_examples`); None = the split.
+      corruption: as in `data.load_images`.
 
     Returns:
       tf.data.Dataset of {image: float32 [B, S, S, 3] in [0, 1]; label: int32 [B];
@@ -49,12 +52,18 @@ def labelled_dataset(dataset, split, batch_size, image_size, *, data_dir=None,
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     if subset is None:
         images, info = data_lib.load_images(dataset, split, data_dir, input_context,
-                                            shuffle_files=True, seed=seed + pipeline_id)
+                                            shuffle_files=True, seed=seed + pipeline_id,
+                                            examples=examples, corruption=corruption)
         examples = images.map(lambda image, label: (image, label, tf.constant(1.0)))
     else:
         # Indices refer to the whole split in reading order: read it unsharded and unshuffled,
         # then shard the chosen examples between the pipelines.
-        images, info = data_lib.load_images(dataset, split, data_dir)
+        images, info = data_lib.load_images(dataset, split, data_dir, corruption=corruption)
+        pool = None
+        if examples is not None:
+            pool = np.zeros([info.num_examples], bool)
+            pool[np.asarray(examples, np.int64)] = True
+            pool = tf.constant(pool)
         member = np.zeros([info.num_examples], np.float32)
         subset = np.asarray(subset, np.int64)
         if len(subset) and (subset.min() < 0 or subset.max() >= info.num_examples):
@@ -62,7 +71,10 @@ def labelled_dataset(dataset, split, batch_size, image_size, *, data_dir=None,
                              f"{info.num_examples} examples of split {split!r}")
         member[subset] = 1.0
         member = tf.constant(member)
-        examples = images.enumerate().map(
+        indexed = images.enumerate()
+        if pool is not None:
+            indexed = indexed.filter(lambda i, _: tf.gather(pool, i))
+        examples = indexed.map(
             lambda i, example: (example[0], example[1], tf.gather(member, i)))
         if not mark_subset:
             examples = examples.filter(lambda image, label, labelled: labelled > 0)

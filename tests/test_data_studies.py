@@ -1,0 +1,184 @@
+"""The data-study settings (Cole et al. 2022): image corruptions (`--corrupt`, `--eval_corrupt`)
+and training on a nested subset of the images (`--train_examples`)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import config as cfg
+from simclr_tf import corrupt
+from simclr_tf import data as data_lib
+from simclr_tf import label_subset
+
+
+def _uint8(array):
+    return tf.constant(np.asarray(array, np.uint8))
+
+
+def test_downsample_averages_blocks_then_interpolates_back():
+    # 2x2 blocks of 0 | 200: area-downsampling by 2 keeps [0, 200]; bilinear upsampling with
+    # half-pixel centres puts output pixel i at source (i + 0.5) / 2 - 0.5, clamped:
+    # -0.25 -> 0, 0.25 -> 0.75*0 + 0.25*200, 0.75 -> 0.25*0 + 0.75*200, 1.25 -> 200.
+    row = [0, 0, 200, 200]
+    image = np.repeat(np.array([row] * 4)[..., None], 3, axis=-1)
+    got = corrupt.corruption_fn("downsample:2")(_uint8(image)).numpy()
+    expected_row = [0, 50, 150, 200]
+    np.testing.assert_array_equal(got[..., 0], [expected_row] * 4)
+    assert got.dtype == np.uint8 and got.shape == (4, 4, 3)
+    constant = np.full((9, 7, 3), 77)
+    np.testing.assert_array_equal(corrupt.corruption_fn("downsample:3")(_uint8(constant)),
+                                  constant)
+
+
+def test_salt_and_pepper_hits_the_fraction_and_is_the_same_for_the_same_image():
+    gray = np.full((100, 100, 3), 128)
+    salted = corrupt.corruption_fn("salt_pepper:0.2")(_uint8(gray)).numpy()
+    changed = (salted != 128).any(-1)
+    assert abs(changed.mean() - 0.2) < 0.02  # 10,000 pixels: the std of the fraction is 0.004
+    assert set(np.unique(salted[changed])) == {0, 255}
+    assert abs((salted[changed][:, 0] == 255).mean() - 0.5) < 0.05
+    assert (salted[changed] == salted[changed][:, :1]).all()  # a whole pixel, not a channel
+    again = corrupt.corruption_fn("salt_pepper:0.2")(_uint8(gray)).numpy()
+    np.testing.assert_array_equal(salted, again)
+    other = gray.copy()
+    other[0, 0] = 127  # another image: another pattern
+    assert (corrupt.corruption_fn("salt_pepper:0.2")(_uint8(other)).numpy() != salted).any()
+
+
+def test_jpeg_is_a_round_trip_at_that_quality():
+    y, x = np.mgrid[0:32, 0:32]
+    image = np.stack([4 * x, 4 * y, 128 + 60 * np.sin(x / 3.0)], -1).astype(np.uint8)
+    for quality in (10, 90):
+        expected = tf.io.decode_jpeg(tf.io.encode_jpeg(_uint8(image), quality=quality)).numpy()
+        np.testing.assert_array_equal(corrupt.corruption_fn(f"jpeg:{quality}")(_uint8(image)),
+                                      expected)
+    error = {q: np.abs(corrupt.corruption_fn(f"jpeg:{q}")(_uint8(image)).numpy().astype(int)
+                       - image).mean() for q in (10, 90)}
+    assert error[10] > 2 * error[90]
+
+
+def test_blur_spreads_a_point_as_the_gaussian():
+    image = np.zeros((15, 15, 3))
+    image[7, 7] = 255
+    got = corrupt.corruption_fn("blur:1")(_uint8(image)).numpy()[..., 0]
+    taps = np.exp(-np.arange(-3, 4) ** 2 / 2.0)  # radius ceil(3 sigma) = 3
+    taps /= taps.sum()
+    expected = np.zeros((15, 15))
+    expected[4:11, 4:11] = 255 * np.outer(taps, taps)
+    np.testing.assert_array_equal(got, np.round(expected))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("jpeg:101", "corrupt='jpeg:101': jpeg takes a JPEG quality Q in 1..100"),
+    ("downsample:1", "corrupt='downsample:1': downsample takes a factor F > 1"),
+    ("salt_pepper:2", "salt_pepper takes a fraction P in [0, 1]"),
+    ("blur:wide", "corrupt='blur:wide': 'wide' is not a number"),
+    ("noise:3", "corrupt='noise:3' is not one of downsample:F"),
+])
+def test_bad_corruptions_are_one_line_naming_the_flag(spec, message):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.validate(cfg.RunConfig(data=cfg.DataConfig(corrupt=spec)))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(cfg.ConfigError, match="eval_corrupt="):
+        cfg.validate(cfg.RunConfig(data=cfg.DataConfig(eval_corrupt=spec)))
+
+
+def test_corruption_in_the_pipeline_is_the_same_whatever_the_reading_order(tmp_path,
+                                                                           image_folder):
+    dataset = image_folder(tmp_path / "images")
+    salt = corrupt.corruption_fn("salt_pepper:0.3")
+
+    def corrupted(seed):
+        images, _ = data_lib.load_images(dataset, "train", shuffle_files=True, seed=seed,
+                                         corruption=salt)
+        return sorted(image.tobytes() for image, _ in images.as_numpy_iterator())
+
+    clean, _ = data_lib.load_images(dataset, "train")
+    by_hand = sorted(salt(tf.constant(image)).numpy().tobytes()
+                     for image, _ in clean.as_numpy_iterator())
+    assert corrupted(1) == corrupted(2) == by_hand
+
+
+def test_train_examples_are_nested_seeded_subsets():
+    small, large = data_lib.example_subset(1000, 10, 3), data_lib.example_subset(1000, 300, 3)
+    assert len(small) == 10 and len(large) == 300 and set(small) <= set(large)
+    assert list(small) == sorted(small)
+    assert not np.array_equal(small, data_lib.example_subset(1000, 10, 4))
+    assert data_lib.example_subset(1000, 0) is None
+    with pytest.raises(data_lib.DatasetError, match="train_examples=1001 is more than the 1000"):
+        data_lib.example_subset(1000, 1001)
+
+
+def test_a_subset_is_read_and_shared_between_pipelines(tmp_path, image_folder):
+    dataset = image_folder(tmp_path / "images")
+    everything = [image.tobytes() for image, _ in
+                  data_lib.load_images(dataset, "train")[0].as_numpy_iterator()]
+    chosen = np.array([1, 4, 9, 12])
+    images, info = data_lib.load_images(dataset, "train", examples=chosen)
+    assert info.num_examples == 4
+    assert [image.tobytes() for image, _ in images.as_numpy_iterator()] == [
+        everything[i] for i in chosen]
+    shares = [[image.tobytes() for image, _ in data_lib.load_images(
+        dataset, "train", input_context=tf.distribute.InputContext(2, p, 1),
+        examples=chosen)[0].as_numpy_iterator()] for p in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(everything[i] for i in chosen)
+    assert len(shares[0]) == len(shares[1]) == 2
+
+
+def test_label_fraction_is_taken_within_the_train_examples(tmp_path, image_folder):
+    dataset = image_folder(tmp_path / "images", per_class=20)
+    within = data_lib.example_subset(40, 20, seed=0)
+    subset = label_subset.subset_indices(dataset, "train", fraction=0.5, within=within)
+    assert set(subset) <= set(within)
+    labels = label_subset.split_labels(dataset, "train")
+    inside = labels[within]
+    assert len(subset) == sum(math.floor(0.5 * (inside == c).sum() + 0.5) or 1 for c in (0, 1))
+    np.testing.assert_array_equal(
+        label_subset.subset_indices(dataset, "train", fraction=1.0, within=within), within)
+
+
+@pytest.mark.slow
+def test_cli_pretrains_on_corrupted_subset_and_records_it(tmp_path, cli):
+    run = tmp_path / "run"
+    done = cli("--mode=train_then_eval", "--dataset=fashion_mnist", "--train_split=train[:600]",
+               "--eval_split=test[:100]", "--image_size=16", "--resnet_depth=18",
+               "--train_batch_size=16", "--train_steps=2", "--steps_per_loop=1",
+               "--checkpoint_steps=2", "--eval_batch_size=50", "--knn_bank_size=100",
+               "--eval_protocols=knn", "--projector_examples=0", "--neighbour_queries=0",
+               "--train_examples=64", "--corrupt=downsample:2", "--eval_corrupt=jpeg:20",
+               f"--model_dir={run}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Pretraining on 64 images of train[:600] (--train_examples)" in done.stderr
+    with open(run / "config.json") as f:
+        data = json.load(f)["data"]
+    assert (data["train_examples"], data["corrupt"], data["eval_corrupt"]) == (
+        64, "downsample:2", "jpeg:20")
+    with open(run / "results.json") as f:
+        results = json.load(f)
+    assert (results["train_examples"], results["corrupt"], results["eval_corrupt"]) == (
+        64, "downsample:2", "jpeg:20")
+    bad = cli("--corrupt=jpeg:0", f"--model_dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: corrupt='jpeg:0': jpeg takes")
+
+
+@pytest.mark.slow
+def test_cli_supervised_baseline_on_corrupted_subset_under_two_replicas(tmp_path, cli):
+    run = tmp_path / "run"
+    done = cli("--train_mode=finetune", "--mode=train_then_eval", "--dataset=fashion_mnist",
+               "--train_split=train[:600]", "--eval_split=test[:100]", "--image_size=16",
+               "--resnet_depth=18", "--train_batch_size=16", "--train_steps=2",
+               "--steps_per_loop=1", "--checkpoint_steps=2", "--eval_batch_size=50",
+               "--optimizer=momentum", "--learning_rate=0.01", "--warmup_epochs=0",
+               "--train_examples=100", "--train_label_fraction=0.5", "--corrupt=jpeg:30",
+               "--strategy=mirrored", "--num_cpu_replicas=2", f"--model_dir={run}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Half of each class among the 100 examples (rounded, at least one): about 50 of 600.
+    line = next(l for l in done.stderr.splitlines() if "Fine-tuning on" in l)
+    count = int(line.split("Fine-tuning on ")[1].split()[0])
+    assert 40 <= count <= 60 and "of train[:600]" in line
+    with open(run / "results.json") as f:
+        results = json.load(f)
+    assert (results["train_examples"], results["corrupt"]) == (100, "jpeg:30")
