@@ -229,6 +229,9 @@ class EvalConfig:
         "", "Baselines a pretraining checkpoint is judged against, evaluated the same way (kNN, "
         "linear): raw_pixels, random_encoder (f at random initialisation); empty: none.")
     eval_every: int = _setting(0, "kNN monitor every this many pretraining steps; 0: off.")
+    label_map: str | None = _setting(
+        None, "Evaluate at a coarser label level: a built-in map (fashion_mnist_coarse) or a "
+        "JSON file {fine class name or id: coarse class name}.")
     knn_k: int = _setting(200, "Neighbours of the kNN classifier.")
     knn_temperature: float = _setting(
         0.1, "Temperature of the kNN vote weights exp(cos / t).")

@@ -41,6 +41,7 @@ from simclr_tf import corrupt
 from simclr_tf import data as data_lib
 from simclr_tf import finetune
 from simclr_tf import knn as knn_lib
+from simclr_tf import label_maps
 from simclr_tf import models
 from simclr_tf import visualise
 from simclr_tf.classifier import build_classifier
@@ -74,7 +75,28 @@ def eval_batches(config, split, batch_size=None, image_size=None):
         corruption=corrupt.corruption_fn(config.data.eval_corrupt, "eval_corrupt"))
     if split == config.data.eval_split and config.eval.eval_steps:
         batches = batches.take(config.eval.eval_steps)
+    label_map = label_map_for(config)
+    if label_map is not None:
+        batches = batches.map(lambda batch: {**batch, data_lib.LABEL: label_map.labels(
+            batch[data_lib.LABEL])})
     return batches
+
+
+def label_map_for(config):
+    """The `label_maps.LabelMap` of `eval.label_map` for the run's dataset, or None."""
+    if not config.eval.label_map:
+        return None
+    info = data_lib.dataset_info(config.data.dataset, config.data.eval_split,
+                                 config.data.data_dir)
+    return label_maps.load(config.eval.label_map, info.class_names, info.num_classes)
+
+
+def evaluated_classes(config, info):
+    """(number of classes, their names) evaluation scores: the label map's coarse ones if set."""
+    label_map = label_map_for(config)
+    if label_map is None:
+        return info.num_classes, info.class_names
+    return label_map.num_classes, label_map.names
 
 
 def _takes_size(model, size):
@@ -299,8 +321,11 @@ def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), 
             probe_h, _ = extract(lambda images: trained(images, training=False),
                                  eval_batches(config, config.data.eval_split,
                                               image_size=config.data.image_size))
-        results.update(accuracies(np.asarray(probe(tf.constant(probe_h))), extracted.eval_y,
-                                  "probe_"))
+        scores = np.asarray(probe(tf.constant(probe_h)))
+        label_map = label_map_for(config)
+        if label_map is not None:  # the probe predicts the fine classes
+            scores = label_map.logits(scores)
+        results.update(accuracies(scores, extracted.eval_y, "probe_"))
     return (results, extracted) if return_features else results
 
 
@@ -375,6 +400,9 @@ def evaluate_classifier(model, config):
     model = classifier_for_evaluation(model, config)
     logits, labels = extract(lambda images: model(images, training=False),
                              eval_batches(config, config.data.eval_split))
+    label_map = label_map_for(config)
+    if label_map is not None:  # the classifier predicts the fine classes
+        logits = label_map.logits(logits)
     return {"num_examples": int(len(labels)), **accuracies(logits, labels)}
 
 
@@ -387,7 +415,8 @@ def evaluate_checkpoint(config, path):
                          "labels to evaluate with")
     mode = config.train.train_mode
     results = {"step": checkpoints.step_of(path), "checkpoint": path, "train_mode": mode,
-               "eval_split": config.data.eval_split, **data_study_settings(config.data)}
+               "eval_split": config.data.eval_split, **data_study_settings(config)}
+    num_classes, class_names = evaluated_classes(config, info)
     if mode == "pretrain":
         protocols = config_lib.parse_protocols(config.eval.eval_protocols)
         encoder = models.build_encoder(config.encoder, config.data.image_size, global_bn=False)
@@ -416,11 +445,11 @@ def evaluate_checkpoint(config, path):
                             ",".join(p for p in protocols if p != "probe"))
         logging.info("Evaluating f of %s on %s: %s", path, config.data.eval_split,
                      ",".join(protocols))
-        found, extracted = evaluate_encoder(encoder, config, info.num_classes, protocols, probe,
+        found, extracted = evaluate_encoder(encoder, config, num_classes, protocols, probe,
                                             return_features=True)
         results.update(found)
-        results.update(show_embeddings(config, extracted, info.class_names, results["step"]))
-        results.update(evaluate_baselines(config, info.num_classes,
+        results.update(show_embeddings(config, extracted, class_names, results["step"]))
+        results.update(evaluate_baselines(config, num_classes,
                                           config_lib.parse_baselines(config.eval.eval_baselines)))
         main = next((p for p in ("linear", "probe", "knn") if f"{p}_top1" in results), None)
         if main:
@@ -433,11 +462,12 @@ def evaluate_checkpoint(config, path):
     return results
 
 
-def data_study_settings(data):
-    """The data-study settings a run used (`--train_examples`, `--corrupt`, `--eval_corrupt`),
-    for its results; the ones left at their defaults are left out."""
+def data_study_settings(config):
+    """The data-study settings a run used (`--train_examples`, `--corrupt`, `--eval_corrupt`,
+    `--label_map`), for its results; the ones left at their defaults are left out."""
+    data = config.data
     settings = {"train_examples": data.train_examples, "corrupt": data.corrupt,
-                "eval_corrupt": data.eval_corrupt}
+                "eval_corrupt": data.eval_corrupt, "label_map": config.eval.label_map}
     return {name: value for name, value in settings.items() if value}
 
 
@@ -577,6 +607,8 @@ class KnnMonitor:
     """
 
     def __init__(self, config, num_classes):
+        label_map = label_map_for(config)
+        num_classes = label_map.num_classes if label_map else num_classes
         self.config = config
         self.num_classes = num_classes
         self.every = config.eval.eval_every

@@ -10,6 +10,7 @@ import tensorflow as tf
 from simclr_tf import config as cfg
 from simclr_tf import corrupt
 from simclr_tf import data as data_lib
+from simclr_tf import label_maps
 from simclr_tf import label_subset
 
 
@@ -159,6 +160,21 @@ def test_cli_pretrains_on_corrupted_subset_and_records_it(tmp_path, cli):
         results = json.load(f)
     assert (results["train_examples"], results["corrupt"], results["eval_corrupt"]) == (
         64, "downsample:2", "jpeg:20")
+    # The same f at the coarse level: kNN fitted to 6 garment kinds, the probe's fine softmax
+    # summed over each kind.
+    coarse = cli("--mode=eval", f"--model_dir={run}", "--label_map=fashion_mnist_coarse",
+                 "--eval_split=test[:100]", "--eval_protocols=probe,knn", "--eval_batch_size=50",
+                 "--knn_bank_size=100", "--projector_examples=20", "--neighbour_queries=0")
+    assert coarse.returncode == 0, coarse.stderr[-2000:]
+    with open(run / "results.json") as f:
+        results = json.load(f)
+    assert results["label_map"] == "fashion_mnist_coarse"
+    # Evaluation settings are the command's: this one asked for clean images.
+    assert "eval_corrupt" not in results and results["corrupt"] == "downsample:2"
+    assert 0 <= results["knn_top1"] <= 1 and 0 <= results["probe_top1"] <= 1
+    with open(run / "eval_test__100_" / "metadata.tsv") as f:
+        names = {line.split("\t")[1].strip() for line in f.readlines()[1:]}
+    assert names <= set(label_maps.BUILTIN["fashion_mnist_coarse"].values())
     bad = cli("--corrupt=jpeg:0", f"--model_dir={tmp_path / 'bad'}")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: corrupt='jpeg:0': jpeg takes")
@@ -182,3 +198,34 @@ def test_cli_supervised_baseline_on_corrupted_subset_under_two_replicas(tmp_path
     with open(run / "results.json") as f:
         results = json.load(f)
     assert (results["train_examples"], results["corrupt"]) == (100, "jpeg:30")
+
+
+def test_builtin_coarse_map_of_fashion_mnist():
+    names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+             "Bag", "Ankle boot")
+    coarse = label_maps.load("fashion_mnist_coarse", names, 10)
+    assert coarse.names == ("tops", "bottoms", "dresses", "outerwear", "footwear", "bags")
+    np.testing.assert_array_equal(coarse.fine_to_coarse, [0, 1, 0, 2, 3, 4, 0, 4, 5, 4])
+    np.testing.assert_array_equal(coarse.labels(tf.constant([6, 9, 8])), [0, 4, 5])
+
+
+def test_label_map_files_by_name_or_id_and_their_errors(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"cat": "animal", "1": "animal", "car": "vehicle"}))
+    mapped = label_maps.load(str(path), ("cat", "dog", "car"), 3)
+    assert mapped.names == ("animal", "vehicle")
+    np.testing.assert_array_equal(mapped.fine_to_coarse, [0, 0, 1])
+    with pytest.raises(label_maps.LabelMapError, match=r"does not map class 2 \('bus'\)"):
+        label_maps.load(str(path), ("cat", "dog", "bus"), 3)
+    path.write_text(json.dumps({"0": "a", "1": "a", "2": "b", "plane": "b"}))
+    with pytest.raises(label_maps.LabelMapError, match="maps 'plane', which is not a class"):
+        label_maps.load(str(path), ("cat", "dog", "car"), 3)
+    with pytest.raises(label_maps.LabelMapError, match="neither a built-in map"):
+        label_maps.load(str(tmp_path / "missing.json"), ("cat",), 1)
+
+
+def test_fine_logits_become_coarse_log_probabilities():
+    mapped = label_maps.LabelMap(np.array([0, 0, 1], np.int32), ("ab", "c"))
+    # softmax([0, ln 3, 0]) = [1/5, 3/5, 1/5] -> coarse [4/5, 1/5]
+    got = mapped.logits(np.array([[0.0, np.log(3.0), 0.0]]))
+    np.testing.assert_allclose(np.exp(got), [[0.8, 0.2]], rtol=1e-6)
