@@ -112,6 +112,14 @@ def shapes_of(path, part):
     return sorted(tuple(shapes[key]) for key in keys or [])
 
 
+def classes_of(path, part):
+    """Classes the Dense entry `part` (e.g. LINEAR_PROBE) of the checkpoint at `path` predicts
+    (the length of its bias); 0 when the checkpoint has no such entry."""
+    if not holds(path, part):
+        return 0
+    return next(shape[0] for shape in shapes_of(path, part) if len(shape) == 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """Initial weights of a fine-tuning run or distillation student: a pretraining checkpoint

@@ -250,6 +250,13 @@ class EvalConfig:
         0, "Side of the images kNN, linear eval and classifier accuracy see (the pretraining "
         "probe stays at image_size); 0: image_size. Larger can pay: random resized crops "
         "enlarge objects in training (Touvron et al. 2019).")
+    eval_dataset: str | None = _setting(
+        None, "Evaluate f on this dataset instead of the pretraining one (kNN, linear "
+        "evaluation and baselines; the probe belongs to the pretraining classes): the domain "
+        "study. Its splits: eval_dataset_train_split (the bank) and eval_dataset_split.")
+    eval_dataset_train_split: str = _setting(
+        "train", "eval_dataset's split for the kNN bank and the linear evaluation's training.")
+    eval_dataset_split: str = _setting("test", "eval_dataset's split to evaluate on.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ supervised head was fine-tuned, which head layer it reads) comes from flags, and
 Any variable that maps to nothing, or a shape that disagrees, is a one-line `ConversionError`.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -36,6 +37,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
 from simclr_tf import models
+from simclr_tf.classifier import build_classifier
 from simclr_tf.resnet import DEPTHS
 
 CONVERTED_FROM = "converted_from.json"
@@ -70,16 +72,13 @@ class Original:
     source: str
     kind: str  # "checkpoint" or "saved_model"
     prefix: str
-    step: int
+    step: int  # 0: unknown
     keys: dict
     reader: object
+    shapes: dict  # {checkpoint key: shape}
 
     def shape(self, path):
-        return tuple(self._shapes[self.keys[path]])
-
-    @property
-    def _shapes(self):
-        return self.reader.get_variable_to_shape_map()
+        return tuple(self.shapes[self.keys[path]])
 
     def value(self, path):
         return _read(self.reader, self.keys[path], self.source)
@@ -108,6 +107,7 @@ class Architecture:
     proj_out_dim: int
     num_classes: int  # of the supervised head; 0 without one
     supervised_input_dim: int
+    h_dim: int  # width of h
     notes: tuple = ()  # what was chosen where the weights allow several settings
 
 
@@ -143,8 +143,9 @@ def read_source(source):
         raise ConversionError(f"{source} holds no model/resnet_model variables: it is not a "
                               "SimCLR model of the original TF2 code")
     if kind == "checkpoint":
-        step = _global_step(reader, step)
-    return Original(source, kind, prefix, step, keys, reader)
+        step = _global_step(reader, prefix)
+    return Original(source, kind, prefix, step or 0, keys, reader,
+                    reader.get_variable_to_shape_map())
 
 
 def _locate(source):
@@ -182,37 +183,61 @@ def _locate(source):
     return "checkpoint", prefix, None, prefix
 
 
-def _global_step(reader, fallback):
+def _global_step(reader, prefix):
     """The original checkpoint's `global_step` (the optimiser's iterations), else the number
-    at the end of its prefix, else 0."""
+    at the end of its prefix (`ckpt-1000`), else 0 (unknown)."""
     key = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
     if reader.has_tensor(key):
         return int(reader.get_tensor(key))
-    return fallback or 0
+    match = re.search(r"-(\d+)$", prefix)
+    return int(match.group(1)) if match else 0
 
 
 def _variable_paths(graph):
-    """{path of each variable through the original's layer attributes: its checkpoint key}."""
+    """{path of each variable through the original's layer attributes: its checkpoint key}.
+
+    ConversionError if a variable of the model is reachable only through other names (a layer
+    this converter does not know): it would otherwise be left behind unnoticed.
+    """
+    found = _walk(graph, _is_structural)
+    everything = _walk(graph, lambda name, parts: True)
+    mapped = {node_id for node_id, _ in found.values()}
+    unknown = sorted(path for path, (node_id, _) in everything.items() if node_id not in mapped)
+    if unknown:
+        raise ConversionError(f"variable {unknown[0]} has no counterpart in simclr_tf's model "
+                              f"({len(unknown)} such): is it a SimCLR model of the original "
+                              "TF2 code?")
+    return {path: key for path, (_, key) in found.items()}
+
+
+def _is_structural(name, parts):
+    """Whether attribute `name` (below the path `parts`) is one of the original's layers or
+    variables (not its Keras layers' SavedModel bookkeeping, such as `variables/<i>`; `layers`
+    is a BlockGroup's list of blocks only right below `block_groups/<g>`)."""
+    if name == "layers":
+        return len(parts) >= 2 and parts[-2] == "block_groups"
+    return name in _STRUCTURE or name.isdigit()
+
+
+def _walk(graph, follow):
+    """{path: (node id, checkpoint key)} of the variables below the root's `model`, reached
+    breadth-first through the attributes `follow(name, parts)` accepts; each object is visited
+    once, by its shortest such path (SavedModel bookkeeping reaches objects several ways)."""
     paths = {}
-    todo = [(0, "")]
+    start = [(c.node_id, ["model"]) for c in graph.nodes[0].children if c.local_name == "model"]
+    seen = {node_id for node_id, _ in start}
+    todo = collections.deque(start)
     while todo:
-        node_id, path = todo.pop()
+        node_id, parts = todo.popleft()
         node = graph.nodes[node_id]
         values = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
-        if values and path.startswith("model/"):
-            paths.setdefault(path, values[0])
+        if values:
+            paths["/".join(parts)] = (node_id, values[0])
             continue
-        parts = path.split("/") if path else []
         for child in node.children:
-            name = child.local_name
-            follows_block_group = len(parts) >= 2 and parts[-2] == "block_groups"
-            if not (name in _STRUCTURE or name.isdigit()
-                    or (name == "layers" and follows_block_group)):
-                continue
-            if not parts and name != "model":
-                continue
-            if len(parts) < 12:
-                todo.append((child.node_id, f"{path}/{name}" if path else name))
+            if child.node_id not in seen and follow(child.local_name, parts):
+                seen.add(child.node_id)
+                todo.append((child.node_id, parts + [child.local_name]))
     return paths
 
 
@@ -241,6 +266,9 @@ def infer_architecture(original):
                               f"ResNet depth of {sorted(DEPTHS)} has them")
     stem_convs = sorted((int(m.group(1)), shapes[p]) for p in shapes
                         for m in [_STEM.fullmatch(p)] if m and m.group(3) == "kernel")
+    if not stem_convs:
+        raise ConversionError(f"{original.source} has no stem (model/resnet_model/"
+                              "initial_conv_relu_max_pool) variables: is it complete?")
     width, remainder = divmod(stem_convs[-1][1][-1], 64)
     if remainder or width < 1:
         raise ConversionError(f"the stem of {original.source} ends with "
@@ -266,7 +294,8 @@ def infer_architecture(original):
         cifar_stem=cifar_stem, proj_head_mode="none" if n == 0 else
         "linear" if n == 1 else "nonlinear", num_proj_layers=n if n >= 2 else 2,
         proj_out_dim=int(out_dim), num_classes=int(supervised[-1]) if supervised else 0,
-        supervised_input_dim=int(supervised[0]) if supervised else 0, notes=tuple(notes))
+        supervised_input_dim=int(supervised[0]) if supervised else 0, h_dim=h_dim,
+        notes=tuple(notes))
 
 
 def _ratio(shapes, suffix, name, usual, minimum, notes):
@@ -481,14 +510,16 @@ def convert(source, model_dir, image_size=None, dataset="imagenet2012", train_mo
     _check_new_run(model_dir)
     original = read_source(source)
     arch = infer_architecture(original)
+    notes = []
     if image_size is None:
         image_size = 32 if arch.cifar_stem else 224
-        logging.info("The image size is not in the weights: using %d (--image_size)", image_size)
+        notes.append(f"image_size: not in the weights; {image_size} by default (--image_size)")
     selector = _resolve_selector(arch, train_mode, ft_proj_selector)
     if not original.step:
         original = dataclasses.replace(original, step=1)
-        logging.info("The step is unknown (a SavedModel outside a numbered directory): the run "
-                     "records step 1")
+        where = ("a SavedModel outside a numbered directory" if original.kind == "saved_model"
+                 else "no global_step and no number in its name")
+        notes.append(f"step: unknown ({where}); the run records step 1")
     config = run_config(arch, model_dir, image_size, dataset, train_mode, selector,
                         original.step, data_dir)
     items = build_parts(config, arch, train_mode, selector)
@@ -500,23 +531,26 @@ def convert(source, model_dir, image_size=None, dataset="imagenet2012", train_mo
     if supervised is not None:
         pairs += supervised_pairs(original, supervised)
     dropped = _dropped(original, items)
+    if dropped:
+        notes.append(f"the projection head ({len(dropped)} variables) is left out: the "
+                     "classifier reads h (--ft_proj_selector=0)")
     original_used = dataclasses.replace(
         original, keys={p: k for p, k in original.keys.items() if p not in dropped})
     assign_all(original_used, pairs, items)
-    return _write_run(config, items, original, arch, dropped)
+    return _write_run(config, items, original, arch, notes)
 
 
 def _resolve_selector(arch, train_mode, ft_proj_selector):
     """The head layer the supervised head reads (0 for a pretrained model's probe)."""
-    layers = {"none": 0, "linear": 1}.get(arch.proj_head_mode, arch.num_proj_layers)
+    layers = config_lib.HeadConfig(arch.proj_head_mode, arch.num_proj_layers).num_layers
     if train_mode == "pretrain":
         if ft_proj_selector:
             raise ConversionError("--ft_proj_selector applies to --train_mode=finetune: a "
                                   "pretrained model's supervised head is a linear probe on h")
-        if arch.num_classes and arch.supervised_input_dim != _h_dim(arch):
+        if arch.num_classes and arch.supervised_input_dim != arch.h_dim:
             raise ConversionError(
                 f"the supervised head reads {arch.supervised_input_dim}-wide inputs, not h "
-                f"({_h_dim(arch)}): is it a fine-tuned model? pass --train_mode=finetune "
+                f"({arch.h_dim}): is it a fine-tuned model? pass --train_mode=finetune "
                 "--ft_proj_selector=J")
         return 0
     if not arch.num_classes:
@@ -526,17 +560,14 @@ def _resolve_selector(arch, train_mode, ft_proj_selector):
         raise ConversionError(f"ft_proj_selector={ft_proj_selector} is outside "
                               f"{-(layers + 1)}..{layers} for this {layers}-layer head")
     selector = ft_proj_selector % (layers + 1)
-    width = _h_dim(arch) if selector in (0,) or selector < layers else arch.proj_out_dim
+    # h, a hidden layer (as wide as h), or the head's output.
+    width = arch.h_dim if selector < layers or layers == 0 else arch.proj_out_dim
     if arch.supervised_input_dim != width:
         raise ConversionError(
             f"the supervised head reads {arch.supervised_input_dim}-wide inputs but "
             f"--ft_proj_selector={ft_proj_selector} gives {width}: pass the layer it was "
             "fine-tuned from (SimCLRv2's released fine-tuned models: 1; v1's: 0)")
     return selector
-
-
-def _h_dim(arch):
-    return 512 * arch.width_multiplier * (4 if arch.resnet_depth >= 50 else 1)
 
 
 def build_parts(config, arch, train_mode, selector):
@@ -550,7 +581,6 @@ def build_parts(config, arch, train_mode, selector):
         if arch.num_classes:
             items[checkpoints.LINEAR_PROBE] = models.build_linear_probe(arch.num_classes, h_dim)
         return items
-    from simclr_tf.classifier import build_classifier
     model = build_classifier(config, arch.num_classes, image_size=None)
     return model.checkpoint_items()
 
@@ -564,44 +594,58 @@ def _dropped(original, items):
 
 
 def _check_new_run(model_dir):
-    if tf.io.gfile.exists(config_lib.path_in(model_dir)) or (
-            tf.io.gfile.isdir(model_dir) and checkpoints.latest(model_dir)):
+    """ConversionError unless model_dir is new, or an empty directory."""
+    if tf.io.gfile.exists(config_lib.path_in(model_dir)):
         raise ConversionError(f"--model_dir={model_dir} holds a run already: choose a new "
                               "directory")
+    if tf.io.gfile.exists(model_dir):
+        if not tf.io.gfile.isdir(model_dir):
+            raise ConversionError(f"--model_dir={model_dir} is a file: choose a new directory")
+        if tf.io.gfile.listdir(model_dir):
+            partial = " (a conversion that did not finish?)" if checkpoints.latest(model_dir) \
+                else ""
+            raise ConversionError(f"--model_dir={model_dir} is not empty{partial}: choose a new "
+                                  "directory, or empty it")
 
 
-def _write_run(config, items, original, arch, dropped):
-    """Writes config.json, the checkpoint and converted_from.json; locally into a temporary
-    directory renamed to model_dir at the end, so a killed conversion leaves no half run."""
-    model_dir = config.train.model_dir
-    local = checkpoints.is_local(model_dir)
-    work = f"{model_dir.rstrip('/')}.converting-{os.getpid()}" if local else model_dir
-    if local:
-        shutil.rmtree(work, ignore_errors=True)
-    tf.io.gfile.makedirs(work)
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(**items), work, max_to_keep=1)
+def _write_run(config, items, original, arch, notes):
+    """Writes config.json, the checkpoint and converted_from.json.
+
+    Locally, into `<model_dir>.converting` renamed to model_dir at the end, and removed if
+    anything fails, so a conversion leaves a whole run or nothing (a killed one leaves the
+    temporary directory, which the next conversion to the same model_dir replaces). Elsewhere
+    (gs://, where nothing renames atomically) straight into model_dir, config.json last: without
+    it, a directory is a conversion that did not finish."""
     bad = checkpoints.first_non_finite([v for part in items.values() for v in part.weights])
     if bad is not None:
         raise ConversionError(f"{original.source} holds non-finite values in {bad}")
-    path = manager.save(checkpoint_number=original.step)
-    described = {
-        "source": original.source, "format": original.kind, "step": original.step,
-        "train_mode": config.train.train_mode,
-        "architecture": {k: v for k, v in dataclasses.asdict(arch).items() if k != "notes"},
-        "notes": list(arch.notes), "image_size_from": "--image_size (not in the weights)",
-        "left_out": sorted(dropped)[:3] + (["..."] if len(dropped) > 3 else []),
-    }
-    checkpoints.write_atomically(os.path.join(work, CONVERTED_FROM),
-                                 json.dumps(described, indent=2))
-    config_lib.save(config, work)
+    model_dir = config.train.model_dir
+    local = checkpoints.is_local(model_dir)
+    work = f"{model_dir.rstrip('/')}.converting" if local else model_dir
     if local:
-        if os.path.isdir(model_dir) and not os.listdir(model_dir):
-            os.rmdir(model_dir)
-        elif os.path.exists(model_dir):
-            raise ConversionError(f"--model_dir={model_dir} is not empty: choose a new "
-                                  "directory")
-        os.rename(work, model_dir)
-        path = os.path.join(model_dir, os.path.basename(path))
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        tf.io.gfile.makedirs(work)
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(**items), work, max_to_keep=1)
+        path = manager.save(checkpoint_number=original.step)
+        described = {
+            "source": original.source, "format": original.kind, "step": original.step,
+            "train_mode": config.train.train_mode,
+            "architecture": {k: v for k, v in dataclasses.asdict(arch).items() if k != "notes"},
+            "notes": list(arch.notes) + notes,
+        }
+        checkpoints.write_atomically(os.path.join(work, CONVERTED_FROM),
+                                     json.dumps(described, indent=2))
+        config_lib.save(config, work)
+        if local:
+            if os.path.isdir(model_dir):
+                os.rmdir(model_dir)  # empty: _check_new_run said so
+            os.rename(work, model_dir)
+            path = os.path.join(model_dir, os.path.basename(path))
+    except BaseException:
+        if local:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     return path
 
 
@@ -633,17 +677,20 @@ def main(argv):
         config = config_lib.load(FLAGS.model_dir)
     except (ConversionError, checkpoints.CheckpointError, config_lib.ConfigError) as e:
         _fail(str(e))
-    except tf.errors.OpError as e:  # e.g. gs:// out of reach
-        _fail(f"cannot read --source={FLAGS.source} ({_first_line(e)})")
+    except (tf.errors.OpError, OSError) as e:  # gs:// out of reach, a full disk, ...
+        _fail(f"converting {FLAGS.source} into {FLAGS.model_dir} failed ({_first_line(e)})")
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, CONVERTED_FROM)) as f:
         described = json.load(f)
     enc, head = config.encoder, config.head
+    classes = described["architecture"]["num_classes"]
+    role = "classifier" if config.train.train_mode == "finetune" else "linear probe"
     print(f"Converted {described['format']} {described['source']} (step {described['step']}): "
           f"ResNet-{enc.resnet_depth} {enc.width_multiplier}x, sk_ratio {enc.sk_ratio}, "
           f"se_ratio {enc.se_ratio}, {'CIFAR' if enc.cifar_stem else 'ImageNet'} stem; "
-          f"{head.num_layers}-layer projection head to {head.proj_out_dim}; "
-          f"{described['architecture']['num_classes']}-class supervised head as the "
-          f"{'classifier' if config.train.train_mode == 'finetune' else 'linear probe'}.")
+          + (f"{head.num_layers}-layer projection head to {head.proj_out_dim}; "
+             if head.num_layers else "no projection head; ")
+          + (f"{classes}-class supervised head as the {role}." if classes
+             else "no supervised head."))
     for note in described["notes"]:
         print(f"Note: {note}")
     print(f"Run directory: {FLAGS.model_dir} (checkpoint {path}); image_size "

@@ -406,8 +406,22 @@ def evaluate_classifier(model, config):
     return {"num_examples": int(len(labels)), **accuracies(logits, labels)}
 
 
+def on_eval_dataset(config):
+    """`config` reading `eval.eval_dataset` (and its splits) where evaluation reads the
+    pretraining dataset, when one is set; the domain study evaluates f there."""
+    ev = config.eval
+    if not ev.eval_dataset:
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(
+        config.data, dataset=ev.eval_dataset, train_split=ev.eval_dataset_train_split,
+        eval_split=ev.eval_dataset_split))
+
+
 def evaluate_checkpoint(config, path):
     """Evaluates one checkpoint of the run `config` describes; returns the results dict."""
+    pretraining_dataset = config.data.dataset
+    if config.train.train_mode == "pretrain":
+        config = on_eval_dataset(config)
     info = data_lib.dataset_info(config.data.dataset, config.data.eval_split,
                                  config.data.data_dir)
     if not info.num_classes:
@@ -419,10 +433,20 @@ def evaluate_checkpoint(config, path):
     num_classes, class_names = evaluated_classes(config, info)
     if mode == "pretrain":
         protocols = config_lib.parse_protocols(config.eval.eval_protocols)
+        if config.eval.eval_dataset and "probe" in protocols:
+            logging.warning("The linear probe predicts %s's classes: evaluating f on %s with %s",
+                            pretraining_dataset, config.eval.eval_dataset,
+                            ",".join(p for p in protocols if p != "probe") or "nothing else")
+            protocols = tuple(p for p in protocols if p != "probe")
+            if not protocols:
+                raise ValueError("--eval_dataset evaluates with knn and linear: the probe "
+                                 "belongs to the pretraining dataset's classes")
+        results["pretraining_dataset"] = pretraining_dataset
+        results["eval_dataset"] = config.data.dataset
         encoder = models.build_encoder(config.encoder, config.data.image_size, global_bn=False)
         checkpoints.restore_encoder(encoder, path)
         probe = None
-        probe_classes = _probe_classes(path)
+        probe_classes = checkpoints.classes_of(path, checkpoints.LINEAR_PROBE)
         if "probe" in protocols and probe_classes == info.num_classes:
             probe = models.build_linear_probe(info.num_classes,
                                               models.encoder_output_dim(encoder))
@@ -471,14 +495,6 @@ def data_study_settings(config):
     return {name: value for name, value in settings.items() if value}
 
 
-def _probe_classes(path):
-    """Classes the checkpoint's linear probe predicts; 0 without one."""
-    if not checkpoints.holds(path, checkpoints.LINEAR_PROBE):
-        return 0
-    return next(s[0] for s in checkpoints.shapes_of(path, checkpoints.LINEAR_PROBE)
-                if len(s) == 1)
-
-
 def show_embeddings(config, extracted, class_names=(), step=0):
     """The projector files for `eval.projector_examples` evaluation images and the
     nearest-neighbour picture for `eval.neighbour_queries` of them (`visualise`), from the
@@ -519,9 +535,12 @@ def show_embeddings(config, extracted, class_names=(), step=0):
 
 
 def eval_dir(config):
-    """`<model_dir>/eval_<split>` (a sliced split such as test[:10%] as test__10__)."""
-    split = re.sub(r"[^A-Za-z0-9_.-]", "_", config.data.eval_split)
-    return os.path.join(config.train.model_dir, f"eval_{split}")
+    """`<model_dir>/eval_<split>` (a sliced split such as test[:10%] as test__10__), or
+    `eval_<eval_dataset>_<its split>` when f is evaluated on another dataset."""
+    name = on_eval_dataset(config).data.eval_split
+    if config.eval.eval_dataset:
+        name = f"{config.eval.eval_dataset}_{name}"
+    return os.path.join(config.train.model_dir, f"eval_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}")
 
 
 def write_results(config, results, summary_prefix="eval"):
@@ -607,6 +626,10 @@ class KnnMonitor:
     """
 
     def __init__(self, config, num_classes):
+        config = on_eval_dataset(config)
+        if config.eval.eval_dataset:
+            num_classes = data_lib.dataset_info(config.data.dataset, config.data.eval_split,
+                                                config.data.data_dir).num_classes
         label_map = label_map_for(config)
         num_classes = label_map.num_classes if label_map else num_classes
         self.config = config

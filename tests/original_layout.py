@@ -93,10 +93,13 @@ def original_variables(description, drop=(), reshape=None):
 
 def write_checkpoint(description, prefix, global_step=1000, **changes):
     """Writes a TF2 checkpoint as the original's `tf.train.Checkpoint(model=..., global_step=...)`
-    keys it; returns its path. `changes`: `drop` / `reshape` of `original_variables`."""
+    keys it (global_step None: without one); returns its path. `changes`: `drop` / `reshape` of
+    `original_variables`."""
     root, _ = _tree(original_variables(description, **changes))
-    checkpoint = tf.train.Checkpoint(model=root.model,
-                                     global_step=tf.Variable(global_step, dtype=tf.int64))
+    parts = {"model": root.model}
+    if global_step is not None:
+        parts["global_step"] = tf.Variable(global_step, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(**parts)
     return checkpoint.write(prefix)
 
 

@@ -43,8 +43,7 @@ def _outputs(model_dir, path, images):
     checkpoints.restore_encoder(encoder, path)
     head = models.build_projection_head(config, models.encoder_output_dim(encoder))
     checkpoints.read_parts(path, projection_head=head)
-    classes = next(s[0] for s in checkpoints.shapes_of(path, checkpoints.LINEAR_PROBE)
-                   if len(s) == 1)
+    classes = checkpoints.classes_of(path, checkpoints.LINEAR_PROBE)
     probe = models.build_linear_probe(classes, models.encoder_output_dim(encoder))
     checkpoints.read_parts(path, linear_probe=probe)
     maps = {k: v.numpy() for k, v in feature_extractor(encoder, ENDPOINTS)(
@@ -165,13 +164,82 @@ def test_unrelated_and_own_checkpoints_are_refused(tmp_path, small):
     assert "simclr_tf run already" in _convert_error(tmp_path / "ours", tmp_path / "run2")
 
 
-def test_truncated_checkpoint_is_refused(tmp_path, small):
+def test_truncated_checkpoint_is_refused_and_nothing_is_left(tmp_path, small):
     source = _write_original(small, "checkpoint", tmp_path / "original")
     data = tmp_path / "original" / "ckpt-1000.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     message = _convert_error(source, tmp_path / "run", image_size=32)
     assert "truncated or damaged" in message
-    assert not (tmp_path / "run").exists()
+    assert sorted(os.listdir(tmp_path)) == ["original"]  # no run, no temporary directory
+
+
+def test_a_variable_under_an_unknown_layer_is_named(tmp_path, small):
+    extra = dict(small, variables=small["variables"] + [
+        {"path": "model/resnet_model/mystery_layer/kernel", "shape": [3, 3], "trainable": True}])
+    source = _write_original(extra, "checkpoint", tmp_path / "original")
+    message = _convert_error(source, tmp_path / "run")
+    assert "variable model/resnet_model/mystery_layer/kernel has no counterpart" in message
+
+
+def test_model_dir_must_be_new_or_empty(tmp_path, small):
+    source = _write_original(small, "checkpoint", tmp_path / "original")
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in _convert_error(source, tmp_path / "file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("x")
+    assert "is not empty" in _convert_error(source, tmp_path / "full")
+    (tmp_path / "empty").mkdir()
+    convert.convert(source, str(tmp_path / "empty"))
+    assert cfg.load(str(tmp_path / "empty")).encoder.resnet_depth == 18
+
+
+def test_step_from_the_name_or_unknown(tmp_path, small):
+    (tmp_path / "a").mkdir()
+    write_checkpoint(small, str(tmp_path / "a" / "ckpt-2500"), global_step=None)
+    path = convert.convert(str(tmp_path / "a" / "ckpt-2500"), str(tmp_path / "run_a"))
+    assert checkpoints.step_of(path) == 2500
+    write_saved_model(small, str(tmp_path / "b" / "saved_model"))  # no numbered directory
+    path = convert.convert(str(tmp_path / "b" / "saved_model"), str(tmp_path / "run_b"))
+    assert checkpoints.step_of(path) == 1
+    with open(tmp_path / "run_b" / convert.CONVERTED_FROM) as f:
+        notes = json.load(f)["notes"]
+    assert "step: unknown (a SavedModel outside a numbered directory); the run records step 1" \
+        in notes
+    assert "image_size: not in the weights; 32 by default (--image_size)" in notes
+
+
+def test_fine_tuned_from_h_leaves_the_head_out(tmp_path, small):
+    source = _write_original(small, "checkpoint", tmp_path / "original")
+    path = convert.convert(source, str(tmp_path / "run"), train_mode="finetune")
+    assert checkpoints.holds(path, checkpoints.CLASSIFIER)
+    assert not checkpoints.holds(path, checkpoints.PROJECTION_HEAD)
+    assert checkpoints.classes_of(path, checkpoints.CLASSIFIER) == 1000
+    with open(tmp_path / "run" / convert.CONVERTED_FROM) as f:
+        assert any("projection head (9 variables) is left out" in n for n in json.load(f)["notes"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(train_mode="finetune", ft_proj_selector=5), "ft_proj_selector=5 is outside -3..2"),
+    (dict(train_mode="finetune", ft_proj_selector=-1), "gives 128"),
+    (dict(train_mode="linear"), "train_mode must be pretrain or finetune"),
+])
+def test_selector_and_mode_are_checked(tmp_path, small, kwargs, message):
+    source = _write_original(small, "checkpoint", tmp_path / "original")
+    assert message in _convert_error(source, tmp_path / "run", **kwargs)
+
+
+def test_supervised_head_on_another_layer_or_none(tmp_path, small):
+    kernel = "model/supervised_head/linear_layer/dense/kernel"
+    source = _write_original(small, "checkpoint", tmp_path / "a", reshape={kernel: [128, 1000]})
+    assert "is it a fine-tuned model?" in _convert_error(source, tmp_path / "run")
+    path = convert.convert(source, str(tmp_path / "run"), train_mode="finetune",
+                           ft_proj_selector=2)  # read the head's 128-wide output
+    assert cfg.load(str(tmp_path / "run")).finetune.ft_proj_selector == 2
+    assert checkpoints.holds(path, checkpoints.PROJECTION_HEAD)
+    headless = [kernel, "model/supervised_head/linear_layer/dense/bias"]
+    source = _write_original(small, "checkpoint", tmp_path / "b", drop=headless)
+    assert "needs a supervised head" in _convert_error(source, tmp_path / "run_b",
+                                                       train_mode="finetune")
 
 
 def test_wrong_shapes_and_missing_values_name_the_variable(tmp_path, small):

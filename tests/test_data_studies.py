@@ -229,3 +229,29 @@ def test_fine_logits_become_coarse_log_probabilities():
     # softmax([0, ln 3, 0]) = [1/5, 3/5, 1/5] -> coarse [4/5, 1/5]
     got = mapped.logits(np.array([[0.0, np.log(3.0), 0.0]]))
     np.testing.assert_allclose(np.exp(got), [[0.8, 0.2]], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_evaluates_f_on_another_dataset(tmp_path, image_folder, cli):
+    animals = image_folder(tmp_path / "animals", per_class=12, size=20)
+    shapes = image_folder(tmp_path / "shapes", per_class=10, size=24,
+                          classes=("circle", "square", "star"))
+    run = tmp_path / "run"
+    trained = cli(f"--dataset={animals}", "--train_split=train", "--eval_split=train",
+                  "--image_size=16", "--resnet_depth=18", "--train_batch_size=8",
+                  "--train_steps=2", "--steps_per_loop=1", "--checkpoint_steps=2",
+                  f"--model_dir={run}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    evaluated = cli("--mode=eval", f"--model_dir={run}", f"--eval_dataset={shapes}",
+                    "--eval_dataset_train_split=train", "--eval_dataset_split=train",
+                    "--eval_protocols=probe,knn,linear", "--eval_batch_size=10",
+                    "--knn_k=1", "--projector_examples=0", "--neighbour_queries=0")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "The linear probe predicts" in evaluated.stderr
+    with open(run / "results.json") as f:
+        results = json.load(f)
+    assert (results["pretraining_dataset"], results["eval_dataset"]) == (animals, shapes)
+    assert results["num_examples"] == 30 and "probe_top1" not in results
+    # 1-NN on its own bank: every image's nearest neighbour is itself.
+    assert results["knn_top1"] == 1.0 and 0 <= results["linear_top1"] <= 1
+    assert any(p.name.startswith("eval_folder_") for p in run.iterdir())
