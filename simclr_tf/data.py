@@ -120,7 +120,7 @@ def load_images(dataset: str, split: str, data_dir: str | None = None,
       (dataset of (image uint8 [H, W, 3], label int32, -1 if unlabelled), DatasetInfo).
     """
     if examples is not None:
-        images, info = load_images(dataset, split, data_dir, corruption=corruption)
+        images, info = _load_images(dataset, split, data_dir, None, False, None)
         member = np.zeros([info.num_examples], bool)
         member[np.asarray(examples, np.int64)] = True
         member = tf.constant(member)
@@ -129,9 +129,10 @@ def load_images(dataset: str, split: str, data_dir: str | None = None,
         if input_context and input_context.num_input_pipelines > 1:
             images = images.shard(input_context.num_input_pipelines,
                                   input_context.input_pipeline_id)
-        return images, dataclasses.replace(info, num_examples=len(examples))
-    images, info = _load_images(dataset, split, data_dir, input_context, shuffle_files, seed)
-    if corruption is not None:
+        info = dataclasses.replace(info, num_examples=len(examples))
+    else:
+        images, info = _load_images(dataset, split, data_dir, input_context, shuffle_files, seed)
+    if corruption is not None:  # after the subset: only the images read are corrupted
         images = images.map(lambda image, label: (corruption(image), label),
                             num_parallel_calls=_AUTOTUNE, deterministic=True)
     return images, info
