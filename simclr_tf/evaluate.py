@@ -25,6 +25,7 @@ keeps each one).
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -86,9 +87,16 @@ def label_map_for(config):
     """The `label_maps.LabelMap` of `eval.label_map` for the run's dataset, or None."""
     if not config.eval.label_map:
         return None
-    info = data_lib.dataset_info(config.data.dataset, config.data.eval_split,
-                                 config.data.data_dir)
-    return label_maps.load(config.eval.label_map, info.class_names, info.num_classes)
+    return _label_map(config.eval.label_map, config.data.dataset, config.data.eval_split,
+                      config.data.data_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _label_map(spec, dataset, split, data_dir):
+    """Read once per evaluation setting: every eval_batches call asks (a folder's listing is
+    not free)."""
+    info = data_lib.dataset_info(dataset, split, data_dir)
+    return label_maps.load(spec, info.class_names, info.num_classes)
 
 
 def evaluated_classes(config, info):

@@ -140,13 +140,22 @@ def test_label_fraction_is_taken_within_the_train_examples(tmp_path, image_folde
         label_subset.subset_indices(dataset, "train", fraction=1.0, within=within), within)
 
 
+# A two-step run on Fashion-MNIST, trained then evaluated.
+TINY_RUN = ("--mode=train_then_eval", "--dataset=fashion_mnist", "--train_split=train[:600]",
+            "--eval_split=test[:100]", "--image_size=16", "--resnet_depth=18",
+            "--train_batch_size=16", "--train_steps=2", "--steps_per_loop=1",
+            "--checkpoint_steps=2", "--eval_batch_size=50")
+
+
+def _results(model_dir):
+    with open(model_dir / "results.json") as f:
+        return json.load(f)
+
+
 @pytest.mark.slow
 def test_cli_pretrains_on_corrupted_subset_and_records_it(tmp_path, cli):
     run = tmp_path / "run"
-    done = cli("--mode=train_then_eval", "--dataset=fashion_mnist", "--train_split=train[:600]",
-               "--eval_split=test[:100]", "--image_size=16", "--resnet_depth=18",
-               "--train_batch_size=16", "--train_steps=2", "--steps_per_loop=1",
-               "--checkpoint_steps=2", "--eval_batch_size=50", "--knn_bank_size=100",
+    done = cli(*TINY_RUN, "--knn_bank_size=100",
                "--eval_protocols=knn", "--projector_examples=0", "--neighbour_queries=0",
                "--train_examples=64", "--corrupt=downsample:2", "--eval_corrupt=jpeg:20",
                f"--model_dir={run}")
@@ -156,8 +165,7 @@ def test_cli_pretrains_on_corrupted_subset_and_records_it(tmp_path, cli):
         data = json.load(f)["data"]
     assert (data["train_examples"], data["corrupt"], data["eval_corrupt"]) == (
         64, "downsample:2", "jpeg:20")
-    with open(run / "results.json") as f:
-        results = json.load(f)
+    results = _results(run)
     assert (results["train_examples"], results["corrupt"], results["eval_corrupt"]) == (
         64, "downsample:2", "jpeg:20")
     # The same f at the coarse level: kNN fitted to 6 garment kinds, the probe's fine softmax
@@ -166,8 +174,7 @@ def test_cli_pretrains_on_corrupted_subset_and_records_it(tmp_path, cli):
                  "--eval_split=test[:100]", "--eval_protocols=probe,knn", "--eval_batch_size=50",
                  "--knn_bank_size=100", "--projector_examples=20", "--neighbour_queries=0")
     assert coarse.returncode == 0, coarse.stderr[-2000:]
-    with open(run / "results.json") as f:
-        results = json.load(f)
+    results = _results(run)
     assert results["label_map"] == "fashion_mnist_coarse"
     # Evaluation settings are the command's: this one asked for clean images.
     assert "eval_corrupt" not in results and results["corrupt"] == "downsample:2"
@@ -183,11 +190,7 @@ def test_cli_pretrains_on_corrupted_subset_and_records_it(tmp_path, cli):
 @pytest.mark.slow
 def test_cli_supervised_baseline_on_corrupted_subset_under_two_replicas(tmp_path, cli):
     run = tmp_path / "run"
-    done = cli("--train_mode=finetune", "--mode=train_then_eval", "--dataset=fashion_mnist",
-               "--train_split=train[:600]", "--eval_split=test[:100]", "--image_size=16",
-               "--resnet_depth=18", "--train_batch_size=16", "--train_steps=2",
-               "--steps_per_loop=1", "--checkpoint_steps=2", "--eval_batch_size=50",
-               "--optimizer=momentum", "--learning_rate=0.01", "--warmup_epochs=0",
+    done = cli(*TINY_RUN, "--train_mode=finetune", "--optimizer=momentum", "--learning_rate=0.01", "--warmup_epochs=0",
                "--train_examples=100", "--train_label_fraction=0.5", "--corrupt=jpeg:30",
                "--strategy=mirrored", "--num_cpu_replicas=2", f"--model_dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -195,8 +198,7 @@ def test_cli_supervised_baseline_on_corrupted_subset_under_two_replicas(tmp_path
     line = next(l for l in done.stderr.splitlines() if "Fine-tuning on" in l)
     count = int(line.split("Fine-tuning on ")[1].split()[0])
     assert 40 <= count <= 60 and "of train[:600]" in line
-    with open(run / "results.json") as f:
-        results = json.load(f)
+    results = _results(run)
     assert (results["train_examples"], results["corrupt"]) == (100, "jpeg:30")
 
 
@@ -248,8 +250,7 @@ def test_cli_evaluates_f_on_another_dataset(tmp_path, image_folder, cli):
                     "--knn_k=1", "--projector_examples=0", "--neighbour_queries=0")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "The linear probe predicts" in evaluated.stderr
-    with open(run / "results.json") as f:
-        results = json.load(f)
+    results = _results(run)
     assert (results["pretraining_dataset"], results["eval_dataset"]) == (animals, shapes)
     assert results["num_examples"] == 30 and "probe_top1" not in results
     # 1-NN on its own bank: every image's nearest neighbour is itself.
