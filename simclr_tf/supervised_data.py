@@ -91,8 +91,7 @@ def labelled_dataset(dataset, split, batch_size, image_size, *, data_dir=None,
         if augment_images:
             crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
                 tf.random.experimental.stateless_fold_in(base_seed, step), 2))
-            out = augment.random_resized_crop(images, crop_seed, image_size)
-            out = augment.random_flip_left_right(out, flip_seed)
+            out = augment.random_resized_crop_and_flip(images, crop_seed, flip_seed, image_size)
         else:
             out = augment.preprocess_for_eval(images, image_size, crop=crop)
         return out, labels, labelled

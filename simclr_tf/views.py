@@ -32,8 +32,7 @@ _STUDY_SEEDS = ("cutout", "noise", "rotate")
 
 def _crop(images, seeds, image_size, strength):
     del strength
-    views = augment.random_resized_crop(images, seeds["crop"], image_size)
-    return augment.random_flip_left_right(views, seeds["flip"])
+    return augment.random_resized_crop_and_flip(images, seeds["crop"], seeds["flip"], image_size)
 
 
 def _color(images, seeds, image_size, strength):

@@ -382,3 +382,34 @@ def test_two_views_compiles_with_xla_and_matches_the_graph_version():
         assert xla_view.shape == (4, 32, 32, 3)
         assert_unit_range(xla_view)
         np.testing.assert_allclose(xla_view, graph_view, atol=1e-5)
+
+
+def test_bilinear_weights_are_the_exact_fractions_rounded_once():
+    """Output pixel i of a resize from L to S pixels samples ((2i + 1) L - S) / (2 S): whole part
+    and weight from integers, so the weights are the exact fractions rounded once to float32 (and
+    within one float32 ulp under XLA, which divides by a constant through its reciprocal; the
+    old float formula, contracted into FMAs there, moved the weights by up to 1.7e-5)."""
+    for size in (32, 96, 224):
+        lengths = tf.range(8, 257)
+        starts = tf.zeros_like(lengths)
+        low, high, weight = augment._bilinear_taps(starts, lengths, size)
+        i = np.arange(size)[None]
+        position = ((2 * i + 1) * np.arange(8, 257)[:, None] - size) / (2 * size)
+        expected_low = np.clip(np.floor(position), 0, np.arange(8, 257)[:, None] - 1)
+        np.testing.assert_array_equal(low.numpy(), expected_low)
+        np.testing.assert_array_equal(
+            weight.numpy(), (position - np.floor(position)).astype(np.float32))
+        xla = tf.function(augment._bilinear_taps, jit_compile=True)(starts, lengths, size)
+        np.testing.assert_allclose(xla[2].numpy(), weight.numpy(), rtol=0, atol=6e-8)
+
+
+def test_crop_and_flip_in_one_pass_equals_crop_then_flip_bit_for_bit():
+    images = tf.cast(tf.random.stateless_uniform([6, 40, 44, 3], [1, 2], 0, 256, tf.int32),
+                     tf.uint8)
+    crop_seed, flip_seed = tf.constant([3, 4], tf.int64), tf.constant([5, 6], tf.int64)
+    expected = augment.random_flip_left_right(
+        augment.random_resized_crop(images, crop_seed, 24), flip_seed)
+    got = augment.random_resized_crop_and_flip(images, crop_seed, flip_seed, 24)
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    unflipped = augment.random_resized_crop(images, crop_seed, 24)
+    assert 0 < np.mean(np.any(got.numpy() != unflipped.numpy(), axis=(1, 2, 3))) < 1
