@@ -94,6 +94,14 @@ class AugmentConfig:
         "default: the paper's recipe (then use_blur applies).")
     asymmetric_augment: bool = _setting(
         False, "Augment one view only; the other is the resized image (paper's Figure 5).")
+    augment_on_device: bool = _setting(
+        False, "Pretraining: make the two views inside the training step, on each replica's "
+        "device, from uint8 batches the host only decodes (for GPU/TPU hosts whose CPU cannot "
+        "keep up); images of one size give the same views as on the host.")
+    augment_input_size: int | None = _setting(
+        None, "With augment_on_device, the side images of varying size (folders, ImageNet) are "
+        "resized to, whole and as uint8, so that they batch; default: image_size x 8/7 "
+        "(256 for 224).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +282,8 @@ class ServingConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Every setting of a run, by section. Unset derived defaults are resolved here:
-    `augment.use_blur` and `encoder.cifar_stem` follow `data.image_size`."""
+    `augment.use_blur`, `augment.augment_input_size` and `encoder.cifar_stem` follow
+    `data.image_size`."""
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     encoder: EncoderConfig = EncoderConfig()
@@ -295,6 +304,10 @@ class RunConfig:
         if self.encoder.cifar_stem is None:
             object.__setattr__(self, "encoder",
                                dataclasses.replace(self.encoder, cifar_stem=small))
+        if self.augment.augment_input_size is None:
+            size = round(self.data.image_size * 8 / 7)
+            object.__setattr__(self, "augment",
+                               dataclasses.replace(self.augment, augment_input_size=size))
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -496,6 +509,11 @@ def _validate_head_and_loss(config):
     _check(loss.margin >= 0, f"margin must be >= 0, got {loss.margin}")
     _check(augment.color_jitter_strength >= 0,
            f"color_jitter_strength must be >= 0, got {augment.color_jitter_strength}")
+    _check(augment.augment_input_size > 0,
+           f"augment_input_size must be positive, got {augment.augment_input_size}")
+    _check(not augment.augment_on_device or config.train.train_mode == "pretrain",
+           f"augment_on_device applies to --train_mode=pretrain, not "
+           f"--train_mode={config.train.train_mode}: drop --augment_on_device")
     if augment.augmentations is not None:
         parse_augmentations(augment.augmentations)
 

@@ -56,6 +56,7 @@ VIEW_B = "view_b"
 IMAGE = "image"
 LABEL = "label"
 MASK = "mask"
+SEED = "seed"
 
 UNLABELLED = -1
 
@@ -175,7 +176,8 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
                      seed: int | None = 0, shuffle_buffer: int = 10000,
                      cache: bool = False, augmentations: str | None = None,
                      asymmetric: bool = False, examples: np.ndarray | None = None,
-                     corruption=None) -> tf.data.Dataset:
+                     corruption=None, augment_on_device: bool = False,
+                     device_input_size: int | None = None) -> tf.data.Dataset:
     """Endless, shuffled batches of two augmented views per image, for one input pipeline.
 
     The views of a batch come from a stateless seed derived from (`seed`, input pipeline id, batch
@@ -183,6 +185,12 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     at a time; folders (varying sizes) one image at a time before batching. For folders the file
     order is already fully shuffled every epoch, so a small `shuffle_buffer` suffices (the buffer
     holds decoded images).
+
+    With `augment_on_device` the pipeline stops before the views: it yields the uint8 batch and its
+    seed, and the training step makes the views (`views_of_batch`), the same views as this
+    pipeline makes from the same batch. Images of varying size are first resized (whole, as uint8)
+    to `device_input_size` so that they batch; their views then differ from the host's, which
+    crops each image at its own size.
 
     Args:
       batch_size: examples per batch of THIS pipeline (the per-replica batch).
@@ -193,11 +201,14 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
       cache: keep the decoded uint8 images in memory after the first epoch.
       seed: seed of the shuffles and views; None draws them afresh wherever the pipeline runs
         (needed on tf.data service, whose workers would otherwise all produce the same stream).
+      augment_on_device: yield {image, seed, label} instead of the views (see above).
+      device_input_size: the side images of varying size are resized to with augment_on_device.
       Others: as in `load_images`.
 
     Returns:
       tf.data.Dataset of {view_a, view_b: float32 [batch_size, S, S, 3] in [0, 1];
-      label: int32 [batch_size]}.
+      label: int32 [batch_size]}; with augment_on_device {image: uint8 [batch_size, H, W, 3];
+      seed: int64 [2]; label: int32 [batch_size]}.
     """
     _check_positive(batch_size=batch_size, image_size=image_size, shuffle_buffer=shuffle_buffer)
     pipeline_id = input_context.input_pipeline_id if input_context else 0
@@ -212,17 +223,33 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     images = images.repeat()
 
     base_seed = tf.constant([seed or 0, pipeline_id], tf.int64)
+    view_settings = dict(image_size=image_size, color_jitter_strength=color_jitter_strength,
+                         use_blur=use_blur, augmentations=augmentations, asymmetric=asymmetric)
 
     def views(step, image, label, view_shape):
         step_seed = tf.random.experimental.stateless_fold_in(base_seed, step)
-        view_a, view_b = views_lib.two_views(
-            image, step_seed, image_size, color_jitter_strength=color_jitter_strength,
-            use_blur=use_blur, augmentations=augmentations, asymmetric=asymmetric)
-        return {VIEW_A: tf.ensure_shape(view_a, view_shape),
-                VIEW_B: tf.ensure_shape(view_b, view_shape),
+        batch = views_of_batch({IMAGE: image, SEED: step_seed, LABEL: label}, **view_settings)
+        return {VIEW_A: tf.ensure_shape(batch[VIEW_A], view_shape),
+                VIEW_B: tf.ensure_shape(batch[VIEW_B], view_shape),
                 LABEL: tf.ensure_shape(label, view_shape[:1])}
 
-    if info.image_shape is None:
+    if augment_on_device:
+        if info.image_shape is None:
+            _check_positive(device_input_size=device_input_size or 0)
+            images = images.map(
+                lambda image, label: (_resize_uint8(image, device_input_size), label),
+                num_parallel_calls=_AUTOTUNE, deterministic=True)
+        shape = info.image_shape or (device_input_size, device_input_size, 3)
+
+        def unaugmented_batch(step, example):
+            image, label = example
+            return {IMAGE: tf.ensure_shape(image, [batch_size, *shape]),
+                    SEED: tf.random.experimental.stateless_fold_in(base_seed, step),
+                    LABEL: tf.ensure_shape(label, [batch_size])}
+
+        batches = _with_counter(images.batch(batch_size, drop_remainder=True), seed).map(
+            unaugmented_batch)
+    elif info.image_shape is None:
         # Sizes vary, so no batch can be formed before the crop: augment each image as a batch of 1.
         def one_image(step, example):
             image, label = example
@@ -238,6 +265,23 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
         batches = _with_counter(images.batch(batch_size, drop_remainder=True), seed).map(
             whole_batch, num_parallel_calls=_AUTOTUNE, deterministic=True)
     return batches.prefetch(_AUTOTUNE)
+
+
+def views_of_batch(batch: dict, image_size: int, **view_settings) -> dict:
+    """{image, seed, label} -> {view_a, view_b, label}: the two views of a batch, made from its seed.
+
+    The host pipeline calls it in its `map`; with augment_on_device the training step calls it on
+    the batches `pretrain_dataset` yields. `view_settings` are `views.two_views`'s keyword
+    arguments (color_jitter_strength, use_blur, augmentations, asymmetric).
+    """
+    view_a, view_b = views_lib.two_views(batch[IMAGE], batch[SEED], image_size, **view_settings)
+    return {VIEW_A: view_a, VIEW_B: view_b, LABEL: batch[LABEL]}
+
+
+def _resize_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
+    """A whole image resized (bilinear) to [size, size, 3], rounded back to uint8."""
+    resized = augment.resize(image[tf.newaxis], size)[0]
+    return tf.cast(tf.round(resized * 255.0), tf.uint8)
 
 
 def eval_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,

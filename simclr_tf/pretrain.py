@@ -80,7 +80,9 @@ class Pretrainer:
         return items
 
     def _losses(self, batch):
-        views = tf.concat([batch["view_a"], batch["view_b"]], axis=0)
+        if data_lib.IMAGE in batch:  # --augment_on_device: the views are made here
+            batch = data_lib.views_of_batch(batch, **view_settings(self.config))
+        views = tf.concat([batch[data_lib.VIEW_A], batch[data_lib.VIEW_B]], axis=0)
         h = self.encoder(views, training=True)
         z, _ = self.head(h, training=True)
         z_a, z_b = tf.split(z, 2, axis=0)
@@ -116,12 +118,21 @@ class Pretrainer:
                                         self.optimizer, self.config.train.jit_compile)
 
 
+def view_settings(config):
+    """The keyword arguments of `data.views_of_batch` that make this run's views."""
+    aug = config.augment
+    return dict(image_size=config.data.image_size, color_jitter_strength=aug.color_jitter_strength,
+                use_blur=aug.use_blur, augmentations=aug.augmentations,
+                asymmetric=aug.asymmetric_augment)
+
+
 def make_dataset_fn(config):
     """function(input_context, seed) -> this input pipeline's batches of two views.
 
     With `config.data.tf_data_service`, decoding and augmentation run on the service's workers
     ("parallel epochs": every worker produces its own endless stream, so each draws its own random
-    seeds instead of repeating one seeded stream).
+    seeds instead of repeating one seeded stream). With `config.augment.augment_on_device` the
+    batches hold uint8 images and a seed, and `Pretrainer` makes the views in its step.
     """
     service = config.data.tf_data_service
     data = config.data
@@ -138,7 +149,8 @@ def make_dataset_fn(config):
             use_blur=config.augment.use_blur, seed=None if service else seed,
             cache=config.data.cache_dataset, augmentations=config.augment.augmentations,
             asymmetric=config.augment.asymmetric_augment, examples=examples,
-            corruption=corruption)
+            corruption=corruption, augment_on_device=config.augment.augment_on_device,
+            device_input_size=config.augment.augment_input_size)
         if service:
             dataset = dataset.apply(tf.data.experimental.service.distribute(
                 processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
@@ -151,7 +163,9 @@ def _view_pairs_summary(config):
     """Writes `summary_images` pairs of augmented views (side by side) to TensorBoard."""
     count = config.train.summary_images
     batch = next(iter(make_dataset_fn(config)(tf.distribute.InputContext(), config.train.seed)))
-    pairs = tf.concat([batch["view_a"][:count], batch["view_b"][:count]], axis=2)
+    if data_lib.IMAGE in batch:
+        batch = data_lib.views_of_batch(batch, **view_settings(config))
+    pairs = tf.concat([batch[data_lib.VIEW_A][:count], batch[data_lib.VIEW_B][:count]], axis=2)
     tf.summary.image("augmented_view_pairs", pairs, step=0, max_outputs=count)
 
 

@@ -55,6 +55,10 @@ CLI_CASES = [
      "error: jit_compile=True runs one replica (or --strategy=tpu), not 2 replicas of "
      "--strategy=mirrored: XLA cannot compile that step's cross-replica ops; drop --jit_compile "
      "or use one replica"),
+    ("augment_on_device_when_fine_tuning", "run",
+     ["--train_mode=finetune", "--augment_on_device"], {}, 2,
+     "error: augment_on_device applies to --train_mode=pretrain, not --train_mode=finetune: "
+     "drop --augment_on_device"),
     ("contrastive_batch_without_negatives", "run", ["--train_batch_size=1"], {}, 2,
      "error: train_batch_size=1 leaves the contrastive loss without negatives (an image's only "
      "other view is its positive): use at least 2"),

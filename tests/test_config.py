@@ -28,6 +28,7 @@ def test_derived_defaults_are_resolved_by_the_config_as_by_the_cli(parsed_flags)
     small, large = cfg.RunConfig(), cfg.RunConfig(data=cfg.DataConfig(image_size=224))
     assert (small.encoder.cifar_stem, small.augment.use_blur) == (True, False)
     assert (large.encoder.cifar_stem, large.augment.use_blur) == (False, True)
+    assert (small.augment.augment_input_size, large.augment.augment_input_size) == (37, 256)
     assert parsed_flags(["--image_size=224"]) == large
     explicit = cfg.RunConfig(data=cfg.DataConfig(image_size=224),
                              encoder=cfg.EncoderConfig(cifar_stem=True),

@@ -399,6 +399,42 @@ def test_pretrain_tfds_pipelines_are_disjoint(tiny_tfds_dir, fake_augment, num_p
     assert not np.array_equal(view_b[0], view_b[1])  # pipelines draw different seeds
 
 
+def test_pretrain_on_device_batches_give_the_host_views():
+    """--augment_on_device: the same uint8 batches and seeds; views_of_batch (what the step runs)
+    makes the views the host pipeline makes (Fashion-MNIST: images with content, of one size).
+
+    Eagerly they are bit-identical; inside a tf.function grappler rewrites the graph (it fuses
+    and reorders float ops), which moves them by float32 rounding (1.8e-7 here; with grappler's
+    meta optimiser disabled they are bit-identical again)."""
+    settings = dict(color_jitter_strength=0.5, use_blur=True)
+    kwargs = dict(seed=3, shuffle_buffer=50, input_context=_context(2, 1), **settings)
+    host = _take_batches(data.pretrain_dataset("fashion_mnist", "train", 4, 12, **kwargs), 3)
+    on_device = data.pretrain_dataset("fashion_mnist", "train", 4, 12, augment_on_device=True,
+                                      **kwargs)
+    spec = on_device.element_spec
+    assert {k: (v.shape.as_list(), v.dtype) for k, v in spec.items()} == {
+        "image": ([4, 28, 28, 3], tf.uint8), "seed": ([2], tf.int64), "label": ([4], tf.int32)}
+    step_views = tf.function(lambda batch: data.views_of_batch(batch, 12, **settings))
+    for host_batch, batch in zip(host, on_device.take(3)):
+        eager, in_function = data.views_of_batch(batch, 12, **settings), step_views(batch)
+        for key in ("view_a", "view_b", "label"):
+            np.testing.assert_array_equal(eager[key].numpy(), host_batch[key], err_msg=key)
+            np.testing.assert_allclose(in_function[key].numpy(), host_batch[key], rtol=0,
+                                       atol=1e-6, err_msg=key)
+
+
+def test_pretrain_on_device_resizes_varying_sizes_to_one_uint8_size(labelled_folder):
+    batches = data.pretrain_dataset(f"folder:{labelled_folder}", "train", 3, 16, seed=7,
+                                    shuffle_buffer=4, augment_on_device=True, device_input_size=18)
+    batch = next(iter(batches))
+    assert batch["image"].shape == [3, 18, 18, 3] and batch["image"].dtype == tf.uint8
+    views = data.views_of_batch(batch, 16)
+    assert views["view_a"].shape == [3, 16, 16, 3]
+    # The single-colour images stay their colour through the uint8 resize (up to rounding).
+    image = data._resize_uint8(tf.fill([5, 9, 3], tf.constant(77, tf.uint8)), 18)
+    np.testing.assert_array_equal(image.numpy(), np.full([18, 18, 3], 77, np.uint8))
+
+
 def test_pretrain_too_few_examples_for_pipelines(flat_folder):
     with pytest.raises(data.DatasetError, match="fewer than the 4 input pipelines"):
         data.pretrain_dataset(f"folder:{flat_folder}", "train", 1, 8, input_context=_context(4, 0))

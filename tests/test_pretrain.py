@@ -1,6 +1,7 @@
-"""Pretraining: same loss and update on 1 and 2 replicas; XLA compiles; a run checkpoints,
-exports and resumes; tf.data service; mixed precision."""
+"""Pretraining: same loss and update on 1 and 2 replicas; XLA compiles; views made in the step
+give the host views' losses; a run checkpoints, exports and resumes; tf.data service; mixed precision."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -65,6 +66,34 @@ def test_replica_step_compiles_with_xla(pretrain_config, views_batch):
     out = step(batch)
     assert np.isfinite(out["loss"].numpy())
     assert int(trainer.step.numpy()) == 1
+
+
+@pytest.mark.parametrize("replicas,jit_compile", [(2, False), (1, True)])
+def test_views_made_in_the_step_give_the_host_views_losses(pretrain_config, replicas,
+                                                           jit_compile):
+    """--augment_on_device: the pipeline's uint8 batches, augmented inside the replica's step (on
+    each replica's device; by XLA with --jit_compile), give the losses of the host pipeline's views
+    of the same batches and seeds. (The losses only: the update is the same code either way, and
+    tracing a second backward pass over two replicas would cost a minute.)"""
+    strategy = _mirrored(replicas) if replicas > 1 else tf.distribute.get_strategy()
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    base = pretrain_config(jit_compile=jit_compile)
+    config = {on_device: dataclasses.replace(base, augment=dataclasses.replace(
+        base.augment, use_blur=True, augment_on_device=on_device)) for on_device in (False, True)}
+    trainer = pretrain.Pretrainer(config[True], strategy, schedule, num_classes=10)
+    batches = {on_device: next(iter(strategy.distribute_datasets_from_function(
+        lambda ctx, c=c: pretrain.make_dataset_fn(c)(ctx, 5)))) for on_device, c in config.items()}
+    assert "image" in strategy.experimental_local_results(batches[True])[0]
+    replica_losses = tf.function(trainer._losses, jit_compile=jit_compile)
+
+    @tf.function
+    def losses(batch):
+        loss, metrics = strategy.run(replica_losses, args=(batch,))
+        return [strategy.reduce("MEAN", v, axis=None)
+                for v in (loss, metrics["contrast_loss"], metrics["probe_loss"])]
+
+    host, device = losses(batches[False]), losses(batches[True])
+    np.testing.assert_allclose([float(v) for v in device], [float(v) for v in host], rtol=1e-5)
 
 
 def test_training_runs_checkpoints_and_resumes_at_the_same_step(tmp_path, pretrain_config,
