@@ -1,14 +1,36 @@
-"""Augmented views/s of the paper's pipeline on ONE core, against what a training step can consume.
+"""Augmented views/s on ONE thread: the original SimCLR's recipe against ours, and what a training
+step can consume.
 
-    python bench/augment_throughput.py
+    python bench/augment_throughput.py                       # best of 5, about a minute
+    python bench/augment_throughput.py --quick --repeats=1   # smoke run: small batches
 
-Times `views.two_views` (crop + flip, colour jitter, grayscale, blur as the paper sets them:
-no blur at 32 px, blur at 224 px) inside a `tf.function` on uint8 batches, with TensorFlow limited
-to one thread, best of 5. The step's consumption is bounded by the machine's limit for ResNet-18
-(CIFAR stem) at 32 px: 2 views x (matmul peak on all cores / FLOPs per example), measured in the same
-run as bench/train_throughput.py defines them. Prints one JSON line at the end.
+Times three pipelines on the same uint8 batches, in one process with TensorFlow limited to one
+thread (intra_op = inter_op = 1), at 32 px (batch of 128 32x32 images, no blur) and at 224 px
+(batch of 32 256x256 images, blur on), each best of `--repeats` calls after one warm-up call
+(so XLA's compile is not timed); two views per image:
+
+- `original`: the original code's recipe (google-research/simclr, tf2/data_util.py), REWRITTEN
+  here from its description, not copied: per image in a `tf.map_fn` inside a `tf.function`,
+  `sample_distorted_bounding_box` crop + bicubic resize, flip, colour jitter (p 0.8, its four ops
+  in a random order under `tf.switch_case`), grayscale (p 0.2); then per batch of views its blur
+  (one sigma per batch, two depthwise convolutions, kept by each image with p 0.5). Its figure is a
+  stand-in for the original code's; the fetched original code itself measured 316 views/s at
+  224 px and 9,215 at 32 px on one thread (recorded in the project; a different run, so compare
+  it with this file's figures only roughly).
+- `graph`: ours, `views.two_views` inside a `tf.function`, no XLA.
+- `xla_stages`: ours as the training pipeline runs it on fixed-size images (and the step with
+  --augment_on_device): `two_views(..., xla=True)`, the crop and the colour distortion each
+  compiled by XLA, the blur not.
+- `xla`: the whole of `two_views` compiled as one XLA program (`tf.function(jit_compile=True)`),
+  as inside a --jit_compile step with --augment_on_device.
+
+The step's consumption is bounded by the machine's limit for ResNet-18 (CIFAR stem) at 32 px:
+2 views x (matmul peak on all cores / FLOPs per example), measured in the same run as
+bench/train_throughput.py defines them. Prints one JSON line at the end: views/s of each pipeline
+at each size, ours over the original, and ours at 32 px over the step's consumption.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -31,47 +53,192 @@ from simclr_tf.resnet import resnet  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import forward_flops_per_view  # noqa: E402
 
+PIPELINES = ("original", "graph", "xla_stages", "xla")
+OURS = PIPELINES[1:]
 
-def views_per_sec(batch, in_size, out_size, use_blur, repeats=5):
-    images = tf.cast(tf.random.uniform([batch, in_size, in_size, 3], 0, 256, tf.int32), tf.uint8)
-    fn = tf.function(lambda x, s: views.two_views(x, s, out_size, use_blur=use_blur))
-    seed = tf.constant([1, 2], tf.int64)
-    fn(images, seed)[0].numpy()
+# (name, images per batch, input side, view side, blur); --quick keeps the sizes, shrinks batches.
+SETTINGS = (("32px", 128, 32, 32, False), ("224px", 32, 256, 224, True))
+QUICK_BATCHES = {"32px": 8, "224px": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# The original's recipe, rewritten from its description: stateful random ops, per image.
+
+_JITTER = 0.8  # brightness, contrast and saturation factors, times the strength s
+_HUE = 0.2
+
+
+def original_crop_and_resize(image, size):
+    """Random resized crop: a box of 8-100% of the area, aspect 3/4-4/3, resized bicubically."""
+    whole_image = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
+    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=whole_image, min_object_covered=0.1,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=100,
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, crop_size)
+    return tf.image.resize(crop[None], [size, size], method="bicubic")[0]
+
+
+def original_random_apply(transform, p, image):
+    return tf.cond(tf.random.uniform([]) < p, lambda: transform(image), lambda: image)
+
+
+def original_color_jitter(image, strength):
+    """Brightness, contrast, saturation and hue, in a random order, clipped after each."""
+    jitter = _JITTER * strength
+
+    def brightness(x):
+        return x * tf.random.uniform([], max(0.0, 1.0 - jitter), 1.0 + jitter)
+
+    ops = [
+        brightness,
+        lambda x: tf.image.random_contrast(x, 1.0 - jitter, 1.0 + jitter),
+        lambda x: tf.image.random_saturation(x, 1.0 - jitter, 1.0 + jitter),
+        lambda x: tf.image.random_hue(x, _HUE * strength),
+    ]
+    order = tf.random.shuffle(tf.range(len(ops)))
+    for slot in range(len(ops)):
+        branches = [lambda op=op, x=image: op(x) for op in ops]
+        image = tf.clip_by_value(tf.switch_case(order[slot], branches), 0.0, 1.0)
+    return image
+
+
+def original_to_grayscale(image):
+    return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+
+
+def original_color_distortion(image, strength=1.0):
+    image = original_random_apply(lambda x: original_color_jitter(x, strength), 0.8, image)
+    return original_random_apply(original_to_grayscale, 0.2, image)
+
+
+def original_view(image, size):
+    """One view of one image, before the blur: float32 [size, size, 3] in [0, 1]."""
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    image = original_crop_and_resize(image, size)
+    image = tf.image.random_flip_left_right(image)
+    image = original_color_distortion(image)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def original_gaussian_blur(images, sigma, kernel_size):
+    """Separable Gaussian blur of [B, H, W, 3]: a vertical then a horizontal depthwise pass."""
+    radius = kernel_size // 2
+    taps = 2 * radius + 1
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-x ** 2 / (2.0 * sigma ** 2))
+    kernel /= tf.reduce_sum(kernel)
+    vertical = tf.tile(tf.reshape(kernel, [taps, 1, 1, 1]), [1, 1, 3, 1])
+    horizontal = tf.tile(tf.reshape(kernel, [1, taps, 1, 1]), [1, 1, 3, 1])
+    images = tf.nn.depthwise_conv2d(images, vertical, [1, 1, 1, 1], padding="SAME")
+    return tf.nn.depthwise_conv2d(images, horizontal, [1, 1, 1, 1], padding="SAME")
+
+
+def original_batch_blur(images, size, p=0.5):
+    """One sigma for the whole batch; each image keeps its blurred version with probability p."""
+    sigma = tf.random.uniform([], 0.1, 2.0)
+    blurred = original_gaussian_blur(images, sigma, kernel_size=size // 10)
+    keep_blurred = tf.random.uniform([tf.shape(images)[0], 1, 1, 1]) < p
+    return tf.clip_by_value(tf.where(keep_blurred, blurred, images), 0.0, 1.0)
+
+
+def original_two_views(images, size, use_blur):
+    """Two views of each uint8 image as the original makes them, each [B, size, size, 3]."""
+    view_spec = tf.TensorSpec([size, size, 3], tf.float32)
+    view_a, view_b = tf.map_fn(
+        lambda image: (original_view(image, size), original_view(image, size)), images,
+        fn_output_signature=(view_spec, view_spec))
+    if use_blur:  # the original blurs each batch of views separately
+        view_a, view_b = original_batch_blur(view_a, size), original_batch_blur(view_b, size)
+    return view_a, view_b
+
+
+# --------------------------------------------------------------------------------------------
+# Timing.
+
+def uint8_images(batch, side):
+    return tf.cast(tf.random.uniform([batch, side, side, 3], 0, 256, tf.int32), tf.uint8)
+
+
+def best_seconds(call, repeats):
+    """Fastest of `repeats` timed calls, after one untimed warm-up call (trace, XLA compile)."""
+    call()
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(images, seed)[0].numpy()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * batch / best
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
-def matmul_peak_gflops_single_thread_free():
+def two_views_call(pipeline, images, view_size, use_blur):
+    """A no-argument call that makes both views of `images` with `pipeline` and waits for them."""
+    if pipeline == "original":
+        fn = tf.function(lambda x: original_two_views(x, view_size, use_blur))
+        return lambda: fn(images)[0].numpy()
+    seed = tf.constant([1, 2], tf.int64)
+    fn = tf.function(
+        lambda x, s: views.two_views(x, s, view_size, use_blur=use_blur,
+                                     xla=(pipeline == "xla_stages")),
+        jit_compile=(pipeline == "xla"))
+    return lambda: fn(images, seed)[0].numpy()
+
+
+def views_per_sec(batch, input_side, view_size, use_blur, repeats):
+    """Views/s of each pipeline, all on the same batch."""
+    images = uint8_images(batch, input_side)
+    return {pipeline: 2 * batch / best_seconds(two_views_call(pipeline, images, view_size,
+                                                              use_blur), repeats)
+            for pipeline in PIPELINES}
+
+
+def matmul_peak_gflops_single_thread(repeats):
     # The peak is measured on one thread here; scale by the core count for the whole machine.
     a = tf.random.uniform([2048, 2048])
     mm = tf.function(lambda x: tf.reduce_sum(tf.matmul(x, x)))
-    mm(a).numpy()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        mm(a).numpy()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 2048 ** 3 / best / 1e9
+    return 2 * 2048 ** 3 / best_seconds(lambda: mm(a).numpy(), repeats) / 1e9
+
+
+def step_max_views_per_sec(repeats):
+    """(views/s a ResNet-18 step at 32 px can consume at the machine's matmul peak, the peak)."""
+    peak = matmul_peak_gflops_single_thread(repeats) * os.cpu_count()
+    flops_per_example = 3 * 2 * forward_flops_per_view(
+        resnet(18, cifar_stem=True, image_size=32), keras)
+    return 2 * peak * 1e9 / flops_per_example, peak
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed calls of each pipeline; the fastest counts")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: batches of %s images (figures not comparable)"
+                             % " / ".join(map(str, QUICK_BATCHES.values())))
+    return parser.parse_args()
 
 
 def main():
-    v32 = views_per_sec(128, 32, 32, use_blur=False)
-    v224 = views_per_sec(32, 256, 224, use_blur=True)
-    cores = os.cpu_count()
-    peak = matmul_peak_gflops_single_thread_free() * cores
-    flops = 3 * 2 * forward_flops_per_view(resnet(18, cifar_stem=True, image_size=32), keras)
-    consumed_views = 2 * peak * 1e9 / flops
-    print(json.dumps({
-        "benchmark": "augment_throughput", "threads": 1,
-        "views_per_sec_32px": round(v32, 1), "views_per_sec_224px": round(v224, 1),
-        "machine_matmul_peak_gflops_estimate": round(peak, 1), "cores": cores,
-        "step_max_views_per_sec_r18_32px": round(consumed_views, 1),
-        "ratio_32px": round(v32 / consumed_views, 2),
-    }))
+    args = parse_args()
+    result = {"benchmark": "augment_throughput", "threads": 1, "repeats": args.repeats,
+              "quick": args.quick}
+    rates = {}
+    for name, batch, input_side, view_size, use_blur in SETTINGS:
+        batch = QUICK_BATCHES[name] if args.quick else batch
+        rates[name] = views_per_sec(batch, input_side, view_size, use_blur, args.repeats)
+        result[f"batch_{name}"] = batch
+        for pipeline in PIPELINES:
+            result[f"views_per_sec_{name}_{pipeline}"] = round(rates[name][pipeline], 1)
+        for ours in OURS:
+            result[f"ratio_{name}_{ours}_over_original"] = round(
+                rates[name][ours] / rates[name]["original"], 2)
+    consumed, peak = step_max_views_per_sec(args.repeats)
+    result.update({
+        "machine_matmul_peak_gflops_estimate": round(peak, 1), "cores": os.cpu_count(),
+        "step_max_views_per_sec_r18_32px": round(consumed, 1),
+    })
+    for ours in OURS:
+        result[f"ratio_32px_{ours}_over_step_max"] = round(rates["32px"][ours] / consumed, 2)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

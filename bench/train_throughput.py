@@ -13,7 +13,8 @@ Definitions (so figures compare across runs):
   mean(h^2), plain SGD update.
 - full SimCLR step: the real input pipeline (Fashion-MNIST from the offline default, augmentation
   in the same process on the same cores), NT-Xent, LARS with weight decay, the linear probe and the
-  metrics, through `pretrain.Pretrainer`'s compiled loop.
+  metrics, through `pretrain.Pretrainer`'s compiled loop; with `--augment_on_device` the views
+  are made inside that step instead of in the input pipeline.
 - ratios: bare FLOP/s / peak, and full / bare examples/s (of the fastest loops and best peak);
   also the median over rounds of each ratio taken within a round (bare against the peak taken just
   before it, full against the bare loop just before it), which a slow spell of the machine hits on
@@ -51,6 +52,8 @@ flags.DEFINE_boolean("onednn", True, "TF_ENABLE_ONEDNN_OPTS=1 (oneDNN CPU kernel
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset of the full step.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets directory.")
 flags.DEFINE_boolean("full_step", True, "Also time the full SimCLR step.")
+flags.DEFINE_boolean("augment_on_device", False,
+                     "Full step: make the views inside the step (--augment_on_device).")
 FLAGS = flags.FLAGS
 
 
@@ -163,6 +166,7 @@ def main(_):
         data=cfg.DataConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
                             image_size=FLAGS.image_size),
         encoder=cfg.EncoderConfig(resnet_depth=FLAGS.depth, width_multiplier=FLAGS.width),
+        augment=cfg.AugmentConfig(augment_on_device=FLAGS.augment_on_device),
         train=cfg.TrainConfig(train_batch_size=FLAGS.batch, train_steps=1000,
                               jit_compile=FLAGS.jit, precision=FLAGS.precision),
     )
@@ -185,6 +189,7 @@ def main(_):
                   f"{'_cifar_stem' if config.encoder.cifar_stem else ''}"),
         "image_size": FLAGS.image_size, "global_batch": FLAGS.batch,
         "replicas": strategy.num_replicas_in_sync, "jit_compile": FLAGS.jit,
+        "augment_on_device": FLAGS.augment_on_device,
         "precision": FLAGS.precision, "onednn": FLAGS.onednn,
         "matmul_peak_gflops": round(peak, 1),
         "matmul_peak_samples": [round(p, 1) for p in peaks],

@@ -182,9 +182,9 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
 
     The views of a batch come from a stateless seed derived from (`seed`, input pipeline id, batch
     number), so the same arguments give the same stream. Fixed-size datasets are augmented a batch
-    at a time; folders (varying sizes) one image at a time before batching. For folders the file
-    order is already fully shuffled every epoch, so a small `shuffle_buffer` suffices (the buffer
-    holds decoded images).
+    at a time, with the crop and colour distortion compiled by XLA; folders (varying sizes) one
+    image at a time before batching, without XLA. For folders the file order is already fully
+    shuffled every epoch, so a small `shuffle_buffer` suffices (the buffer holds decoded images).
 
     With `augment_on_device` the pipeline stops before the views: it yields the uint8 batch and its
     seed, and the training step makes the views (`views_of_batch`), the same views as this
@@ -226,9 +226,10 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     view_settings = dict(image_size=image_size, color_jitter_strength=color_jitter_strength,
                          use_blur=use_blur, augmentations=augmentations, asymmetric=asymmetric)
 
-    def views(step, image, label, view_shape):
+    def views(step, image, label, view_shape, xla):
         step_seed = tf.random.experimental.stateless_fold_in(base_seed, step)
-        batch = views_of_batch({IMAGE: image, SEED: step_seed, LABEL: label}, **view_settings)
+        batch = views_of_batch({IMAGE: image, SEED: step_seed, LABEL: label}, xla=xla,
+                               **view_settings)
         return {VIEW_A: tf.ensure_shape(batch[VIEW_A], view_shape),
                 VIEW_B: tf.ensure_shape(batch[VIEW_B], view_shape),
                 LABEL: tf.ensure_shape(label, view_shape[:1])}
@@ -253,28 +254,32 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
         # Sizes vary, so no batch can be formed before the crop: augment each image as a batch of 1.
         def one_image(step, example):
             image, label = example
-            return views(step, image[tf.newaxis], label[tf.newaxis], [1, image_size, image_size, 3])
+            # No XLA: it would compile the crop again for every image size.
+            return views(step, image[tf.newaxis], label[tf.newaxis], [1, image_size, image_size, 3],
+                         xla=False)
 
         batches = _with_counter(images, seed).map(one_image, num_parallel_calls=_AUTOTUNE,
                                             deterministic=True)
         batches = batches.unbatch().batch(batch_size, drop_remainder=True)
     else:
         def whole_batch(step, example):
-            return views(step, *example, [batch_size, image_size, image_size, 3])
+            return views(step, *example, [batch_size, image_size, image_size, 3], xla=True)
 
         batches = _with_counter(images.batch(batch_size, drop_remainder=True), seed).map(
             whole_batch, num_parallel_calls=_AUTOTUNE, deterministic=True)
     return batches.prefetch(_AUTOTUNE)
 
 
-def views_of_batch(batch: dict, image_size: int, **view_settings) -> dict:
+def views_of_batch(batch: dict, image_size: int, xla: bool = True, **view_settings) -> dict:
     """{image, seed, label} -> {view_a, view_b, label}: the two views of a batch, made from its seed.
 
     The host pipeline calls it in its `map`; with augment_on_device the training step calls it on
-    the batches `pretrain_dataset` yields. `view_settings` are `views.two_views`'s keyword
-    arguments (color_jitter_strength, use_blur, augmentations, asymmetric).
+    the batches `pretrain_dataset` yields. `xla` compiles the crop and the colour distortion
+    (`views.view`); `view_settings` are `views.two_views`'s other keyword arguments
+    (color_jitter_strength, use_blur, augmentations, asymmetric).
     """
-    view_a, view_b = views_lib.two_views(batch[IMAGE], batch[SEED], image_size, **view_settings)
+    view_a, view_b = views_lib.two_views(batch[IMAGE], batch[SEED], image_size, xla=xla,
+                                         **view_settings)
     return {VIEW_A: view_a, VIEW_B: view_b, LABEL: batch[LABEL]}
 
 

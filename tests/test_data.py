@@ -371,7 +371,8 @@ def test_pretrain_seeds(source, labelled_folder, tiny_tfds_dir, fake_augment):
     assert not np.array_equal(same_a[0]["view_b"], other[0]["view_b"])  # another seed
     assert not np.array_equal(same_a[0]["view_b"], same_a[1]["view_b"])  # a seed per batch
     assert fake_augment.calls[0] == dict(color_jitter_strength=0.3, use_blur=False,
-                                         augmentations=None, asymmetric=False)
+                                         augmentations=None, asymmetric=False,
+                                         xla=source == "tfds")
 
 
 def test_pretrain_folder_pipelines_are_disjoint(one_per_class_folder, fake_augment):
