@@ -32,7 +32,13 @@ _STUDY_SEEDS = ("cutout", "noise", "rotate")
 
 def _crop(images, seeds, image_size, strength):
     del strength
-    return augment.random_resized_crop_and_flip(images, seeds["crop"], seeds["flip"], image_size)
+    # The flip as a pass of its own, not folded into the crop's taps
+    # (`augment.random_resized_crop_and_flip`, the same views bit for bit): XLA then keeps the
+    # cropped views in memory instead of fusing the crop's gathers into every colour op, and a
+    # view compiled whole by XLA (the --jit_compile step with --augment_on_device) ran 8x faster
+    # at 32 px; without XLA the extra pass costs nothing measurable.
+    views = augment.random_resized_crop(images, seeds["crop"], image_size)
+    return augment.random_flip_left_right(views, seeds["flip"])
 
 
 def _color(images, seeds, image_size, strength):
@@ -66,9 +72,9 @@ TRANSFORMS = {
 
 
 # Transforms `view(..., xla=True)` compiles, each on its own: XLA makes the crop about 2x and the
-# colour distortion about 4x faster on CPU, but compiling a whole view as one program was slower
-# than no XLA at 32 px (XLA's CPU fusion of the colour ops into the crop's gathers). Blur stays
-# uncompiled: XLA did not make it faster. See docs/performance.md.
+# colour distortion about 4x faster on CPU. The blur stays uncompiled: XLA's CPU code for its
+# banded matmuls was slower than TensorFlow's kernels (about 2.6 against 2.4 ms per 224-px view).
+# See docs/performance.md.
 _XLA_STAGES = ("crop", "color")
 _compiled_transforms = {}
 
