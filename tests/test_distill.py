@@ -1,5 +1,5 @@
 """Distillation: the loss against hand-computed values, a frozen teacher, self- and big-to-small
-distillation steps, and a tiny distillation run through the CLI."""
+distillation steps, a tiny distillation run through the CLI, and --train_examples."""
 
 import dataclasses
 import json
@@ -128,3 +128,20 @@ def test_cli_distils_and_evaluates_the_student(tmp_path, finetune_config, cli):
         results = json.load(f)
     assert results["train_mode"] == "distill" and results["step"] == 2
     assert results["num_examples"] == 100
+
+
+def test_distillation_with_train_examples_reads_them_only_and_labels_within_them(finetune_config):
+    """--train_examples with --train_mode=distill: the unlabelled pool is those N images, the
+    labelled ones are taken within them, and one epoch of batches holds each of the N once (so
+    the labelled marks add up to the labelled subset, 3x more often than over the whole split)."""
+    base = finetune_config(train_label_fraction=0.1)
+    config = dataclasses.replace(
+        base, data=dataclasses.replace(base.data, train_split="train[:600]", train_examples=120),
+        train=dataclasses.replace(base.train, train_mode="distill"))
+    pool, labelled = finetune.training_examples(config), finetune.labelled_subset(config)
+    assert len(pool) == 120 and set(labelled) <= set(pool)
+    assert 10 <= len(labelled) <= 15  # 10% of each class among the 120, rounded, at least one
+    dataset_fn = finetune.make_dataset_fn(config, labelled, mark_subset=True)
+    batches = dataset_fn(tf.distribute.InputContext(), 0)
+    epoch = list(batches.take(120 // config.train.train_batch_size).as_numpy_iterator())
+    assert sum(int(batch["labelled"].sum()) for batch in epoch) == len(labelled)
