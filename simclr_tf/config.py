@@ -59,7 +59,8 @@ def _setting(default, help, choices=None):  # noqa: A002 (the absl name)
 class DataConfig:
     dataset: str = _setting(
         "fashion_mnist",
-        "tensorflow-datasets name, or folder:/path/to/images (sub-folders = classes).")
+        "tensorflow-datasets name, or folder:/path/to/images (sub-folders = classes), or a "
+        "union of them joined by '+' (mixed in proportion to their sizes).")
     data_dir: str | None = _setting(None, "tensorflow-datasets data directory.")
     train_split: str = _setting("train", "Split to pretrain on.")
     eval_split: str = _setting("test", "Split to evaluate on.")

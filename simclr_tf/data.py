@@ -17,6 +17,12 @@ Dataset names:
     megapixels) are skipped when the folder is listed, with one warning that counts them and names
     them (`image_files`); `DatasetInfo.num_examples` counts the files kept. A file that passes
     those checks but still fails to decode is dropped by `Dataset.ignore_errors` (TF's warning).
+  * a union `a+b` of any of these (Cole et al.'s pooled domains): the same split of each, every
+    image once per epoch, interleaved at random in proportion to the parts' sizes (so a larger
+    part is seen more often, not oversampled). Class ids follow one another (b's first class
+    comes after a's last; unlabelled stays -1), and class names become `a:name`. Read in order,
+    the parts follow one another, which is the order `--train_examples` and label indices count
+    in. A folder path that exists with a '+' in it stays one dataset.
 
 Images stay uint8 through shuffling and batching; `views` turns them into float32 views. Grayscale
 images become 3 channels (tiled) and RGBA images drop alpha.
@@ -37,6 +43,7 @@ import tensorflow_datasets as tfds
 from simclr_tf import augment, image_files, views as views_lib
 
 FOLDER_PREFIX = "folder:"
+UNION = "+"
 FOLDER_SPLITS = ("train", "validation", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
@@ -90,8 +97,26 @@ class DatasetInfo:
 # Public API
 
 
+def union_parts(dataset: str) -> list[str]:
+    """The datasets a union `a+b` names, or [dataset] for a single one.
+
+    A `folder:` path that exists as it is written stays whole, even with a '+' in it.
+    """
+    if UNION not in dataset or (dataset.startswith(FOLDER_PREFIX)
+                                and os.path.isdir(dataset[len(FOLDER_PREFIX):])):
+        return [dataset]
+    parts = [part.strip() for part in dataset.split(UNION)]
+    if not all(parts):
+        raise DatasetError(f"dataset={dataset!r} has an empty name in its union: write the "
+                           "datasets joined by '+', e.g. cifar10+folder:/data/mine")
+    return parts
+
+
 def dataset_info(dataset: str, split: str, data_dir: str | None = None) -> DatasetInfo:
     """Size, classes and image shape of `split` (prepares Fashion-MNIST offline if needed)."""
+    parts = union_parts(dataset)
+    if len(parts) > 1:
+        return _union_info(dataset, [dataset_info(part, split, data_dir) for part in parts])
     if dataset.startswith(FOLDER_PREFIX):
         return _folder_info(dataset, _list_folder(dataset, split))
     builder = _prepared_builder(dataset, data_dir)
@@ -160,6 +185,9 @@ def training_subset(dataset: str, split: str, data_dir: str | None, count: int,
 
 
 def _load_images(dataset, split, data_dir, input_context, shuffle_files, seed):
+    parts = union_parts(dataset)
+    if len(parts) > 1:
+        return _load_union(dataset, parts, split, data_dir, input_context, shuffle_files, seed)
     if dataset.startswith(FOLDER_PREFIX):
         listing = _list_folder(dataset, split)
         images = _folder_images(listing, input_context, shuffle_files, seed)
@@ -167,6 +195,40 @@ def _load_images(dataset, split, data_dir, input_context, shuffle_files, seed):
     builder = _prepared_builder(dataset, data_dir)
     info = _tfds_info(dataset, builder, split)
     return _tfds_images(dataset, builder, split, input_context, shuffle_files, seed), info
+
+
+def _union_info(dataset: str, infos: list[DatasetInfo]) -> DatasetInfo:
+    shapes = {info.image_shape for info in infos}
+    return DatasetInfo(
+        name=dataset, num_examples=sum(info.num_examples for info in infos),
+        num_classes=sum(info.num_classes for info in infos),
+        image_shape=shapes.pop() if len(shapes) == 1 else None,
+        class_names=tuple(f"{info.name}:{name}" for info in infos for name in info.class_names))
+
+
+def _load_union(dataset, parts, split, data_dir, input_context, shuffle_files, seed):
+    """Every part's images, labels offset past the earlier parts' classes (-1 stays -1).
+
+    Read in order (`shuffle_files=False`) the parts follow one another, so an index into the
+    union is an index into that order; shuffled they are interleaved at random in proportion to
+    their sizes, so that every epoch reads each image once.
+    """
+    loaded, offset = [], 0
+    for part in parts:
+        images, info = _load_images(part, split, data_dir, input_context, shuffle_files, seed)
+        shifted = images.map(lambda image, label, shift=offset: (
+            image, tf.where(label >= 0, label + shift, label)))
+        loaded.append((shifted, info))
+        offset += info.num_classes
+    info = _union_info(dataset, [info for _, info in loaded])
+    datasets = [images for images, _ in loaded]
+    if not shuffle_files:
+        union = datasets[0]
+        for images in datasets[1:]:
+            union = union.concatenate(images)
+        return union, info
+    weights = [part.num_examples / info.num_examples for _, part in loaded]
+    return tf.data.Dataset.sample_from_datasets(datasets, weights, seed=seed), info
 
 
 def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,

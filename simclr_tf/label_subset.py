@@ -100,8 +100,9 @@ def _positions_by_name(names):
 
 
 def split_labels(dataset, split, data_dir=None):
-    """int32 [N] labels of a split in reading order (tfds images are not decoded)."""
-    if dataset.startswith(data_lib.FOLDER_PREFIX):
+    """int32 [N] labels of a split in reading order (tfds images are not decoded, except in a
+    union)."""
+    if dataset.startswith(data_lib.FOLDER_PREFIX) or len(data_lib.union_parts(dataset)) > 1:
         images, _ = data_lib.load_images(dataset, split, data_dir)
         return np.fromiter((int(label) for _, label in images.as_numpy_iterator()), np.int32)
     builder, image_key, label_key = _tfds_parts(dataset, split, data_dir)
@@ -113,7 +114,9 @@ def split_labels(dataset, split, data_dir=None):
 
 def split_file_names(dataset, split, data_dir=None):
     """Every example's file name in reading order (tfds `file_name`; for folders, the path below
-    the split's folder), or None if the dataset has none."""
+    the split's folder), or None if the dataset has none (a union has none: use indices)."""
+    if len(data_lib.union_parts(dataset)) > 1:
+        return None
     if dataset.startswith(data_lib.FOLDER_PREFIX):
         listing = data_lib.folder_listing(dataset, split)
         return [os.path.relpath(path, listing.root).replace(os.sep, "/") for path in listing.paths]

@@ -1,5 +1,6 @@
-"""The data-study settings (Cole et al. 2022): image corruptions (`--corrupt`, `--eval_corrupt`)
-and training on a nested subset of the images (`--train_examples`)."""
+"""The data-study settings (Cole et al. 2022): image corruptions (`--corrupt`, `--eval_corrupt`),
+training on a nested subset of the images (`--train_examples`) and on a union of datasets
+(`--dataset=a+b`)."""
 import json
 import math
 
@@ -256,3 +257,57 @@ def test_cli_evaluates_f_on_another_dataset(tmp_path, image_folder, cli):
     # 1-NN on its own bank: every image's nearest neighbour is itself.
     assert results["knn_top1"] == 1.0 and 0 <= results["linear_top1"] <= 1
     assert any(p.name.startswith("eval_folder_") for p in run.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain: a union of datasets (--dataset=a+b)
+
+
+@pytest.fixture(scope="module")
+def two_domains(tmp_path_factory, image_folder):
+    """Two labelled folders: clothes (2 classes x 6 images, 20 px) and shoes (3 x 4, 24 px)."""
+    root = tmp_path_factory.mktemp("domains")
+    clothes = image_folder(root / "clothes", per_class=6, size=20, classes=("coat", "shirt"))
+    shoes = image_folder(root / "shoes", per_class=4, size=24, classes=("boot", "heel", "sneaker"))
+    return clothes, shoes
+
+
+def test_union_counts_every_part_and_offsets_their_classes(two_domains):
+    clothes, shoes = two_domains
+    info = data_lib.dataset_info(f"{clothes}+{shoes}", "train")
+    assert (info.num_examples, info.num_classes, info.image_shape) == (24, 5, None)
+    assert info.class_names == tuple(f"{part}:{name}" for part, names in (
+        (clothes, ("coat", "shirt")), (shoes, ("boot", "heel", "sneaker"))) for name in names)
+    # Read in order, the parts follow one another: indices (--train_examples) count in it.
+    images, _ = data_lib.load_images(f"{clothes}+{shoes}", "train")
+    read = [(image.shape[0], int(label)) for image, label in images.as_numpy_iterator()]
+    assert read == [(20, c) for c in (0, 1) for _ in range(6)] + [
+        (24, c) for c in (2, 3, 4) for _ in range(4)]
+    subset, _ = data_lib.load_images(f"{clothes}+{shoes}", "train", examples=[0, 11, 12, 23])
+    assert [int(label) for _, label in subset.as_numpy_iterator()] == [0, 1, 2, 4]
+
+
+def test_union_shuffled_reads_each_image_once_per_epoch_and_pretrains(two_domains):
+    clothes, shoes = two_domains
+    union = f"{shoes}+{clothes}"  # the other order: shoes are classes 0..2 now
+    images, _ = data_lib.load_images(union, "train", shuffle_files=True, seed=3)
+    labels = [int(label) for _, label in images.as_numpy_iterator()]
+    assert sorted(labels) == [c for c in (0, 1, 2) for _ in range(4)] + [
+        c for c in (3, 4) for _ in range(6)]
+    assert labels != sorted(labels)  # interleaved, not one part after the other
+    batches = data_lib.pretrain_dataset(union, "train", 4, 16, seed=1, shuffle_buffer=8)
+    batch = next(iter(batches))
+    assert batch["view_a"].shape == [4, 16, 16, 3]
+
+
+def test_union_names_and_their_errors(tmp_path, two_domains):
+    clothes, _ = two_domains
+    assert data_lib.union_parts("cifar10") == ["cifar10"]
+    assert data_lib.union_parts("cifar10 + folder:/x") == ["cifar10", "folder:/x"]
+    plus = tmp_path / "a+b"
+    plus.mkdir()
+    assert data_lib.union_parts(f"folder:{plus}") == [f"folder:{plus}"]
+    with pytest.raises(data_lib.DatasetError, match=r"has an empty name in its union"):
+        data_lib.dataset_info(f"{clothes}+", "train")
+    with pytest.raises(data_lib.DatasetError, match="no_such_dataset"):
+        data_lib.dataset_info(f"{clothes}+no_such_dataset", "train")
