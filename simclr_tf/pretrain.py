@@ -64,6 +64,12 @@ class Pretrainer:
                                                    config.optimizer.optimizer)
 
     @property
+    def _step_compiled_by_xla(self):
+        """Whether XLA compiles the whole step (--jit_compile, or a TPU), views included."""
+        return (self.config.train.jit_compile
+                or isinstance(self.strategy, tf.distribute.TPUStrategy))
+
+    @property
     def trainable_variables(self):
         parts = [self.encoder, self.head] + ([self.probe] if self.probe else [])
         return [v for part in parts for v in part.trainable_variables]
@@ -81,7 +87,8 @@ class Pretrainer:
 
     def _losses(self, batch):
         if data_lib.IMAGE in batch:  # --augment_on_device: the views are made here
-            batch = data_lib.views_of_batch(batch, **view_settings(self.config))
+            batch = data_lib.views_of_batch(batch, xla=not self._step_compiled_by_xla,
+                                            **view_settings(self.config))
         views = tf.concat([batch[data_lib.VIEW_A], batch[data_lib.VIEW_B]], axis=0)
         h = self.encoder(views, training=True)
         z, _ = self.head(h, training=True)

@@ -72,15 +72,21 @@ TRANSFORMS = {
 
 
 # Transforms `view(..., xla=True)` compiles, each on its own: XLA makes the crop about 2x and the
-# colour distortion about 4x faster on CPU. The blur stays uncompiled: XLA's CPU code for its
-# banded matmuls was slower than TensorFlow's kernels (about 2.6 against 2.4 ms per 224-px view).
-# See docs/performance.md.
+# colour distortion about 4x faster on CPU. The blur stays uncompiled (XLA's CPU code for its
+# matmuls was slower than TensorFlow's kernels) and, uncompiled, blurs only the images drawn for
+# it. See docs/performance.md.
 _XLA_STAGES = ("crop", "color")
 _compiled_transforms = {}
+_blur_selected_only = _seeded(
+    lambda images, seed: augment.random_gaussian_blur(images, seed, selected_only=True), "blur")
 
 
 def _transform(name, xla):
-    if not (xla and name in _XLA_STAGES):
+    if not xla:
+        return TRANSFORMS[name]
+    if name == "blur":
+        return _blur_selected_only
+    if name not in _XLA_STAGES:
         return TRANSFORMS[name]
     if name not in _compiled_transforms:
         _compiled_transforms[name] = tf.function(TRANSFORMS[name], jit_compile=True)
@@ -110,8 +116,11 @@ def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False)
       image_size: output side S in pixels.
       recipe: names from TRANSFORMS, as a sequence or a comma-separated string.
       color_jitter_strength: the strength s of "color".
-      xla: compile the crop and the colour distortion with XLA, each on its own (faster on CPU;
-        the views move by float rounding). Give images of one shape: XLA compiles each shape.
+      xla: for a caller that runs the view as a TensorFlow graph, not compiled by XLA (tf.data,
+        a step without --jit_compile): compile the crop and the colour distortion with XLA, each
+        on its own, and blur only the images drawn for it, whose number XLA could not compile.
+        Faster on CPU; the views move by float rounding. Give images of one shape (XLA compiles
+        each shape), and leave it False inside a function XLA compiles.
 
     Returns:
       float32 [B, S, S, 3] in [0, 1].
