@@ -24,10 +24,13 @@ thread (intra_op = inter_op = 1), at 32 px (batch of 128 32x32 images, no blur) 
 - `xla`: the whole of `two_views` compiled as one XLA program (`tf.function(jit_compile=True)`),
   as inside a --jit_compile step with --augment_on_device.
 
-The step's consumption is bounded by the machine's limit for ResNet-18 (CIFAR stem) at 32 px:
-2 views x (matmul peak on all cores / FLOPs per example), measured in the same run as
-bench/train_throughput.py defines them. Prints one JSON line at the end: views/s of each pipeline
-at each size, ours over the original, and ours at 32 px over the step's consumption.
+What a training step consumes is bounded by the machine's limit: for ResNet-18 (CIFAR stem) at
+32 px and ResNet-50 at 224 px, 2 views x (matmul peak on all cores / FLOPs per example), with
+FLOPs as bench/train_throughput.py defines them. On an accelerator the step is far faster: one
+current GPU's ResNet-50 step takes on the order of 2,000 views/s at 224 px, so the file also
+reports how many cores like this one each pipeline needs to feed it. Prints one JSON line at the
+end: views/s of each pipeline at each size, ours over the original, ours over the step's
+consumption at each size, and the cores per GPU.
 """
 
 import argparse
@@ -199,12 +202,20 @@ def matmul_peak_gflops_single_thread(repeats):
     return 2 * 2048 ** 3 / best_seconds(lambda: mm(a).numpy(), repeats) / 1e9
 
 
+# Views/s one current GPU's ResNet-50 SimCLR step consumes at 224 px (issue 27's estimate): the
+# CPU cores it takes to feed one such GPU are this over one core's views/s.
+GPU_VIEWS_PER_SEC_224PX = 2000
+
+
 def step_max_views_per_sec(repeats):
-    """(views/s a ResNet-18 step at 32 px can consume at the machine's matmul peak, the peak)."""
+    """({"r18_32px": views/s, "r50_224px": views/s}: what a training step of each model can
+    consume at the machine's matmul peak on all its cores, the peak in GFLOP/s)."""
     peak = matmul_peak_gflops_single_thread(repeats) * os.cpu_count()
-    flops_per_example = 3 * 2 * forward_flops_per_view(
-        resnet(18, cifar_stem=True, image_size=32), keras)
-    return 2 * peak * 1e9 / flops_per_example, peak
+    models = {"r18_32px": resnet(18, cifar_stem=True, image_size=32),
+              "r50_224px": resnet(50, cifar_stem=False, image_size=224)}
+    # 2 views per example, forward + backward = 3 x forward.
+    return {name: 2 * peak * 1e9 / (3 * 2 * forward_flops_per_view(model, keras))
+            for name, model in models.items()}, peak
 
 
 def parse_args():
@@ -232,12 +243,16 @@ def main():
             result[f"ratio_{name}_{ours}_over_original"] = round(
                 rates[name][ours] / rates[name]["original"], 2)
     consumed, peak = step_max_views_per_sec(args.repeats)
-    result.update({
-        "machine_matmul_peak_gflops_estimate": round(peak, 1), "cores": os.cpu_count(),
-        "step_max_views_per_sec_r18_32px": round(consumed, 1),
-    })
-    for ours in OURS:
-        result[f"ratio_32px_{ours}_over_step_max"] = round(rates["32px"][ours] / consumed, 2)
+    result.update({"machine_matmul_peak_gflops_estimate": round(peak, 1),
+                   "cores": os.cpu_count()})
+    for model, size in (("r18_32px", "32px"), ("r50_224px", "224px")):
+        result[f"step_max_views_per_sec_{model}"] = round(consumed[model], 1)
+        for ours in OURS:
+            result[f"ratio_{size}_{ours}_over_step_max"] = round(
+                rates[size][ours] / consumed[model], 2)
+    for pipeline in PIPELINES:
+        result[f"cores_to_feed_one_gpu_224px_{pipeline}"] = round(
+            GPU_VIEWS_PER_SEC_224PX / rates["224px"][pipeline], 1)
     print(json.dumps(result))
 
 
