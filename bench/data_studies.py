@@ -151,8 +151,10 @@ def domain_folders(args):
 def domain(args):
     folders = domain_folders(args)
     target = folders["footwear_bags"]
+    # The whole of footwear + bags' train split as the bank: a folder is read class by class,
+    # so its first --labelled images would all be ankle boots.
     on_target = [f"--eval_dataset={target}", "--eval_dataset_train_split=train",
-                 "--eval_dataset_split=test"]
+                 "--eval_dataset_split=test", "--knn_bank_size=0"]
     rows = []
     for tag, pretraining, dataset in (
             ("footwear", "footwear + bags (same domain)", target),

@@ -20,7 +20,8 @@ Dataset names:
   * a union `a+b` of any of these (Cole et al.'s pooled domains): the same split of each, every
     image once per epoch, interleaved at random in proportion to the parts' sizes (so a larger
     part is seen more often, not oversampled). Class ids follow one another (b's first class
-    comes after a's last; unlabelled stays -1), and class names become `a:name`. Read in order,
+    comes after a's last) and class names become `a:name`; with an unlabelled part (a flat
+    folder) the whole union is unlabelled. Read in order,
     the parts follow one another, which is the order `--train_examples` and label indices count
     in. A folder path that exists with a '+' in it stays one dataset.
 
@@ -103,7 +104,7 @@ def union_parts(dataset: str) -> list[str]:
     A `folder:` path that exists as it is written stays whole, even with a '+' in it.
     """
     if UNION not in dataset or (dataset.startswith(FOLDER_PREFIX)
-                                and os.path.isdir(dataset[len(FOLDER_PREFIX):])):
+                                and tf.io.gfile.isdir(_folder_root(dataset))):
         return [dataset]
     parts = [part.strip() for part in dataset.split(UNION)]
     if not all(parts):
@@ -199,28 +200,39 @@ def _load_images(dataset, split, data_dir, input_context, shuffle_files, seed):
 
 def _union_info(dataset: str, infos: list[DatasetInfo]) -> DatasetInfo:
     shapes = {info.image_shape for info in infos}
+    labelled = _all_labelled(infos)
     return DatasetInfo(
         name=dataset, num_examples=sum(info.num_examples for info in infos),
-        num_classes=sum(info.num_classes for info in infos),
+        num_classes=sum(info.num_classes for info in infos) if labelled else 0,
         image_shape=shapes.pop() if len(shapes) == 1 else None,
-        class_names=tuple(f"{info.name}:{name}" for info in infos for name in info.class_names))
+        class_names=tuple(f"{info.name}:{name}" for info in infos for name in info.class_names)
+        if labelled else ())
+
+
+def _all_labelled(infos: list[DatasetInfo]) -> bool:
+    """A union is labelled only if every part is: a class count that leaves some images at -1
+    would hand the probe, fine-tuning and the linear evaluation labels outside their classes."""
+    return all(info.num_classes for info in infos)
 
 
 def _load_union(dataset, parts, split, data_dir, input_context, shuffle_files, seed):
-    """Every part's images, labels offset past the earlier parts' classes (-1 stays -1).
+    """Every part's images, labels offset past the earlier parts' classes (all -1 if a part is
+    unlabelled).
 
     Read in order (`shuffle_files=False`) the parts follow one another, so an index into the
     union is an index into that order; shuffled they are interleaved at random in proportion to
     their sizes, so that every epoch reads each image once.
     """
-    loaded, offset = [], 0
-    for part in parts:
-        images, info = _load_images(part, split, data_dir, input_context, shuffle_files, seed)
-        shifted = images.map(lambda image, label, shift=offset: (
-            image, tf.where(label >= 0, label + shift, label)))
-        loaded.append((shifted, info))
-        offset += info.num_classes
-    info = _union_info(dataset, [info for _, info in loaded])
+    loaded = [_load_images(part, split, data_dir, input_context, shuffle_files, seed)
+              for part in parts]
+    info = _union_info(dataset, [part_info for _, part_info in loaded])
+    relabelled, offset = [], 0
+    for images, part_info in loaded:
+        relabelled.append((images.map(lambda image, label, shift=offset: (
+            image, label + shift if info.num_classes else tf.constant(UNLABELLED, tf.int32))),
+            part_info))
+        offset += part_info.num_classes
+    loaded = relabelled
     datasets = [images for images, _ in loaded]
     if not shuffle_files:
         union = datasets[0]
@@ -239,7 +251,7 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
                      cache: bool = False, augmentations: str | None = None,
                      asymmetric: bool = False, examples: np.ndarray | None = None,
                      corruption=None, augment_on_device: bool = False,
-                     device_input_size: int | None = None) -> tf.data.Dataset:
+                     augment_input_size: int | None = None) -> tf.data.Dataset:
     """Endless, shuffled batches of two augmented views per image, for one input pipeline.
 
     The views of a batch come from a stateless seed derived from (`seed`, input pipeline id, batch
@@ -251,7 +263,7 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     With `augment_on_device` the pipeline stops before the views: it yields the uint8 batch and its
     seed, and the training step makes the views (`views_of_batch`), the same views as this
     pipeline makes from the same batch. Images of varying size are first resized (whole, as uint8)
-    to `device_input_size` so that they batch; their views then differ from the host's, which
+    to `augment_input_size` so that they batch; their views then differ from the host's, which
     crops each image at its own size.
 
     Args:
@@ -264,7 +276,7 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
       seed: seed of the shuffles and views; None draws them afresh wherever the pipeline runs
         (needed on tf.data service, whose workers would otherwise all produce the same stream).
       augment_on_device: yield {image, seed, label} instead of the views (see above).
-      device_input_size: the side images of varying size are resized to with augment_on_device.
+      augment_input_size: the side images of varying size are resized to with augment_on_device.
       Others: as in `load_images`.
 
     Returns:
@@ -279,6 +291,12 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
                                shuffle_files=True, seed=pipeline_seed, examples=examples,
                                corruption=corruption)
     _check_enough_examples(info, input_context)
+    if augment_on_device and info.image_shape is None:
+        # Resized before the cache and the shuffle buffer, which then hold the small images.
+        _check_positive(augment_input_size=augment_input_size or 0)
+        images = images.map(
+            lambda image, label: (_resize_uint8(image, augment_input_size), label),
+            num_parallel_calls=_AUTOTUNE, deterministic=True)
     if cache:
         images = images.cache()
     images = images.shuffle(shuffle_buffer, seed=pipeline_seed, reshuffle_each_iteration=True)
@@ -297,12 +315,7 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
                 LABEL: tf.ensure_shape(label, view_shape[:1])}
 
     if augment_on_device:
-        if info.image_shape is None:
-            _check_positive(device_input_size=device_input_size or 0)
-            images = images.map(
-                lambda image, label: (_resize_uint8(image, device_input_size), label),
-                num_parallel_calls=_AUTOTUNE, deterministic=True)
-        shape = info.image_shape or (device_input_size, device_input_size, 3)
+        shape = info.image_shape or (augment_input_size, augment_input_size, 3)
 
         def unaugmented_batch(step, example):
             image, label = example
@@ -332,16 +345,18 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     return batches.prefetch(_AUTOTUNE)
 
 
-def views_of_batch(batch: dict, image_size: int, xla: bool = True, **view_settings) -> dict:
+def views_of_batch(batch: dict, image_size: int, xla: bool = True,
+                   blur_selected_only: bool = True, **view_settings) -> dict:
     """{image, seed, label} -> {view_a, view_b, label}: the two views of a batch, made from its seed.
 
     The host pipeline calls it in its `map`; with augment_on_device the training step calls it on
-    the batches `pretrain_dataset` yields. `xla` compiles the crop and the colour distortion
-    (`views.view`); `view_settings` are `views.two_views`'s other keyword arguments
-    (color_jitter_strength, use_blur, augmentations, asymmetric).
+    the batches `pretrain_dataset` yields. `xla` and `blur_selected_only` say how the views are
+    computed (`views.view`; the defaults are the host pipeline's); `view_settings` are
+    `views.two_views`'s other keyword arguments (color_jitter_strength, use_blur, augmentations,
+    asymmetric).
     """
     view_a, view_b = views_lib.two_views(batch[IMAGE], batch[SEED], image_size, xla=xla,
-                                         **view_settings)
+                                         blur_selected_only=blur_selected_only, **view_settings)
     return {VIEW_A: view_a, VIEW_B: view_b, LABEL: batch[LABEL]}
 
 
@@ -614,9 +629,13 @@ class _FolderListing:
     class_names: tuple[str, ...]
 
 
+def _folder_root(dataset: str) -> str:
+    return os.path.expanduser(dataset[len(FOLDER_PREFIX):]).rstrip("/") or "/"
+
+
 def _list_folder(dataset: str, split: str) -> _FolderListing:
     """Finds the image files of a `folder:` dataset and their labels (sorted, so reproducible)."""
-    root = os.path.expanduser(dataset[len(FOLDER_PREFIX):]).rstrip("/") or "/"
+    root = _folder_root(dataset)
     if not tf.io.gfile.isdir(root):
         raise DatasetError(f"image folder {root!r} of dataset {dataset!r} does not exist")
     root = _folder_split_dir(root, split)

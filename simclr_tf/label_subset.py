@@ -100,9 +100,11 @@ def _positions_by_name(names):
 
 
 def split_labels(dataset, split, data_dir=None):
-    """int32 [N] labels of a split in reading order (tfds images are not decoded, except in a
-    union)."""
-    if dataset.startswith(data_lib.FOLDER_PREFIX) or len(data_lib.union_parts(dataset)) > 1:
+    """int32 [N] labels of a split in reading order (tfds images are not decoded)."""
+    parts = data_lib.union_parts(dataset)
+    if len(parts) > 1:
+        return _union_labels(dataset, parts, split, data_dir)
+    if dataset.startswith(data_lib.FOLDER_PREFIX):
         images, _ = data_lib.load_images(dataset, split, data_dir)
         return np.fromiter((int(label) for _, label in images.as_numpy_iterator()), np.int32)
     builder, image_key, label_key = _tfds_parts(dataset, split, data_dir)
@@ -110,6 +112,18 @@ def split_labels(dataset, split, data_dir=None):
         raise LabelSubsetError(f"dataset {dataset!r} has no labels to fine-tune on")
     labels = _without_images(builder, split, image_key).map(lambda e: e[label_key])
     return np.concatenate(list(labels.batch(8192).as_numpy_iterator())).astype(np.int32)
+
+
+def _union_labels(dataset, parts, split, data_dir):
+    """The parts' labels one after the other, each offset past the earlier parts' classes."""
+    if not data_lib.dataset_info(dataset, split, data_dir).num_classes:
+        raise LabelSubsetError(f"dataset {dataset!r} has an unlabelled part, so no labels to "
+                               "fine-tune on")
+    labels, offset = [], 0
+    for part in parts:
+        labels.append(split_labels(part, split, data_dir) + offset)
+        offset += data_lib.dataset_info(part, split, data_dir).num_classes
+    return np.concatenate(labels).astype(np.int32)
 
 
 def split_file_names(dataset, split, data_dir=None):

@@ -87,7 +87,10 @@ class Pretrainer:
 
     def _losses(self, batch):
         if data_lib.IMAGE in batch:  # --augment_on_device: the views are made here
+            # Not blur_selected_only: its dynamic count would not compile, and on a GPU it would
+            # stop every step to copy the count to the host.
             batch = data_lib.views_of_batch(batch, xla=not self._step_compiled_by_xla,
+                                            blur_selected_only=False,
                                             **view_settings(self.config))
         views = tf.concat([batch[data_lib.VIEW_A], batch[data_lib.VIEW_B]], axis=0)
         h = self.encoder(views, training=True)
@@ -127,10 +130,13 @@ class Pretrainer:
 
 def view_settings(config):
     """The keyword arguments of `data.views_of_batch` that make this run's views."""
+    return dict(image_size=config.data.image_size, **_pipeline_view_settings(config))
+
+
+def _pipeline_view_settings(config):
     aug = config.augment
-    return dict(image_size=config.data.image_size, color_jitter_strength=aug.color_jitter_strength,
-                use_blur=aug.use_blur, augmentations=aug.augmentations,
-                asymmetric=aug.asymmetric_augment)
+    return dict(color_jitter_strength=aug.color_jitter_strength, use_blur=aug.use_blur,
+                augmentations=aug.augmentations, asymmetric=aug.asymmetric_augment)
 
 
 def make_dataset_fn(config):
@@ -152,12 +158,10 @@ def make_dataset_fn(config):
         dataset = data_lib.pretrain_dataset(
             config.data.dataset, config.data.train_split, batch, config.data.image_size,
             data_dir=config.data.data_dir, input_context=input_context,
-            color_jitter_strength=config.augment.color_jitter_strength,
-            use_blur=config.augment.use_blur, seed=None if service else seed,
-            cache=config.data.cache_dataset, augmentations=config.augment.augmentations,
-            asymmetric=config.augment.asymmetric_augment, examples=examples,
+            seed=None if service else seed, cache=config.data.cache_dataset, examples=examples,
             corruption=corruption, augment_on_device=config.augment.augment_on_device,
-            device_input_size=config.augment.augment_input_size)
+            augment_input_size=config.augment.augment_input_size,
+            **_pipeline_view_settings(config))
         if service:
             dataset = dataset.apply(tf.data.experimental.service.distribute(
                 processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,

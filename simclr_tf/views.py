@@ -72,21 +72,18 @@ TRANSFORMS = {
 
 
 # Transforms `view(..., xla=True)` compiles, each on its own: XLA makes the crop about 2x and the
-# colour distortion about 4x faster on CPU. The blur stays uncompiled (XLA's CPU code for its
-# matmuls was slower than TensorFlow's kernels) and, uncompiled, blurs only the images drawn for
-# it. See docs/performance.md.
+# colour distortion about 4x faster on CPU. The blur stays uncompiled: XLA's CPU code for its
+# matmuls was slower than TensorFlow's kernels. See docs/performance.md.
 _XLA_STAGES = ("crop", "color")
 _compiled_transforms = {}
 _blur_selected_only = _seeded(
     lambda images, seed: augment.random_gaussian_blur(images, seed, selected_only=True), "blur")
 
 
-def _transform(name, xla):
-    if not xla:
-        return TRANSFORMS[name]
-    if name == "blur":
+def _transform(name, xla, blur_selected_only):
+    if name == "blur" and blur_selected_only:
         return _blur_selected_only
-    if name not in _XLA_STAGES:
+    if not (xla and name in _XLA_STAGES):
         return TRANSFORMS[name]
     if name not in _compiled_transforms:
         _compiled_transforms[name] = tf.function(TRANSFORMS[name], jit_compile=True)
@@ -107,7 +104,8 @@ def _sub_seeds(seed, names):
     return seeds
 
 
-def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False):
+def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
+         blur_selected_only=False):
     """One view per image, made by the recipe's transforms in order.
 
     Args:
@@ -116,11 +114,11 @@ def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False)
       image_size: output side S in pixels.
       recipe: names from TRANSFORMS, as a sequence or a comma-separated string.
       color_jitter_strength: the strength s of "color".
-      xla: for a caller that runs the view as a TensorFlow graph, not compiled by XLA (tf.data,
-        a step without --jit_compile): compile the crop and the colour distortion with XLA, each
-        on its own, and blur only the images drawn for it, whose number XLA could not compile.
-        Faster on CPU; the views move by float rounding. Give images of one shape (XLA compiles
-        each shape), and leave it False inside a function XLA compiles.
+      xla: compile the crop and the colour distortion with XLA, each on its own (faster on CPU;
+        the views move by float rounding). Give images of one shape: XLA compiles each shape.
+      blur_selected_only: blur only the images drawn for it (`augment.random_gaussian_blur`'s
+        selected_only): half the work, the same views. For a graph on the CPU (tf.data): XLA
+        cannot compile it, and on a GPU its count would stop the step for a copy to the host.
 
     Returns:
       float32 [B, S, S, 3] in [0, 1].
@@ -130,7 +128,8 @@ def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False)
     views = images if names[0] == "crop" else augment.resize(tf.convert_to_tensor(images),
                                                              image_size)
     for name in names:
-        views = _transform(name, xla)(views, seeds, image_size, color_jitter_strength)
+        transform = _transform(name, xla, blur_selected_only)
+        views = transform(views, seeds, image_size, color_jitter_strength)
     return augment.clip_unit(augment.to_float(views))
 
 
@@ -140,7 +139,7 @@ def identity_view(images, image_size):
 
 
 def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True,
-              augmentations=None, asymmetric=False, xla=False):
+              augmentations=None, asymmetric=False, xla=False, blur_selected_only=False):
     """Two independently augmented views of each image (the positive pair).
 
     Args:
@@ -153,17 +152,18 @@ def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True
         is then ignored).
       asymmetric: augment view_a only; view_b is the untransformed image resized to S (the
         paper's Figure 5 setting).
-      xla: as in `view`.
+      xla, blur_selected_only: as in `view`.
 
     Returns:
       (view_a, view_b), each float32 [B, S, S, 3] in [0, 1].
     """
     seed_a, seed_b = augment.split_seed(seed, 2)
     recipe = paper_recipe(use_blur) if augmentations is None else augmentations
-    view_a = view(images, seed_a, image_size, recipe, color_jitter_strength, xla)
+    how = dict(xla=xla, blur_selected_only=blur_selected_only)
+    view_a = view(images, seed_a, image_size, recipe, color_jitter_strength, **how)
     if asymmetric:
         return view_a, identity_view(images, image_size)
-    return view_a, view(images, seed_b, image_size, recipe, color_jitter_strength, xla)
+    return view_a, view(images, seed_b, image_size, recipe, color_jitter_strength, **how)
 
 
 def train_view(images, seed, image_size, color_jitter_strength=1.0, use_blur=True):

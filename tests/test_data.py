@@ -372,7 +372,7 @@ def test_pretrain_seeds(source, labelled_folder, tiny_tfds_dir, fake_augment):
     assert not np.array_equal(same_a[0]["view_b"], same_a[1]["view_b"])  # a seed per batch
     assert fake_augment.calls[0] == dict(color_jitter_strength=0.3, use_blur=False,
                                          augmentations=None, asymmetric=False,
-                                         xla=source == "tfds")
+                                         xla=source == "tfds", blur_selected_only=True)
 
 
 def test_pretrain_folder_pipelines_are_disjoint(one_per_class_folder, fake_augment):
@@ -426,7 +426,7 @@ def test_pretrain_on_device_batches_give_the_host_views():
 
 def test_pretrain_on_device_resizes_varying_sizes_to_one_uint8_size(labelled_folder):
     batches = data.pretrain_dataset(f"folder:{labelled_folder}", "train", 3, 16, seed=7,
-                                    shuffle_buffer=4, augment_on_device=True, device_input_size=18)
+                                    shuffle_buffer=4, augment_on_device=True, augment_input_size=18)
     batch = next(iter(batches))
     assert batch["image"].shape == [3, 18, 18, 3] and batch["image"].dtype == tf.uint8
     views = data.views_of_batch(batch, 16)

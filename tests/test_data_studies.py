@@ -300,14 +300,39 @@ def test_union_shuffled_reads_each_image_once_per_epoch_and_pretrains(two_domain
     assert batch["view_a"].shape == [4, 16, 16, 3]
 
 
-def test_union_names_and_their_errors(tmp_path, two_domains):
+def test_union_names_and_their_errors(tmp_path, monkeypatch, two_domains):
     clothes, _ = two_domains
     assert data_lib.union_parts("cifar10") == ["cifar10"]
     assert data_lib.union_parts("cifar10 + folder:/x") == ["cifar10", "folder:/x"]
     plus = tmp_path / "a+b"
     plus.mkdir()
     assert data_lib.union_parts(f"folder:{plus}") == [f"folder:{plus}"]
+    monkeypatch.setenv("HOME", str(tmp_path))  # the same folder through ~, as folders are read
+    assert data_lib.union_parts("folder:~/a+b") == ["folder:~/a+b"]
     with pytest.raises(data_lib.DatasetError, match=r"has an empty name in its union"):
         data_lib.dataset_info(f"{clothes}+", "train")
     with pytest.raises(data_lib.DatasetError, match="no_such_dataset"):
         data_lib.dataset_info(f"{clothes}+no_such_dataset", "train")
+
+
+def test_union_with_an_unlabelled_part_is_unlabelled(tmp_path, two_domains):
+    """A flat folder has no classes: the whole union is unlabelled (label -1 everywhere), so no
+    probe, fine-tuning or linear evaluation meets a label outside its classes."""
+    clothes, _ = two_domains
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        tf.io.write_file(str(flat / f"{i}.png"), tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)))
+    union = f"{clothes}+folder:{flat}"
+    info = data_lib.dataset_info(union, "train")
+    assert (info.num_examples, info.num_classes, info.class_names) == (15, 0, ())
+    images, _ = data_lib.load_images(union, "train")
+    assert {int(label) for _, label in images.as_numpy_iterator()} == {-1}
+    with pytest.raises(label_subset.LabelSubsetError, match="has an unlabelled part"):
+        label_subset.split_labels(union, "train")
+
+
+def test_union_labels_without_decoding_follow_the_reading_order(two_domains):
+    clothes, shoes = two_domains
+    np.testing.assert_array_equal(label_subset.split_labels(f"{clothes}+{shoes}", "train"),
+                                  [0] * 6 + [1] * 6 + [2] * 4 + [3] * 4 + [4] * 4)

@@ -132,8 +132,9 @@ def test_cli_distils_and_evaluates_the_student(tmp_path, finetune_config, cli):
 
 def test_distillation_with_train_examples_reads_them_only_and_labels_within_them(finetune_config):
     """--train_examples with --train_mode=distill: the unlabelled pool is those N images, the
-    labelled ones are taken within them, and one epoch of batches holds each of the N once (so
-    the labelled marks add up to the labelled subset, 3x more often than over the whole split)."""
+    labelled ones are taken within them, and one epoch of batches holds each of the N once, so
+    its labelled marks add up to the labelled subset exactly (reading the whole split of 600
+    instead, 120 images would carry about a fifth of them)."""
     base = finetune_config(train_label_fraction=0.1)
     config = dataclasses.replace(
         base, data=dataclasses.replace(base.data, train_split="train[:600]", train_examples=120),
