@@ -247,9 +247,13 @@ def main(argv=None):
     t0 = time.time()
     rows = {"quantity": quantity, "quality": quality, "domain": domain,
             "granularity": granularity}[args.study](args)
+    evaluation = (f"linear evaluation on {args.labelled} labelled images, {args.test_examples} "
+                  "test images")
+    if args.study == "domain":
+        evaluation = ("evaluated on footwear + bags: linear evaluation on its 24,000 training "
+                      "images, its 4,000 test images")
     setting = (f"Fashion-MNIST, ResNet-18 (CIFAR stem), {args.size} px, batch {args.batch_size}, "
-               f"{args.steps} steps per run, linear evaluation on {args.labelled} labelled "
-               f"images, {args.test_examples} test images")
+               f"{args.steps} steps per run, {evaluation}")
     out = os.path.join(args.out_dir, args.study)
     with open(f"{out}.json", "w") as f:
         json.dump({"study": args.study, "setting": setting, "rows": rows}, f, indent=2)
