@@ -18,9 +18,9 @@ thread (intra_op = inter_op = 1), at 32 px (batch of 128 32x32 images, no blur) 
   224 px and 9,215 at 32 px on one thread (recorded in the project; a different run, so compare
   it with this file's figures only roughly).
 - `graph`: ours, `views.two_views` inside a `tf.function`, no XLA.
-- `xla_stages`: ours as the training pipeline runs it on fixed-size images (and the step with
-  --augment_on_device): `two_views(..., xla=True)`, the crop and the colour distortion each
-  compiled by XLA, the blur not.
+- `xla_stages`: ours as the training pipeline runs it on fixed-size images:
+  `two_views(..., xla=True, blur_selected_only=True)`, the crop and the colour distortion each
+  compiled by XLA, the blur not, and only the images drawn for it blurred.
 - `xla`: the whole of `two_views` compiled as one XLA program (`tf.function(jit_compile=True)`),
   as inside a --jit_compile step with --augment_on_device.
 
@@ -182,7 +182,8 @@ def two_views_call(pipeline, images, view_size, use_blur):
     seed = tf.constant([1, 2], tf.int64)
     fn = tf.function(
         lambda x, s: views.two_views(x, s, view_size, use_blur=use_blur,
-                                     xla=(pipeline == "xla_stages")),
+                                     xla=(pipeline == "xla_stages"),
+                                     blur_selected_only=(pipeline == "xla_stages")),
         jit_compile=(pipeline == "xla"))
     return lambda: fn(images, seed)[0].numpy()
 
