@@ -21,9 +21,9 @@ Dataset names:
     image once per epoch, interleaved at random in proportion to the parts' sizes (so a larger
     part is seen more often, not oversampled). Class ids follow one another (b's first class
     comes after a's last) and class names become `a:name`; with an unlabelled part (a flat
-    folder) the whole union is unlabelled. Read in order,
-    the parts follow one another, which is the order `--train_examples` and label indices count
-    in. A folder path that exists with a '+' in it stays one dataset.
+    folder) the whole union is unlabelled. Read in order, the parts follow one another, which is
+    the order `--train_examples` and label indices count in. A folder path that exists with a '+'
+    in it stays one dataset.
 
 Images stay uint8 through shuffling and batching; `views` turns them into float32 views. Grayscale
 images become 3 channels (tiled) and RGBA images drop alpha.
@@ -226,14 +226,11 @@ def _load_union(dataset, parts, split, data_dir, input_context, shuffle_files, s
     loaded = [_load_images(part, split, data_dir, input_context, shuffle_files, seed)
               for part in parts]
     info = _union_info(dataset, [part_info for _, part_info in loaded])
-    relabelled, offset = [], 0
+    datasets, offset = [], 0
     for images, part_info in loaded:
-        relabelled.append((images.map(lambda image, label, shift=offset: (
-            image, label + shift if info.num_classes else tf.constant(UNLABELLED, tf.int32))),
-            part_info))
+        datasets.append(images.map(lambda image, label, shift=offset: (
+            image, label + shift if info.num_classes else tf.constant(UNLABELLED, tf.int32))))
         offset += part_info.num_classes
-    loaded = relabelled
-    datasets = [images for images, _ in loaded]
     if not shuffle_files:
         union = datasets[0]
         for images in datasets[1:]:
