@@ -116,14 +116,14 @@ def split_labels(dataset, split, data_dir=None):
 
 def _union_labels(dataset, parts, split, data_dir):
     """The parts' labels one after the other, each offset past the earlier parts' classes."""
-    if not data_lib.dataset_info(dataset, split, data_dir).num_classes:
+    # Each part's info once: for a folder it lists the files and reads every header.
+    infos = [data_lib.dataset_info(part, split, data_dir) for part in parts]
+    if not all(info.num_classes for info in infos):  # as data's unions: unlabelled as a whole
         raise LabelSubsetError(f"dataset {dataset!r} has an unlabelled part, so no labels to "
                                "fine-tune on")
-    labels, offset = [], 0
-    for part in parts:
-        labels.append(split_labels(part, split, data_dir) + offset)
-        offset += data_lib.dataset_info(part, split, data_dir).num_classes
-    return np.concatenate(labels).astype(np.int32)
+    offsets = np.cumsum([0] + [info.num_classes for info in infos[:-1]])
+    return np.concatenate([split_labels(part, split, data_dir) + offset
+                           for part, offset in zip(parts, offsets)]).astype(np.int32)
 
 
 def split_file_names(dataset, split, data_dir=None):
