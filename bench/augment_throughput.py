@@ -54,7 +54,7 @@ from simclr_tf import views  # noqa: E402
 from simclr_tf.resnet import resnet  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import forward_flops_per_view  # noqa: E402
+from train_throughput import forward_flops_per_view, matmul_peak_gflops  # noqa: E402
 
 PIPELINES = ("original", "graph", "xla_stages", "xla")
 OURS = PIPELINES[1:]
@@ -196,22 +196,16 @@ def views_per_sec(batch, input_side, view_size, use_blur, repeats):
             for pipeline in PIPELINES}
 
 
-def matmul_peak_gflops_single_thread(repeats):
-    # The peak is measured on one thread here; scale by the core count for the whole machine.
-    a = tf.random.uniform([2048, 2048])
-    mm = tf.function(lambda x: tf.reduce_sum(tf.matmul(x, x)))
-    return 2 * 2048 ** 3 / best_seconds(lambda: mm(a).numpy(), repeats) / 1e9
-
-
 # Views/s one current GPU's ResNet-50 SimCLR step consumes at 224 px (issue 27's estimate): the
 # CPU cores it takes to feed one such GPU are this over one core's views/s.
 GPU_VIEWS_PER_SEC_224PX = 2000
 
 
-def step_max_views_per_sec(repeats):
+def step_max_views_per_sec():
     """({"r18_32px": views/s, "r50_224px": views/s}: what a training step of each model can
     consume at the machine's matmul peak on all its cores, the peak in GFLOP/s)."""
-    peak = matmul_peak_gflops_single_thread(repeats) * os.cpu_count()
+    # Measured on the one thread this file allows; scaled by the cores for the machine.
+    peak = matmul_peak_gflops(tf) * os.cpu_count()
     models = {"r18_32px": resnet(18, cifar_stem=True, image_size=32),
               "r50_224px": resnet(50, cifar_stem=False, image_size=224)}
     # 2 views per example, forward + backward = 3 x forward.
@@ -243,7 +237,7 @@ def main():
         for ours in OURS:
             result[f"ratio_{name}_{ours}_over_original"] = round(
                 rates[name][ours] / rates[name]["original"], 2)
-    consumed, peak = step_max_views_per_sec(args.repeats)
+    consumed, peak = step_max_views_per_sec()
     result.update({"machine_matmul_peak_gflops_estimate": round(peak, 1),
                    "cores": os.cpu_count()})
     for model, size in (("r18_32px", "32px"), ("r50_224px", "224px")):
