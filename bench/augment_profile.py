@@ -6,7 +6,7 @@ For the paper's recipe at 32 px (from 32 px images, no blur, batch 256) and at 2
 images, blur, batch 32), times each transform of `views.view` on its own, inside a `tf.function`,
 with TensorFlow limited to one thread (best of 5 after a warm-up): the crop-resize (from uint8),
 the flip, the colour jitter's hue pass (an RGB -> HSV -> RGB round trip) and one of its six linear
-passes, the whole colour distortion (jitter with p 0.8, grayscale with p 0.2), the blur, and the
+passes (both on planar images, as the jitter runs them), the whole colour distortion (jitter with p 0.8, grayscale with p 0.2), the blur, and the
 whole view; then the whole view compiled by XLA (`jit_compile=True`), with the largest absolute
 difference between its views and the graph's. Prints a table of ms per view and one JSON line at
 the end.
@@ -48,6 +48,7 @@ def stages(batch, in_size, out_size, use_blur):
     """{stage: ms per view}."""
     images = tf.cast(tf.random.uniform([batch, in_size, in_size, 3], 0, 256, tf.int32), tf.uint8)
     crops = augment.random_resized_crop(images, SEED, out_size)
+    planes = augment._planar(crops)  # the jitter's passes work on [B, 3, H, W] planes
     ones = tf.ones([batch])
     hue = tf.fill([batch], 0.1)
     linear_op = tf.zeros([batch], tf.int32)  # brightness
@@ -57,9 +58,9 @@ def stages(batch, in_size, out_size, use_blur):
         "uint8 to float": (augment.to_float, images),
         "crop + resize": (lambda x: augment.random_resized_crop(x, SEED, out_size), images),
         "flip": (lambda x: augment.random_flip_left_right(x, SEED), crops),
-        "jitter: hue pass (HSV round trip)": (lambda x: augment._adjust_hue(x, hue), crops),
+        "jitter: hue pass (HSV round trip)": (lambda x: augment._adjust_hue(x, hue), planes),
         "jitter: one linear pass (of 6)": (
-            lambda x: augment._apply_linear_slot(x, linear_op, ones > 0, params), crops),
+            lambda x: augment._apply_linear_slot(x, linear_op, ones > 0, params), planes),
         "colour distortion (jitter p 0.8, grayscale p 0.2)": (
             lambda x: augment.random_color_jitter(x, SEED, 1.0), crops),
     }
