@@ -19,18 +19,24 @@ thread (intra_op = inter_op = 1), at 32 px (batch of 128 32x32 images, no blur) 
   it with this file's figures only roughly).
 - `graph`: ours, `views.two_views` inside a `tf.function`, no XLA.
 - `xla_stages`: ours as the training pipeline runs it on fixed-size images:
-  `two_views(..., xla=True, blur_selected_only=True)`, the crop and the colour distortion each
-  compiled by XLA, the blur not, and only the images drawn for it blurred.
+  `two_views(..., xla=True, blur_selected_only=True)`, the crop, the flip and the colour
+  distortion each compiled by XLA, the blur not, and only the images drawn for it blurred.
 - `xla`: the whole of `two_views` compiled as one XLA program (`tf.function(jit_compile=True)`),
   as inside a --jit_compile step with --augment_on_device.
+
+Then the same at 224 px from 32 images of varying sizes (sides 300-500 px, as ImageNet's), where
+no batch can be formed before the crop: `original` per image, then its batch blur; `per_image`,
+ours as the training pipeline ran it before (the whole view per image, no XLA); `pipeline`, ours
+as `data._views_of_varying_sizes` runs it now (crops per image, then the rest per batch with the
+XLA stages).
 
 What a training step consumes is bounded by the machine's limit: for ResNet-18 (CIFAR stem) at
 32 px and ResNet-50 at 224 px, 2 views x (matmul peak on all cores / FLOPs per example), with
 FLOPs as bench/train_throughput.py defines them. On an accelerator the step is far faster: one
 current GPU's ResNet-50 step takes on the order of 2,000 views/s at 224 px, so the file also
 reports how many cores like this one each pipeline needs to feed it. Prints one JSON line at the
-end: views/s of each pipeline at each size, ours over the original, ours over the step's
-consumption at each size, and the cores per GPU.
+end: views/s of each pipeline at each size (and from varying sizes), ours over the original, ours
+over the step's consumption at each size, and the cores per GPU.
 """
 
 import argparse
@@ -43,6 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # simclr_tf's default; TF loads first here
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -196,6 +203,53 @@ def views_per_sec(batch, input_side, view_size, use_blur, repeats):
             for pipeline in PIPELINES}
 
 
+# Images of varying sizes (ImageNet's are mostly 300-500 px a side): sides drawn from this range.
+VARYING_SIDES = (300, 500)
+VARYING = ("original", "per_image", "pipeline")
+
+
+def varying_size_images(batch):
+    rng = np.random.default_rng(0)
+    return [tf.constant(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+            for h, w in rng.integers(*VARYING_SIDES, size=(batch, 2))]
+
+
+def varying_size_call(pipeline, images, view_size):
+    """A no-argument call making both 224-px views of every image of `images` (a list of uint8
+    images of different sizes), one image at a time up to its crops, as each pipeline must."""
+    one_image = tf.TensorSpec([None, None, 3], tf.uint8)
+    seed_spec = tf.TensorSpec([2], tf.int64)
+    seed = tf.constant([1, 2], tf.int64)
+    if pipeline == "original":
+        per_image = tf.function(lambda x: (original_view(x, view_size),
+                                           original_view(x, view_size)),
+                                input_signature=[one_image])
+        blur = tf.function(lambda a, b: (original_batch_blur(a, view_size),
+                                         original_batch_blur(b, view_size)))
+        return lambda: blur(*map(tf.stack, zip(*map(per_image, images))))[0].numpy()
+    if pipeline == "per_image":  # the whole view per image, as simclr_tf did before
+        whole = tf.function(lambda x, s: views.two_views(x[None], s, view_size),
+                            input_signature=[one_image, seed_spec])
+        return lambda: [whole(image, seed)[0].numpy() for image in images]
+    # The training pipeline's way (data._views_of_varying_sizes): crops per image, the rest per
+    # batch with the XLA stages.
+    crops = tf.function(lambda x, s: views.sized_pair(x[None], s, view_size),
+                        input_signature=[one_image, seed_spec])
+    finish = tf.function(lambda a, b, s: views.finish_pair(a, b, s, view_size, xla=True,
+                                                           blur_selected_only=True))
+    def call():
+        sized_a, sized_b = zip(*(crops(image, seed) for image in images))
+        return finish(tf.concat(sized_a, 0), tf.concat(sized_b, 0), seed)[0].numpy()
+    return call
+
+
+def varying_size_views_per_sec(batch, view_size, repeats):
+    images = varying_size_images(batch)
+    return {pipeline: 2 * batch / best_seconds(varying_size_call(pipeline, images, view_size),
+                                               repeats)
+            for pipeline in VARYING}
+
+
 # Views/s one current GPU's ResNet-50 SimCLR step consumes at 224 px (issue 27's estimate): the
 # CPU cores it takes to feed one such GPU are this over one core's views/s.
 GPU_VIEWS_PER_SEC_224PX = 2000
@@ -237,6 +291,13 @@ def main():
         for ours in OURS:
             result[f"ratio_{name}_{ours}_over_original"] = round(
                 rates[name][ours] / rates[name]["original"], 2)
+    batch = QUICK_BATCHES["224px"] if args.quick else 32
+    varying = varying_size_views_per_sec(batch, 224, args.repeats)
+    for pipeline in VARYING:
+        result[f"views_per_sec_224px_varying_{pipeline}"] = round(varying[pipeline], 1)
+    for ours in VARYING[1:]:
+        result[f"ratio_224px_varying_{ours}_over_original"] = round(
+            varying[ours] / varying["original"], 2)
     consumed, peak = step_max_views_per_sec()
     result.update({"machine_matmul_peak_gflops_estimate": round(peak, 1),
                    "cores": os.cpu_count()})

@@ -253,8 +253,9 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
 
     The views of a batch come from a stateless seed derived from (`seed`, input pipeline id, batch
     number), so the same arguments give the same stream. Fixed-size datasets are augmented a batch
-    at a time, with the crop and colour distortion compiled by XLA; folders (varying sizes) one
-    image at a time before batching, without XLA. For folders the file order is already fully
+    at a time, with the crop, flip and colour distortion compiled by XLA; images of varying sizes
+    (folders) are cropped one at a time, without XLA, and the rest of their views is made a batch
+    at a time as for fixed sizes (`_views_of_varying_sizes`). For folders the file order is already fully
     shuffled every epoch, so a small `shuffle_buffer` suffices (the buffer holds decoded images).
 
     With `augment_on_device` the pipeline stops before the views: it yields the uint8 batch and its
@@ -323,16 +324,7 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
         batches = _with_counter(images.batch(batch_size, drop_remainder=True), seed).map(
             unaugmented_batch)
     elif info.image_shape is None:
-        # Sizes vary, so no batch can be formed before the crop: augment each image as a batch of 1.
-        def one_image(step, example):
-            image, label = example
-            # No XLA: it would compile the crop again for every image size.
-            return views(step, image[tf.newaxis], label[tf.newaxis], [1, image_size, image_size, 3],
-                         xla=False)
-
-        batches = _with_counter(images, seed).map(one_image, num_parallel_calls=_AUTOTUNE,
-                                            deterministic=True)
-        batches = batches.unbatch().batch(batch_size, drop_remainder=True)
+        batches = _views_of_varying_sizes(images, batch_size, base_seed, seed, view_settings)
     else:
         def whole_batch(step, example):
             return views(step, *example, [batch_size, image_size, image_size, 3], xla=True)
@@ -340,6 +332,45 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
         batches = _with_counter(images.batch(batch_size, drop_remainder=True), seed).map(
             whole_batch, num_parallel_calls=_AUTOTUNE, deterministic=True)
     return batches.prefetch(_AUTOTUNE)
+
+
+def _views_of_varying_sizes(images: tf.data.Dataset, batch_size: int, base_seed: tf.Tensor,
+                            seed: int | None, view_settings: dict) -> tf.data.Dataset:
+    """Batches of views of images whose sizes vary (folders, most tfds image datasets).
+
+    No batch can be formed before the crop, the only stage that depends on the image's size:
+    each image's two crops are made one image at a time, without XLA (it would compile again for
+    every size), then batched, and the rest of the views (flip, colour, blur) is made a batch at a
+    time with XLA, as for fixed-size images: at 224 px about twice the views/s of augmenting each
+    image whole (bench/augment_throughput.py, "varying sizes"). The crops draw from a seed per
+    image, the rest from a seed per batch.
+    """
+    image_size = view_settings["image_size"]
+    recipe = {key: view_settings[key] for key in ("use_blur", "augmentations", "asymmetric")}
+    crop_seed, finish_seed = augment.split_seed(base_seed, 2)
+
+    def crops_of_one_image(step, example):
+        image, label = example
+        sized_a, sized_b = views_lib.sized_pair(
+            image[tf.newaxis], tf.random.experimental.stateless_fold_in(crop_seed, step),
+            image_size, **recipe)
+        return sized_a[0], sized_b[0], label
+
+    def finish_batch(step, crops):
+        sized_a, sized_b, label = crops
+        view_a, view_b = views_lib.finish_pair(
+            sized_a, sized_b, tf.random.experimental.stateless_fold_in(finish_seed, step),
+            xla=True, blur_selected_only=True, **view_settings)
+        view_shape = [batch_size, image_size, image_size, 3]
+        return {VIEW_A: tf.ensure_shape(view_a, view_shape),
+                VIEW_B: tf.ensure_shape(view_b, view_shape),
+                LABEL: tf.ensure_shape(label, [batch_size])}
+
+    crops = _with_counter(images, seed).map(crops_of_one_image, num_parallel_calls=_AUTOTUNE,
+                                            deterministic=True)
+    crops = crops.batch(batch_size, drop_remainder=True)
+    return _with_counter(crops, seed).map(finish_batch, num_parallel_calls=_AUTOTUNE,
+                                          deterministic=True)
 
 
 def views_of_batch(batch: dict, image_size: int, xla: bool = True,

@@ -31,14 +31,27 @@ _STUDY_SEEDS = ("cutout", "noise", "rotate")
 
 
 def _crop(images, seeds, image_size, strength):
+    return _flip(_resized_crop(images, seeds, image_size, strength), seeds, image_size, strength)
+
+
+def _resized_crop(images, seeds, image_size, strength):
     del strength
-    # The flip as a pass of its own, not folded into the crop's taps
+    return augment.random_resized_crop(images, seeds["crop"], image_size)
+
+
+def _flip(images, seeds, image_size, strength):
+    # A pass of its own, not folded into the crop's column taps
     # (`augment.random_resized_crop_and_flip`, the same views bit for bit): XLA then keeps the
     # cropped views in memory instead of fusing the crop's gathers into every colour op, and a
     # view compiled whole by XLA (the --jit_compile step with --augment_on_device) ran 8x faster
     # at 32 px; without XLA the extra pass costs nothing measurable.
-    views = augment.random_resized_crop(images, seeds["crop"], image_size)
-    return augment.random_flip_left_right(views, seeds["flip"])
+    del image_size, strength
+    return augment.random_flip_left_right(images, seeds["flip"])
+
+
+def _resize(images, seeds, image_size, strength):
+    del seeds, strength
+    return augment.resize(tf.convert_to_tensor(images), image_size)
 
 
 def _color(images, seeds, image_size, strength):
@@ -71,23 +84,35 @@ TRANSFORMS = {
 }
 
 
-# Transforms `view(..., xla=True)` compiles, each on its own: XLA makes the crop about 2x and the
+# What runs: the recipe as stages. "crop" is two stages, the crop and the flip, so that the first
+# stage (the crop, or the resize to S when the recipe does not start with a crop) is the only one
+# that depends on the image's size: `sized_views` runs it alone, `finish_views` the rest.
+_STAGES = {"resized_crop": _resized_crop, "flip": _flip, "resize": _resize,
+           **{name: fn for name, fn in TRANSFORMS.items() if name != "crop"}}
+
+# Stages `view(..., xla=True)` compiles, each on its own: XLA makes the crop about 2x and the
 # colour distortion about 4x faster on CPU. The blur stays uncompiled: XLA's CPU code for its
 # matmuls was slower than TensorFlow's kernels. See docs/performance.md.
-_XLA_STAGES = ("crop", "color")
-_compiled_transforms = {}
+_XLA_STAGES = ("resized_crop", "flip", "color")
+_compiled_stages = {}
 _blur_selected_only = _seeded(
     lambda images, seed: augment.random_gaussian_blur(images, seed, selected_only=True), "blur")
 
 
-def _transform(name, xla, blur_selected_only):
+def _stage(name, xla, blur_selected_only):
     if name == "blur" and blur_selected_only:
         return _blur_selected_only
     if not (xla and name in _XLA_STAGES):
-        return TRANSFORMS[name]
-    if name not in _compiled_transforms:
-        _compiled_transforms[name] = tf.function(TRANSFORMS[name], jit_compile=True)
-    return _compiled_transforms[name]
+        return _STAGES[name]
+    if name not in _compiled_stages:
+        _compiled_stages[name] = tf.function(_STAGES[name], jit_compile=True)
+    return _compiled_stages[name]
+
+
+def _stage_names(names):
+    first = () if names[0] == "crop" else ("resize",)
+    expanded = (("resized_crop", "flip") if name == "crop" else (name,) for name in names)
+    return first + sum(expanded, ())
 
 
 def paper_recipe(use_blur=True):
@@ -104,6 +129,17 @@ def _sub_seeds(seed, names):
     return seeds
 
 
+def _run_stages(images, seed, image_size, recipe, stages, color_jitter_strength, xla,
+                blur_selected_only):
+    names = parse_augmentations(recipe)
+    seeds = _sub_seeds(seed, names)
+    views = images
+    for name in _stage_names(names)[stages]:
+        views = _stage(name, xla, blur_selected_only)(views, seeds, image_size,
+                                                      color_jitter_strength)
+    return views
+
+
 def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
          blur_selected_only=False):
     """One view per image, made by the recipe's transforms in order.
@@ -114,8 +150,9 @@ def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
       image_size: output side S in pixels.
       recipe: names from TRANSFORMS, as a sequence or a comma-separated string.
       color_jitter_strength: the strength s of "color".
-      xla: compile the crop and the colour distortion with XLA, each on its own (faster on CPU;
-        the views move by float rounding). Give images of one shape: XLA compiles each shape.
+      xla: compile the crop, the flip and the colour distortion with XLA, each on its own (faster
+        on CPU; the views move by float rounding). Give images of one shape: XLA compiles each
+        shape.
       blur_selected_only: blur only the images drawn for it (`augment.random_gaussian_blur`'s
         selected_only): half the work, the same views. For a graph on the CPU (tf.data): XLA
         cannot compile it, and on a GPU its count would stop the step for a copy to the host.
@@ -123,13 +160,28 @@ def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
     Returns:
       float32 [B, S, S, 3] in [0, 1].
     """
-    names = parse_augmentations(recipe)
-    seeds = _sub_seeds(seed, names)
-    views = images if names[0] == "crop" else augment.resize(tf.convert_to_tensor(images),
-                                                             image_size)
-    for name in names:
-        transform = _transform(name, xla, blur_selected_only)
-        views = transform(views, seeds, image_size, color_jitter_strength)
+    return finish_view(sized_view(images, seed, image_size, recipe, xla), seed, image_size,
+                       recipe, color_jitter_strength, xla, blur_selected_only)
+
+
+def sized_view(images, seed, image_size, recipe, xla=False):
+    """A view's first stage, the only one that depends on the image's size: the random resized
+    crop when the recipe starts with "crop" (without its flip), else the resize to S.
+
+    `finish_view` of its output with the same seed is `view`, bit for bit. Images of varying size
+    (folders) are cropped one at a time with this, then batched and finished a batch at a time.
+
+    Returns:
+      float32 [B, S, S, 3] in [0, 1].
+    """
+    return _run_stages(images, seed, image_size, recipe, slice(0, 1), 1.0, xla, False)
+
+
+def finish_view(sized, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
+                blur_selected_only=False):
+    """The rest of `view` after `sized_view` (same seed, recipe and arguments as `view`)."""
+    views = _run_stages(sized, seed, image_size, recipe, slice(1, None), color_jitter_strength,
+                        xla, blur_selected_only)
     return augment.clip_unit(augment.to_float(views))
 
 
@@ -157,13 +209,38 @@ def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True
     Returns:
       (view_a, view_b), each float32 [B, S, S, 3] in [0, 1].
     """
+    sized_a, sized_b = sized_pair(images, seed, image_size, use_blur, augmentations, asymmetric,
+                                  xla)
+    return finish_pair(sized_a, sized_b, seed, image_size, color_jitter_strength, use_blur,
+                       augmentations, asymmetric, xla, blur_selected_only)
+
+
+def sized_pair(images, seed, image_size, use_blur=True, augmentations=None, asymmetric=False,
+               xla=False):
+    """`sized_view` of both views of `two_views` (with asymmetric, view_b is already whole: the
+    image resized to S). `finish_pair` of them with the same seed is `two_views`, bit for bit."""
     seed_a, seed_b = augment.split_seed(seed, 2)
-    recipe = paper_recipe(use_blur) if augmentations is None else augmentations
-    how = dict(xla=xla, blur_selected_only=blur_selected_only)
-    view_a = view(images, seed_a, image_size, recipe, color_jitter_strength, **how)
+    recipe = _recipe(use_blur, augmentations)
+    sized_a = sized_view(images, seed_a, image_size, recipe, xla)
     if asymmetric:
-        return view_a, identity_view(images, image_size)
-    return view_a, view(images, seed_b, image_size, recipe, color_jitter_strength, **how)
+        return sized_a, identity_view(images, image_size)
+    return sized_a, sized_view(images, seed_b, image_size, recipe, xla)
+
+
+def finish_pair(sized_a, sized_b, seed, image_size, color_jitter_strength=1.0, use_blur=True,
+                augmentations=None, asymmetric=False, xla=False, blur_selected_only=False):
+    """The rest of `two_views` after `sized_pair`, batched (arguments as `two_views`)."""
+    seed_a, seed_b = augment.split_seed(seed, 2)
+    recipe = _recipe(use_blur, augmentations)
+    how = dict(xla=xla, blur_selected_only=blur_selected_only)
+    view_a = finish_view(sized_a, seed_a, image_size, recipe, color_jitter_strength, **how)
+    if asymmetric:
+        return view_a, sized_b
+    return view_a, finish_view(sized_b, seed_b, image_size, recipe, color_jitter_strength, **how)
+
+
+def _recipe(use_blur, augmentations):
+    return paper_recipe(use_blur) if augmentations is None else augmentations
 
 
 def train_view(images, seed, image_size, color_jitter_strength=1.0, use_blur=True):

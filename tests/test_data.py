@@ -306,11 +306,21 @@ class _FakeViews:
 
     @staticmethod
     def two_views(images, seed, image_size, **kwargs):
-        _FakeViews.calls.append(kwargs)
+        sized_a, sized_b = _FakeViews.sized_pair(images, seed, image_size)
+        return _FakeViews.finish_pair(sized_a, sized_b, seed, image_size, **kwargs)
+
+    @staticmethod
+    def sized_pair(images, seed, image_size, **kwargs):
+        del seed, kwargs
         view_a = tf.image.resize(tf.cast(images, tf.float32) / 255.0, [image_size, image_size],
                                  method="nearest")
-        view_b = tf.random.stateless_uniform(tf.shape(view_a), seed)
-        return view_a, view_b
+        return view_a, tf.zeros_like(view_a)
+
+    @staticmethod
+    def finish_pair(sized_a, sized_b, seed, image_size, **kwargs):
+        del sized_b, image_size
+        _FakeViews.calls.append(kwargs)
+        return sized_a, tf.random.stateless_uniform(tf.shape(sized_a), seed)
 
 
 @pytest.fixture
@@ -337,7 +347,8 @@ def _check_pretrain_batches(batches, batch_size, image_size, num_classes, count)
 
 
 def test_pretrain_folder_with_real_augment(labelled_folder):
-    """Varying sizes: each image augmented as a batch of 1; more batches than an epoch (repeats).
+    """Varying sizes: each image cropped as a batch of 1, the rest of the views made a batch at a
+    time; more batches than an epoch (repeats).
 
     Seeds and sharding are checked with the fake below: the real graph takes seconds to trace.
     """
@@ -351,6 +362,42 @@ def test_pretrain_tfds_with_real_augment(tiny_tfds_dir):
     batches = data.pretrain_dataset(TINY, "train", 4, 12, data_dir=tiny_tfds_dir, seed=3,
                                     color_jitter_strength=0.5, use_blur=False)
     _check_pretrain_batches(batches, 4, 12, 3, count=6)
+
+
+def test_views_of_varying_sizes_crop_each_image_then_finish_the_batch():
+    """Images of varying sizes: each image's crops come from its own seed (`sized_pair` on a batch
+    of one), the rest of the views from the batch's seed (`finish_pair`, XLA stages); the
+    pipeline's views equal that composition made by hand."""
+    from simclr_tf import augment, views
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+              for h, w in ((40, 52), (33, 30), (48, 48), (36, 60))]
+    dataset = tf.data.Dataset.from_generator(
+        lambda: ((image, np.int32(i)) for i, image in enumerate(images)),
+        output_signature=(tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([], tf.int32)))
+    settings = dict(image_size=24, color_jitter_strength=1.0, use_blur=True, augmentations=None,
+                    asymmetric=False)
+    base_seed = tf.constant([5, 0], tf.int64)
+    batches = data._views_of_varying_sizes(dataset, 2, base_seed, 5, settings)
+    found = list(batches.as_numpy_iterator())
+    assert len(found) == 2
+
+    crop_seed, finish_seed = augment.split_seed(base_seed, 2)
+
+    def seed(base, count):  # the pipeline's counters are int64, and fold_in hashes the dtype too
+        return tf.random.experimental.stateless_fold_in(base, tf.constant(count, tf.int64))
+
+    for step, batch in enumerate(found):
+        sized = [views.sized_pair(images[i][None], seed(crop_seed, i), 24)
+                 for i in (2 * step, 2 * step + 1)]
+        sized_a, sized_b = (tf.concat([pair[k] for pair in sized], 0) for k in (0, 1))
+        expected = views.finish_pair(sized_a, sized_b, seed(finish_seed, step), 24, xla=True,
+                                     blur_selected_only=True)
+        np.testing.assert_array_equal(batch["label"], [2 * step, 2 * step + 1])
+        for key, view in zip(("view_a", "view_b"), expected):
+            np.testing.assert_allclose(batch[key], view.numpy(), rtol=0, atol=1e-6)
+    assert not np.array_equal(found[0]["view_a"], found[0]["view_b"])
 
 
 @pytest.mark.parametrize("source", ["folder", "tfds"])
@@ -372,7 +419,7 @@ def test_pretrain_seeds(source, labelled_folder, tiny_tfds_dir, fake_augment):
     assert not np.array_equal(same_a[0]["view_b"], same_a[1]["view_b"])  # a seed per batch
     assert fake_augment.calls[0] == dict(color_jitter_strength=0.3, use_blur=False,
                                          augmentations=None, asymmetric=False,
-                                         xla=source == "tfds", blur_selected_only=True)
+                                         xla=True, blur_selected_only=True)
 
 
 def test_pretrain_folder_pipelines_are_disjoint(one_per_class_folder, fake_augment):
