@@ -61,7 +61,8 @@ def parse_args(argv):
 
 def run_cli(args, name, *flags):
     """One `python -m simclr_tf.run --mode=train_then_eval` in `<work_dir>/<name>`; its
-    results.json."""
+    results.json. A run with the same flags already in `work_dir` (the granularity study's two
+    runs are the quality study's uncorrupted ones) is copied instead of trained again."""
     model_dir = os.path.join(args.work_dir, name)
     shutil.rmtree(model_dir, ignore_errors=True)
     common = [
@@ -70,20 +71,41 @@ def run_cli(args, name, *flags):
         f"--train_steps={args.steps}", "--steps_per_loop=10",
         f"--checkpoint_steps={args.steps}", "--warmup_epochs=0.02", "--seed=0",
         f"--eval_split=test[:{args.test_examples}]", f"--knn_bank_size={args.labelled}",
-        "--eval_batch_size=500", "--projector_examples=0", "--neighbour_queries=0",
-        f"--model_dir={model_dir}"]
+        "--eval_batch_size=500", "--projector_examples=0", "--neighbour_queries=0"]
+    all_flags = [*common, *flags]
     t0 = time.time()
-    done = subprocess.run([sys.executable, "-m", "simclr_tf.run", *common, *flags], cwd=ROOT,
-                          capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"))
-    if done.returncode != 0:
-        raise SystemExit(f"run {name} failed:\n{done.stderr[-3000:]}")
-    with open(os.path.join(model_dir, "results.json")) as f:
-        results = json.load(f)
-    results["seconds"] = round(time.time() - t0)
-    print(json.dumps({"run": name, **{k: results.get(k) for k in (
-        "linear_top1", "knn_top1", "top1", "seconds")}}), flush=True)
+    earlier = _same_run(args.work_dir, all_flags)
+    if earlier:
+        shutil.copytree(earlier, model_dir)
+        with open(os.path.join(model_dir, "bench_run.json")) as f:
+            results = json.load(f)["results"]
+    else:
+        done = subprocess.run([sys.executable, "-m", "simclr_tf.run", *all_flags,
+                               f"--model_dir={model_dir}"], cwd=ROOT, capture_output=True,
+                              text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"))
+        if done.returncode != 0:
+            raise SystemExit(f"run {name} failed:\n{done.stderr[-3000:]}")
+        with open(os.path.join(model_dir, "results.json")) as f:
+            results = json.load(f)
+        results["seconds"] = round(time.time() - t0)
+        with open(os.path.join(model_dir, "bench_run.json"), "w") as f:
+            json.dump({"flags": all_flags, "results": results}, f)
+    print(json.dumps({"run": name, "copied_from": earlier and os.path.basename(earlier),
+                      **{k: results.get(k) for k in ("linear_top1", "knn_top1", "top1",
+                                                     "seconds")}}), flush=True)
     return results
+
+
+def _same_run(work_dir, flags):
+    """The directory of a finished run in `work_dir` with exactly these flags, or None."""
+    for entry in sorted(os.listdir(work_dir)) if os.path.isdir(work_dir) else ():
+        record = os.path.join(work_dir, entry, "bench_run.json")
+        if os.path.exists(record):
+            with open(record) as f:
+                if json.load(f)["flags"] == flags:
+                    return os.path.join(work_dir, entry)
+    return None
 
 
 def simclr(args, name, *flags):
