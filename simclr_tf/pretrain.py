@@ -6,11 +6,13 @@ and g, the contrastive loss over the global batch, the probe on stop_gradient(h)
 (`simclr_tf.loop`), exporting f at the end (and every `export_every` checkpoints).
 """
 
+import contextlib
 import dataclasses
 import os
 
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.eager import context as eager_context
 
 from simclr_tf import checkpoints
 from simclr_tf import corrupt
@@ -155,19 +157,41 @@ def make_dataset_fn(config):
 
     def dataset_fn(input_context, seed):
         batch = input_context.get_per_replica_batch_size(config.train.train_batch_size)
-        dataset = data_lib.pretrain_dataset(
+        with _unseeded_ops() if service else contextlib.nullcontext():
+            dataset = _pipeline(input_context, batch, seed)
+        if service:
+            dataset = dataset.apply(tf.data.experimental.service.distribute(
+                processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
+                service=service)).prefetch(tf.data.AUTOTUNE)
+        return dataset
+
+    def _pipeline(input_context, batch, seed):
+        return data_lib.pretrain_dataset(
             config.data.dataset, config.data.train_split, batch, config.data.image_size,
             data_dir=config.data.data_dir, input_context=input_context,
             seed=None if service else seed, cache=config.data.cache_dataset, examples=examples,
             corruption=corruption, augment_on_device=config.augment.augment_on_device,
             augment_input_size=config.augment.augment_input_size,
             **_pipeline_view_settings(config))
-        if service:
-            dataset = dataset.apply(tf.data.experimental.service.distribute(
-                processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
-                service=service)).prefetch(tf.data.AUTOTUNE)
-        return dataset
     return dataset_fn
+
+
+@contextlib.contextmanager
+def _unseeded_ops():
+    """Builds what runs inside without TensorFlow's global seed, then sets it again.
+
+    With a global seed (keras.utils.set_random_seed, as run.py sets), an op given no seed gets a
+    fixed one when it is built, and every tf.data service worker runs the same graph: every worker
+    would produce the same stream (the shuffles, the file order and the views' seeds; a test saw
+    each batch twice with 2 workers). Built without it, those ops draw their seeds when they run,
+    on each worker. Setting the global seed again restarts the count of ops seeded since.
+    """
+    global_seed = eager_context.global_seed()  # no public getter
+    tf.random.set_seed(None)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(global_seed)
 
 
 def _view_pairs_summary(config):

@@ -1,12 +1,14 @@
 """Pretraining: same loss and update on 1 and 2 replicas; XLA compiles; views made in the step
 give the host views' losses; a run checkpoints, exports and resumes; tf.data service; mixed precision."""
 
+import contextlib
 import dataclasses
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.eager import context as eager_context
 
 from simclr_tf import config as cfg
 from simclr_tf import pretrain
@@ -159,6 +161,40 @@ def test_training_reads_from_a_tf_data_service(tmp_path, pretrain_config, image_
     second = next(iter(fn(tf.distribute.InputContext(), 0)))["view_a"].numpy()
     assert not np.array_equal(first, second)
     del worker
+
+
+def test_tf_data_service_workers_make_different_streams_under_a_global_seed(tmp_path,
+                                                                            image_folder):
+    """run.py seeds TensorFlow globally (keras.utils.set_random_seed). Built as make_dataset_fn
+    builds it for the service (`_unseeded_ops`), the pipeline's unseeded ops draw their seeds on
+    each worker: 2 workers' first batches differ. Built under the global seed, each worker makes
+    the same batches (every batch comes twice)."""
+    import keras
+    from simclr_tf import data as data_lib
+
+    dispatcher = tf.data.experimental.service.DispatchServer()
+    address = dispatcher.target.split("://")[1]
+    workers = [tf.data.experimental.service.WorkerServer(
+        tf.data.experimental.service.WorkerConfig(dispatcher_address=address)) for _ in range(2)]
+    dataset = image_folder(tmp_path / "images")
+
+    def batches_from_both_workers(unseeded):
+        keras.utils.set_random_seed(0)
+        with pretrain._unseeded_ops() if unseeded else contextlib.nullcontext():
+            stream = data_lib.pretrain_dataset(dataset, "train", 2, 8, seed=None, use_blur=False)
+        assert eager_context.global_seed() == 0  # set again once the pipeline is built
+        # Finite per worker, so that the reader takes every batch of both workers.
+        stream = stream.take(3).apply(tf.data.experimental.service.distribute(
+            processing_mode=tf.data.experimental.service.ShardingPolicy.OFF,
+            service=dispatcher.target))
+        return {batch["view_b"].tobytes() for batch in stream.as_numpy_iterator()}
+
+    try:
+        assert len(batches_from_both_workers(unseeded=True)) == 6
+        assert len(batches_from_both_workers(unseeded=False)) == 3
+    finally:
+        tf.random.set_seed(None)
+    del workers
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
