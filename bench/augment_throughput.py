@@ -228,7 +228,8 @@ def varying_size_call(pipeline, images, view_size):
                                          original_batch_blur(b, view_size)))
         return lambda: blur(*map(tf.stack, zip(*map(per_image, images))))[0].numpy()
     if pipeline == "per_image":  # the whole view per image, as simclr_tf did before
-        whole = tf.function(lambda x, s: views.two_views(x[None], s, view_size),
+        whole = tf.function(lambda x, s: views.two_views(x[None], s, view_size,
+                                                         blur_selected_only=True),
                             input_signature=[one_image, seed_spec])
         return lambda: [whole(image, seed)[0].numpy() for image in images]
     # The training pipeline's way (data._views_of_varying_sizes): crops per image, the rest per

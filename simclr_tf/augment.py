@@ -100,6 +100,13 @@ def _check_images(images):
         raise ValueError(f"images must be uint8 or float, got {images.dtype}")
 
 
+def _check_rgb(images):
+    _check_images(images)
+    if images.shape.rank is not None and images.shape[-1] not in (None, 3):
+        raise ValueError(f"colour transforms need RGB images [B, H, W, 3], got shape "
+                         f"{images.shape}")
+
+
 def _check_probability(name, p):
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {p}")
@@ -547,7 +554,7 @@ def color_jitter(images, seed, strength, random_order=True):
       float32 [B, H, W, 3] in [0, 1].
     """
     images = to_float(images)
-    _check_images(images)
+    _check_rgb(images)
     params = _sample_jitter_params(seed, _dim(images, 0), strength, random_order)
     return _interleaved(_jitter_with_params(_planar(images), params))
 
@@ -558,7 +565,7 @@ def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
     Args:
       images: [B, H, W, 3] uint8 or float images.
       seed: int32/int64 tensor of shape [2].
-      strength: the colour-distortion strength s passed to `color_jitter`.
+      strength: the colour-distortion strength s, as in `color_jitter`.
       p_jitter: per-image probability of colour jitter.
       p_grayscale: per-image probability of conversion to grayscale (after the jitter).
 
@@ -568,7 +575,7 @@ def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
     _check_probability("p_jitter", p_jitter)
     _check_probability("p_grayscale", p_grayscale)
     images = to_float(images)
-    _check_images(images)
+    _check_rgb(images)
     batch_size = _dim(images, 0)
     jitter_seed, choice_seed = split_seed(seed, 2)
     jitter_draw, grayscale_draw = tf.unstack(_uniform(choice_seed, batch_size, 2), axis=1)

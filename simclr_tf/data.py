@@ -252,7 +252,8 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     """Endless, shuffled batches of two augmented views per image, for one input pipeline.
 
     The views of a batch come from a stateless seed derived from (`seed`, input pipeline id, batch
-    number), so the same arguments give the same stream. Fixed-size datasets are augmented a batch
+    number), and for images of varying sizes their crops from one derived from the image's number,
+    so the same arguments give the same stream. Fixed-size datasets are augmented a batch
     at a time, with the crop, flip and colour distortion compiled by XLA; images of varying sizes
     (folders) are cropped one at a time, without XLA, and the rest of their views is made a batch
     at a time as for fixed sizes (`_views_of_varying_sizes`). For folders the file order is already fully
@@ -341,9 +342,9 @@ def _views_of_varying_sizes(images: tf.data.Dataset, batch_size: int, base_seed:
     No batch can be formed before the crop, the only stage that depends on the image's size:
     each image's two crops are made one image at a time, without XLA (it would compile again for
     every size), then batched, and the rest of the views (flip, colour, blur) is made a batch at a
-    time with XLA, as for fixed-size images: at 224 px about twice the views/s of augmenting each
-    image whole (bench/augment_throughput.py, "varying sizes"). The crops draw from a seed per
-    image, the rest from a seed per batch.
+    time with XLA, as for fixed-size images (bench/augment_throughput.py measures both ways at
+    224 px from varying sizes). The first stage (the crop, or the resize to S of a recipe that
+    does not start with one) draws from a seed per image, the rest from a seed per batch.
     """
     image_size = view_settings["image_size"]
     recipe = {key: view_settings[key] for key in ("use_blur", "augmentations", "asymmetric")}

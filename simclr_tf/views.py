@@ -86,7 +86,7 @@ TRANSFORMS = {
 
 # What runs: the recipe as stages. "crop" is two stages, the crop and the flip, so that the first
 # stage (the crop, or the resize to S when the recipe does not start with a crop) is the only one
-# that depends on the image's size: `sized_views` runs it alone, `finish_views` the rest.
+# that depends on the image's size: `sized_view` runs it alone, `finish_view` the rest.
 _STAGES = {"resized_crop": _resized_crop, "flip": _flip, "resize": _resize,
            **{name: fn for name, fn in TRANSFORMS.items() if name != "crop"}}
 
@@ -209,13 +209,14 @@ def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True
     Returns:
       (view_a, view_b), each float32 [B, S, S, 3] in [0, 1].
     """
-    sized_a, sized_b = sized_pair(images, seed, image_size, use_blur, augmentations, asymmetric,
-                                  xla)
-    return finish_pair(sized_a, sized_b, seed, image_size, color_jitter_strength, use_blur,
-                       augmentations, asymmetric, xla, blur_selected_only)
+    recipe = dict(use_blur=use_blur, augmentations=augmentations, asymmetric=asymmetric, xla=xla)
+    sized_a, sized_b = sized_pair(images, seed, image_size, **recipe)
+    return finish_pair(sized_a, sized_b, seed, image_size,
+                       color_jitter_strength=color_jitter_strength,
+                       blur_selected_only=blur_selected_only, **recipe)
 
 
-def sized_pair(images, seed, image_size, use_blur=True, augmentations=None, asymmetric=False,
+def sized_pair(images, seed, image_size, *, use_blur=True, augmentations=None, asymmetric=False,
                xla=False):
     """`sized_view` of both views of `two_views` (with asymmetric, view_b is already whole: the
     image resized to S). `finish_pair` of them with the same seed is `two_views`, bit for bit."""
@@ -227,7 +228,7 @@ def sized_pair(images, seed, image_size, use_blur=True, augmentations=None, asym
     return sized_a, sized_view(images, seed_b, image_size, recipe, xla)
 
 
-def finish_pair(sized_a, sized_b, seed, image_size, color_jitter_strength=1.0, use_blur=True,
+def finish_pair(sized_a, sized_b, seed, image_size, *, color_jitter_strength=1.0, use_blur=True,
                 augmentations=None, asymmetric=False, xla=False, blur_selected_only=False):
     """The rest of `two_views` after `sized_pair`, batched (arguments as `two_views`)."""
     seed_a, seed_b = augment.split_seed(seed, 2)

@@ -99,6 +99,8 @@ def test_bad_arguments_raise():
         augment.random_flip_left_right(images, SEED, p=1.5)
     with pytest.raises(ValueError, match="\\[B, H, W, C\\]"):
         augment.random_resized_crop(images[0], SEED, 8)
+    with pytest.raises(ValueError, match="RGB images"):  # the colour ops mix 3 channels
+        augment.random_color_jitter(random_uint8([2, 8, 8, 4]), SEED, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
