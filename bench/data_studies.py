@@ -61,10 +61,10 @@ def parse_args(argv):
 
 def run_cli(args, name, *flags):
     """One `python -m simclr_tf.run --mode=train_then_eval` in `<work_dir>/<name>`; its
-    results.json. A run with the same flags already in `work_dir` (the granularity study's two
-    runs are the quality study's uncorrupted ones) is copied instead of trained again."""
+    results.json. A finished run with the same flags already in `work_dir` is kept, or copied
+    from another name (the granularity study's two runs are the quality study's uncorrupted ones),
+    instead of trained again: delete `work_dir` to train everything afresh."""
     model_dir = os.path.join(args.work_dir, name)
-    shutil.rmtree(model_dir, ignore_errors=True)
     common = [
         "--mode=train_then_eval", "--dataset=fashion_mnist", f"--image_size={args.size}",
         "--resnet_depth=18", "--cifar_stem=true", f"--train_batch_size={args.batch_size}",
@@ -75,8 +75,11 @@ def run_cli(args, name, *flags):
     all_flags = [*common, *flags]
     t0 = time.time()
     earlier = _same_run(args.work_dir, all_flags)
+    if earlier != model_dir:
+        shutil.rmtree(model_dir, ignore_errors=True)
     if earlier:
-        shutil.copytree(earlier, model_dir)
+        if earlier != model_dir:
+            shutil.copytree(earlier, model_dir)
         with open(os.path.join(model_dir, "bench_run.json")) as f:
             results = json.load(f)["results"]
     else:
