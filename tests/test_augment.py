@@ -442,6 +442,21 @@ def test_bilinear_weights_are_the_exact_fractions_rounded_once():
         np.testing.assert_allclose(xla[2].numpy(), weight.numpy(), rtol=0, atol=6e-8)
 
 
+def test_crop_of_one_image_equals_the_batched_crop_bit_for_bit():
+    """A batch of one (a folder's image, cropped at its own size) gathers its columns as rows of
+    the transposed image; a batch of unknown size takes the batched gathers: the same views."""
+    def crop(batch_size):  # both in a graph: grappler rewrites graphs, not eager ops
+        return tf.function(lambda x, s: augment.random_resized_crop(x, s, 24), input_signature=[
+            tf.TensorSpec([batch_size, None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int64)])
+
+    one_image, unknown_batch = crop(1), crop(None)
+    for height, width in ((40, 52), (33, 30), (17, 64)):
+        image = random_uint8([1, height, width, 3])
+        seed = tf.constant([height, width], tf.int64)
+        np.testing.assert_array_equal(one_image(image, seed).numpy(),
+                                      unknown_batch(image, seed).numpy())
+
+
 def test_crop_and_flip_in_one_pass_equals_crop_then_flip_bit_for_bit():
     images = tf.cast(tf.random.stateless_uniform([6, 40, 44, 3], [1, 2], 0, 256, tf.int32),
                      tf.uint8)
