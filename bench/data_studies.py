@@ -54,6 +54,9 @@ def parse_args(argv):
                         help="training images the linear evaluation fits (and kNN's bank)")
     parser.add_argument("--test_examples", type=int, default=2000)
     parser.add_argument("--quantities", default="1000,5000,20000,60000")
+    parser.add_argument("--corruptions", default=",".join(CORRUPTIONS),
+                        help="the quality study's rows (a subset lets two processes share it: "
+                             "finished runs are kept, so a last full run only reads them)")
     parser.add_argument("--out_dir", default=os.path.join(ROOT, "docs", "data_studies"))
     parser.add_argument("--work_dir", default="/tmp/simclr_tf/data_studies")
     return parser.parse_args(argv)
@@ -135,7 +138,7 @@ def quantity(args):
 
 def quality(args):
     rows = []
-    for corruption in CORRUPTIONS:
+    for corruption in args.corruptions.split(","):
         flags = [] if corruption == "none" else [f"--corrupt={corruption}"]
         tag = corruption.replace(":", "_")
         ours = simclr(args, f"quality_simclr_{tag}", *flags)
