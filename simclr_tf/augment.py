@@ -562,8 +562,13 @@ def color_jitter(images, seed, strength, random_order=True):
     """
     images = to_float(images)
     _check_rgb(images)
-    params = _sample_jitter_params(seed, _dim(images, 0), strength, random_order)
-    return _interleaved(_jitter_with_params(_planar(images), params))
+    return _interleaved(_jittered_planes(_planar(images), seed, strength, random_order))
+
+
+def _jittered_planes(planes, seed, strength, random_order=True):
+    """`color_jitter` on [B, 3, H, W] planes."""
+    params = _sample_jitter_params(seed, _dim(planes, 0), strength, random_order)
+    return _jitter_with_params(planes, params)
 
 
 def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
@@ -587,8 +592,7 @@ def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
     jitter_seed, choice_seed = split_seed(seed, 2)
     jitter_draw, grayscale_draw = tf.unstack(_uniform(choice_seed, batch_size, 2), axis=1)
     planes = _planar(images)
-    params = _sample_jitter_params(jitter_seed, batch_size, strength, random_order=True)
-    jittered = _jitter_with_params(planes, params)  # color_jitter(images, jitter_seed, strength)
+    jittered = _jittered_planes(planes, jitter_seed, strength)
     planes = _select_per_image(jitter_draw < p_jitter, jittered, planes)
     planes = _select_per_image(grayscale_draw < p_grayscale, _planar_luma(planes), planes)
     return _interleaved(planes)
