@@ -7,8 +7,10 @@ images, blur, batch 32), times each transform of `views.view` on its own, inside
 with TensorFlow limited to one thread (best of 5 after a warm-up): the crop-resize (from uint8),
 the flip, the colour jitter's hue pass (an RGB -> HSV -> RGB round trip) and one of its six linear
 passes (both on planar images, as the jitter runs them), the whole colour distortion (jitter with p 0.8, grayscale with p 0.2), the blur, and the
-whole view; then the whole view compiled by XLA (`jit_compile=True`), with the largest absolute
-difference between its views and the graph's. Prints a table of ms per view and one JSON line at
+whole view; then the whole view as the training pipeline makes it (the XLA stages, the blur of
+the drawn images only, 4 images at a time at 224 px: `views.view(..., xla=True,
+blur_selected_only=True, chunked=True)`), and compiled whole by XLA (`jit_compile=True`), with
+the largest absolute difference between its views and the graph's. Prints a table of ms per view and one JSON line at
 the end.
 """
 
@@ -71,6 +73,9 @@ def stages(batch, in_size, out_size, use_blur):
     figures = {name: round(1000 * best_seconds(fn, x) / batch, 3)
                for name, (fn, x) in timed.items()}
     whole = timed["whole view"][0]
+    figures["whole view, the pipeline's way"] = round(1000 * best_seconds(
+        lambda x: views.view(x, SEED, out_size, recipe, xla=True, blur_selected_only=True,
+                             chunked=True), images) / batch, 3)
     figures["whole view, XLA"] = round(
         1000 * best_seconds(whole, images, jit_compile=True) / batch, 3)
     difference = tf.reduce_max(tf.abs(tf.function(whole, jit_compile=True)(images)

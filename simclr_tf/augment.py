@@ -13,6 +13,11 @@ Every transform
   `tf.random.experimental.stateless_split`, so the same seed reproduces the same views;
 * returns float32 in [0, 1] (uint8 input is read directly by the crop/resize and scaled there).
 
+The four transforms of the paper's recipe are also two steps each: `draw_*` makes the batch's
+per-image numbers from the seed, `apply_*` uses them (`random_*` is one then the other). An image's
+numbers depend only on the seed, the batch size and its place in the batch, so `views` can make a
+large batch a few images at a time, with slices of the whole batch's draws, and get the same views.
+
 Reproducibility note: `tf.random.stateless_uniform` returns the same integer bits with and without
 XLA but converts them to floats differently, so uniforms are built here from integer bits
 (`_uniform`) and a seed gives the same views in both modes (up to float rounding of the image math).
@@ -281,7 +286,7 @@ def random_resized_crop(images, seed, size, area_range=(0.08, 1.0),
 
     The boxes follow the original SimCLR code's `tf.image.sample_distorted_bounding_box` with
     these arguments (see `_crop_sizes`), batched and XLA-compilable; the placement is uniform
-    over every free position (the TF op never uses the last one).
+    over every free position (the TF op never uses the last one). `apply_crop` of `draw_crop`.
 
     Args:
       images: [B, H, W, C] uint8 or float images (H, W may be dynamic).
@@ -299,8 +304,17 @@ def random_resized_crop(images, seed, size, area_range=(0.08, 1.0),
     """
     images = tf.convert_to_tensor(images)
     _check_images(images)
-    if size < 1 or max_attempts < 1:
-        raise ValueError(f"size and max_attempts must be >= 1, got {size}, {max_attempts}")
+    boxes = draw_crop(seed, images, area_range, aspect_ratio_range, max_attempts,
+                      min_object_covered)
+    return apply_crop(images, boxes, size, flip)
+
+
+def draw_crop(seed, images, area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3),
+              max_attempts=100, min_object_covered=0.1):
+    """The boxes of `random_resized_crop` (same arguments) for a batch like `images` (only its
+    shape is read): int32 [B, 4] rows (top, left, height, width) in pixels."""
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     if not 0.0 < area_range[0] <= area_range[1]:
         raise ValueError(f"area_range must satisfy 0 < low <= high, got {area_range}")
     if not 0.0 < aspect_ratio_range[0] <= aspect_ratio_range[1]:
@@ -308,8 +322,17 @@ def random_resized_crop(images, seed, size, area_range=(0.08, 1.0),
                          f"{aspect_ratio_range}")
     if not 0.0 <= min_object_covered <= 1.0:
         raise ValueError(f"min_object_covered must be in [0, 1], got {min_object_covered}")
-    boxes = _sample_crop_boxes(seed, _dim(images, 0), tf.shape(images)[1], tf.shape(images)[2],
-                               area_range, aspect_ratio_range, max_attempts, min_object_covered)
+    shape = tf.shape(images)
+    return _sample_crop_boxes(seed, _dim(images, 0), shape[1], shape[2], area_range,
+                              aspect_ratio_range, max_attempts, min_object_covered)
+
+
+def apply_crop(images, boxes, size, flip=None):
+    """Crops each image to its box (`draw_crop`) and resizes it bilinearly to [size, size]:
+    float32 [B, size, size, C] in [0, 1]. `flip` as in `random_resized_crop`."""
+    images = tf.convert_to_tensor(images)
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
     return _scale_to_unit(_crop_and_resize(images, boxes, size, flip), images.dtype)
 
 
@@ -319,8 +342,7 @@ def random_resized_crop_and_flip(images, crop_seed, flip_seed, size, p_flip=0.5)
     Bit for bit the two transforms in turn with the same seeds; the flip reverses the crop's
     column taps instead of gathering the cropped images again (a full pass over every view).
     """
-    _check_probability("p_flip", p_flip)
-    flip = _flip_draws(flip_seed, _dim(images, 0), p_flip)
+    flip = draw_flip(flip_seed, _dim(images, 0), p_flip)
     return random_resized_crop(images, crop_seed, size, flip=flip)
 
 
@@ -359,13 +381,8 @@ def preprocess_for_eval(images, image_size, crop=True, crop_proportion=0.875):
 # --------------------------------------------------------------------------------------------
 # Flip.
 
-def _flip_draws(seed, batch_size, p):
-    """bool [B]: which images a flip of probability p mirrors."""
-    return _uniform(seed, batch_size) < p
-
-
 def random_flip_left_right(images, seed, p=0.5):
-    """Flips each image horizontally with probability p.
+    """Flips each image horizontally with probability p (`apply_flip` of `draw_flip`).
 
     Args:
       images: [B, H, W, C] uint8 or float images.
@@ -375,11 +392,20 @@ def random_flip_left_right(images, seed, p=0.5):
     Returns:
       float32 [B, H, W, C] in [0, 1].
     """
+    return apply_flip(images, draw_flip(seed, _dim(images, 0), p))
+
+
+def draw_flip(seed, batch_size, p=0.5):
+    """bool [B]: which images a flip of probability p mirrors."""
     _check_probability("p", p)
+    return _uniform(seed, batch_size) < p
+
+
+def apply_flip(images, flip):
+    """Mirrors left-right the images where `flip` [B] (`draw_flip`): float32 in [0, 1]."""
     images = to_float(images)
     _check_images(images)
     width = tf.shape(images)[2]
-    flip = _flip_draws(seed, _dim(images, 0), p)
     columns = tf.range(width)
     # One gather of per-image column orders reads the images once; reverse + select reads twice
     # (and under XLA fuses with the crop's gathers, which then run twice: 1.5x slower views).
@@ -562,17 +588,15 @@ def color_jitter(images, seed, strength, random_order=True):
     """
     images = to_float(images)
     _check_rgb(images)
-    return _interleaved(_jittered_planes(_planar(images), seed, strength, random_order))
+    params = _sample_jitter_params(seed, _dim(images, 0), strength, random_order)
+    return _interleaved(_jitter_with_params(_planar(images), params))
 
 
-def _jittered_planes(planes, seed, strength, random_order=True):
-    """`color_jitter` on [B, 3, H, W] planes."""
-    params = _sample_jitter_params(seed, _dim(planes, 0), strength, random_order)
-    return _jitter_with_params(planes, params)
 
 
 def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
-    """The paper's colour distortion: jitter with p_jitter, then grayscale with p_grayscale.
+    """The paper's colour distortion: jitter with p_jitter, then grayscale with p_grayscale
+    (`apply_color` of `draw_color`).
 
     Args:
       images: [B, H, W, 3] uint8 or float images.
@@ -584,17 +608,29 @@ def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
     Returns:
       float32 [B, H, W, 3] in [0, 1].
     """
+    return apply_color(images, draw_color(seed, _dim(images, 0), strength, p_jitter,
+                                          p_grayscale))
+
+
+def draw_color(seed, batch_size, strength, p_jitter=0.8, p_grayscale=0.2):
+    """The per-image numbers of `random_color_jitter` (same arguments): a dict of [B] tensors
+    (the jitter's factors, hue shift and op order [B, 4], and whether to jitter and to gray)."""
     _check_probability("p_jitter", p_jitter)
     _check_probability("p_grayscale", p_grayscale)
-    images = to_float(images)
-    _check_rgb(images)
-    batch_size = _dim(images, 0)
     jitter_seed, choice_seed = split_seed(seed, 2)
     jitter_draw, grayscale_draw = tf.unstack(_uniform(choice_seed, batch_size, 2), axis=1)
+    return dict(_sample_jitter_params(jitter_seed, batch_size, strength, random_order=True),
+                jitter=jitter_draw < p_jitter, grayscale=grayscale_draw < p_grayscale)
+
+
+def apply_color(images, draws):
+    """The colour distortion of `draw_color`'s numbers: float32 [B, H, W, 3] in [0, 1]."""
+    images = to_float(images)
+    _check_rgb(images)
     planes = _planar(images)
-    jittered = _jittered_planes(planes, jitter_seed, strength)
-    planes = _select_per_image(jitter_draw < p_jitter, jittered, planes)
-    planes = _select_per_image(grayscale_draw < p_grayscale, _planar_luma(planes), planes)
+    jittered = _jitter_with_params(planes, draws)
+    planes = _select_per_image(draws["jitter"], jittered, planes)
+    planes = _select_per_image(draws["grayscale"], _planar_luma(planes), planes)
     return _interleaved(planes)
 
 
@@ -678,7 +714,8 @@ def gaussian_blur(images, sigma, radius):
 
 
 def random_gaussian_blur(images, seed, p=0.5, sigma_range=(0.1, 2.0), selected_only=False):
-    """Gaussian blur with a per-image sigma, applied to each image with probability p.
+    """Gaussian blur with a per-image sigma, applied to each image with probability p
+    (`apply_blur` of `draw_blur`).
 
     The kernel spans 10% of the image height: radius = height // 20, size 2 * radius + 1 (images
     under 20 px get a 1-tap kernel, i.e. no blur). As in the original SimCLR, the separable
@@ -696,14 +733,25 @@ def random_gaussian_blur(images, seed, p=0.5, sigma_range=(0.1, 2.0), selected_o
     Returns:
       float32 [B, H, W, 3] in [0, 1].
     """
+    draws = draw_blur(seed, _dim(images, 0), p, sigma_range)
+    return apply_blur(images, draws, selected_only)
+
+
+def draw_blur(seed, batch_size, p=0.5, sigma_range=(0.1, 2.0)):
+    """The per-image numbers of `random_gaussian_blur` (same arguments): a dict of sigma
+    (float32 [B]) and selected (bool [B], the images to blur)."""
     _check_probability("p", p)
+    sigma_draw, apply_draw = tf.unstack(_uniform(seed, batch_size, 2), axis=1)
+    return dict(sigma=_in_range(sigma_draw, *sigma_range), selected=apply_draw < p)
+
+
+def apply_blur(images, draws, selected_only=False):
+    """The blur of `draw_blur`'s numbers (`selected_only` as in `random_gaussian_blur`):
+    float32 [B, H, W, 3] in [0, 1]."""
     images = to_float(images)
     _check_images(images)
-    batch_size = _dim(images, 0)
-    sigma_draw, apply_draw = tf.unstack(_uniform(seed, batch_size, 2), axis=1)
-    sigma = _in_range(sigma_draw, *sigma_range)
-    kernels = _gaussian_kernels(sigma, _dim(images, 1) // 20)
-    selected = apply_draw < p
+    kernels = _gaussian_kernels(draws["sigma"], _dim(images, 1) // 20)
+    selected = draws["selected"]
     if not selected_only:
         return _select_per_image(selected, clip_unit(_blur_with_kernels(images, kernels)), images)
     chosen = tf.where(selected)

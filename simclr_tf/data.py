@@ -361,7 +361,7 @@ def _views_of_varying_sizes(images: tf.data.Dataset, batch_size: int, base_seed:
         sized_a, sized_b, label = crops
         view_a, view_b = views_lib.finish_pair(
             sized_a, sized_b, tf.random.experimental.stateless_fold_in(finish_seed, step),
-            xla=True, blur_selected_only=True, **view_settings)
+            xla=True, blur_selected_only=True, chunked=True, **view_settings)
         view_shape = [batch_size, image_size, image_size, 3]
         return {VIEW_A: tf.ensure_shape(view_a, view_shape),
                 VIEW_B: tf.ensure_shape(view_b, view_shape),
@@ -375,17 +375,19 @@ def _views_of_varying_sizes(images: tf.data.Dataset, batch_size: int, base_seed:
 
 
 def views_of_batch(batch: dict, image_size: int, xla: bool = True,
-                   blur_selected_only: bool = True, **view_settings) -> dict:
+                   blur_selected_only: bool = True, chunked: bool = True,
+                   **view_settings) -> dict:
     """{image, seed, label} -> {view_a, view_b, label}: the two views of a batch, made from its seed.
 
     The host pipeline calls it in its `map`; with augment_on_device the training step calls it on
-    the batches `pretrain_dataset` yields. `xla` and `blur_selected_only` say how the views are
-    computed (`views.view`; the defaults are the host pipeline's); `view_settings` are
+    the batches `pretrain_dataset` yields. `xla`, `blur_selected_only` and `chunked` say how the
+    views are computed (`views.view`; the defaults are the host pipeline's); `view_settings` are
     `views.two_views`'s other keyword arguments (color_jitter_strength, use_blur, augmentations,
     asymmetric).
     """
     view_a, view_b = views_lib.two_views(batch[IMAGE], batch[SEED], image_size, xla=xla,
-                                         blur_selected_only=blur_selected_only, **view_settings)
+                                         blur_selected_only=blur_selected_only, chunked=chunked,
+                                         **view_settings)
     return {VIEW_A: view_a, VIEW_B: view_b, LABEL: batch[LABEL]}
 
 

@@ -90,9 +90,10 @@ class Pretrainer:
     def _losses(self, batch):
         if data_lib.IMAGE in batch:  # --augment_on_device: the views are made here
             # Not blur_selected_only: its dynamic count would not compile, and on a GPU it would
-            # stop every step to copy the count to the host.
+            # stop every step to copy the count to the host. Not chunked: the whole batch at
+            # once suits an accelerator.
             batch = data_lib.views_of_batch(batch, xla=not self._step_compiled_by_xla,
-                                            blur_selected_only=False,
+                                            blur_selected_only=False, chunked=False,
                                             **view_settings(self.config))
         views = tf.concat([batch[data_lib.VIEW_A], batch[data_lib.VIEW_B]], axis=0)
         h = self.encoder(views, training=True)
