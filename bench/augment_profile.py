@@ -3,15 +3,19 @@
     python bench/augment_profile.py
 
 For the paper's recipe at 32 px (from 32 px images, no blur, batch 256) and at 224 px (from 256 px
-images, blur, batch 32), times each transform of `views.view` on its own, inside a `tf.function`,
-with TensorFlow limited to one thread (best of 5 after a warm-up): the crop-resize (from uint8),
-the flip, the colour jitter's hue pass (an RGB -> HSV -> RGB round trip) and one of its six linear
-passes (both on planar images, as the jitter runs them), the whole colour distortion (jitter with p 0.8, grayscale with p 0.2), the blur, and the
-whole view; then the whole view as the training pipeline makes it (the XLA stages, the blur of
-the drawn images only, 4 images at a time at 224 px: `views.view(..., xla=True,
-blur_selected_only=True, chunked=True)`), and compiled whole by XLA (`jit_compile=True`), with
-the largest absolute difference between its views and the graph's. Prints a table of ms per view and one JSON line at
-the end.
+images, blur, batch 32), on one thread (best of 5 after a warm-up), inside a `tf.function`:
+
+- each transform of `views.view` on its own, without XLA: the crop-resize (from uint8), the
+  flip, the colour jitter's hue pass (an RGB -> HSV -> RGB round trip) and one of its six linear
+  passes (both on planar images, as the jitter runs them), the whole colour distortion (jitter
+  with p 0.8, grayscale with p 0.2), the blur, and the whole view;
+- the whole view as the training pipeline makes it (`views.view(..., xla=True,
+  blur_selected_only=True, chunked=True)`: the XLA stages, the blur of the drawn images only, 4
+  images at a time at 224 px), and compiled whole by XLA (`jit_compile=True`), with the largest
+  absolute difference between its views and the graph's;
+- the pipeline's stages one by one, on one chunk (`pipeline_stages`).
+
+Prints a table of ms per view and one JSON line at the end.
 """
 
 import json
@@ -81,6 +85,33 @@ def stages(batch, in_size, out_size, use_blur):
     difference = tf.reduce_max(tf.abs(tf.function(whole, jit_compile=True)(images)
                                       - tf.function(whole)(images)))
     figures["XLA's largest difference"] = float(difference)
+    figures.update(pipeline_stages(images, out_size, use_blur))
+    return figures
+
+
+def pipeline_stages(images, out_size, use_blur):
+    """{stage: ms per view} of the stages as the pipeline runs them: on one chunk (4 images at
+    224 px, the whole batch at 32), the crop, flip and colour compiled by XLA, each from the
+    chunk's draws; and the blur of the drawn images only, per blurred image."""
+    rows = views._chunk_rows(images, out_size) or images.shape[0]
+    chunk = images[:rows]
+    crops = augment.apply_crop(chunk, augment.draw_crop(SEED, chunk), out_size)
+    steps = {
+        "crop + resize": (lambda x, d: augment.apply_crop(x, d, out_size), chunk,
+                          augment.draw_crop(SEED, chunk), True),
+        "flip": (augment.apply_flip, crops, augment.draw_flip(SEED, rows), True),
+        "colour distortion": (augment.apply_color, crops, augment.draw_color(SEED, rows, 1.0),
+                              True),
+    }
+    figures = {f"pipeline, chunk of {rows}: {name}": round(
+                   1000 * best_seconds(fn, x, draws, repeats=25, jit_compile=xla) / rows, 3)
+               for name, (fn, x, draws, xla) in steps.items()}
+    if use_blur:  # per blurred image: half the views are, on average
+        draws = augment.draw_blur(SEED, rows)
+        drawn = int(tf.reduce_sum(tf.cast(draws["selected"], tf.int32)))
+        blur = lambda x, d: augment.apply_blur(x, d, selected_only=True)  # noqa: E731
+        figures[f"pipeline, chunk of {rows}: blur, per blurred image ({drawn} of {rows})"] = round(
+            1000 * best_seconds(blur, crops, draws, repeats=25) / max(drawn, 1), 3)
     return figures
 
 

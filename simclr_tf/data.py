@@ -254,10 +254,12 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     The views of a batch come from a stateless seed derived from (`seed`, input pipeline id, batch
     number), and for images of varying sizes their crops from one derived from the image's number,
     so the same arguments give the same stream. Fixed-size datasets are augmented a batch
-    at a time, with the crop, flip and colour distortion compiled by XLA; images of varying sizes
+    at a time, with the crop, flip and colour distortion compiled by XLA, and large views a few
+    images at a time with the batch's draws (`views.view`'s chunked); images of varying sizes
     (folders) are cropped one at a time, without XLA, and the rest of their views is made a batch
-    at a time as for fixed sizes (`_views_of_varying_sizes`). For folders the file order is already fully
-    shuffled every epoch, so a small `shuffle_buffer` suffices (the buffer holds decoded images).
+    at a time as for fixed sizes (`_views_of_varying_sizes`). For folders the file order is
+    already fully shuffled every epoch, so a small `shuffle_buffer` suffices (the buffer holds
+    decoded images).
 
     With `augment_on_device` the pipeline stops before the views: it yields the uint8 batch and its
     seed, and the training step makes the views (`views_of_batch`), the same views as this

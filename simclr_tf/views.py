@@ -148,10 +148,15 @@ _CHUNK_BYTES = 2_500_000
 
 
 def _chunk_rows(images, image_size):
-    """Images per chunk, or None where the whole batch fits in one chunk or its size is dynamic."""
-    rows = max(1, _CHUNK_BYTES // (image_size * image_size * 3 * 4))
+    """Images per chunk, or None where the whole batch fits in one chunk or its size is dynamic.
+
+    Chunks of (nearly) equal size: each size is an XLA compile of every stage."""
+    most = max(1, _CHUNK_BYTES // (image_size * image_size * 3 * 4))
     batch = images.shape[0]
-    return rows if batch is not None and batch > rows else None
+    if batch is None or batch <= most:
+        return None
+    chunks = -(-batch // most)
+    return -(-batch // chunks)
 
 
 def _run_in_chunks(images, stages, rows, seeds, image_size, strength):

@@ -478,3 +478,30 @@ def test_blurring_the_selected_images_only_gives_the_same_views_bit_for_bit():
         selected = tf.function(lambda x, p=p: augment.random_gaussian_blur(
             x, SEED, p=p, selected_only=True))(images)
         np.testing.assert_array_equal(selected.numpy(), every.numpy())
+
+
+def test_random_transforms_are_apply_of_draw_and_draws_slice_by_rows():
+    """Each of the paper's four random transforms is apply_* of draw_*, and an image's draws
+    depend only on the seed, the batch size and its row: the rows of a batch transformed with
+    their rows of the batch's draws are the rows of the batch transformed (what `views`'
+    chunked runs rely on)."""
+    images = random_uint8((6, 28, 30, 3), seed=3)
+    floats = augment.to_float(images)
+    cases = {
+        "crop": (lambda x: augment.random_resized_crop(x, SEED, 24),
+                 augment.draw_crop(SEED, images), lambda x, d: augment.apply_crop(x, d, 24),
+                 images),
+        "flip": (lambda x: augment.random_flip_left_right(x, SEED), augment.draw_flip(SEED, 6),
+                 augment.apply_flip, floats),
+        "color": (lambda x: augment.random_color_jitter(x, SEED, 1.0),
+                  augment.draw_color(SEED, 6, 1.0), augment.apply_color, floats),
+        "blur": (lambda x: augment.random_gaussian_blur(x, SEED), augment.draw_blur(SEED, 6),
+                 augment.apply_blur, floats),
+    }
+    for name, (transform, draws, apply, batch) in cases.items():
+        whole = transform(batch).numpy()
+        np.testing.assert_array_equal(apply(batch, draws).numpy(), whole, err_msg=name)
+        rows = [apply(batch[start:start + 2],
+                      tf.nest.map_structure(lambda d: d[start:start + 2], draws)).numpy()
+                for start in (0, 2, 4)]
+        np.testing.assert_array_equal(np.concatenate(rows), whole, err_msg=name)
