@@ -29,8 +29,9 @@ thread (intra_op = inter_op = 1), at 32 px (batch of 128 32x32 images, no blur) 
 Then the same at 224 px from 32 images of varying sizes (sides 300-500 px, as ImageNet's), where
 no batch can be formed before the crop: `original` per image, then its batch blur; `per_image`,
 ours as the training pipeline ran it before (the whole view per image, no XLA); `pipeline`, ours
-as `data._views_of_varying_sizes` runs it now (crops per image, then the rest per batch with the
-XLA stages, in chunks); `pipeline_whole`, the same with the rest made for the whole batch at once.
+as `data._views_of_varying_sizes` runs it now (crops per image, their boxes drawn by XLA, then
+the rest per batch with the XLA stages, in chunks); `pipeline_whole`, as it ran before (boxes
+drawn without XLA, the rest made for the whole batch at once).
 
 What a training step consumes is bounded by the machine's limit: for ResNet-18 (CIFAR stem) at
 32 px and ResNet-50 at 224 px, 2 views x (matmul peak on all cores / FLOPs per example), with
@@ -237,11 +238,11 @@ def varying_size_call(pipeline, images, view_size):
         return lambda: [whole(image, seed)[0].numpy() for image in images]
     # The training pipeline's way (data._views_of_varying_sizes): crops per image, the rest per
     # batch with the XLA stages.
-    crops = tf.function(lambda x, s: views.sized_pair(x[None], s, view_size),
+    now = pipeline == "pipeline"
+    crops = tf.function(lambda x, s: views.sized_pair(x[None], s, view_size, xla=now),
                         input_signature=[one_image, seed_spec])
     finish = tf.function(lambda a, b, s: views.finish_pair(
-        a, b, s, view_size, xla=True, blur_selected_only=True,
-        chunked=(pipeline == "pipeline")))
+        a, b, s, view_size, xla=True, blur_selected_only=True, chunked=now))
     def call():
         sized_a, sized_b = zip(*(crops(image, seed) for image in images))
         return finish(tf.concat(sized_a, 0), tf.concat(sized_b, 0), seed)[0].numpy()

@@ -304,15 +304,16 @@ def random_resized_crop(images, seed, size, area_range=(0.08, 1.0),
     """
     images = tf.convert_to_tensor(images)
     _check_images(images)
-    boxes = draw_crop(seed, images, area_range, aspect_ratio_range, max_attempts,
-                      min_object_covered)
+    shape = tf.shape(images)
+    boxes = draw_crop(seed, _dim(images, 0), shape[1], shape[2], area_range, aspect_ratio_range,
+                      max_attempts, min_object_covered)
     return apply_crop(images, boxes, size, flip)
 
 
-def draw_crop(seed, images, area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3),
-              max_attempts=100, min_object_covered=0.1):
-    """The boxes of `random_resized_crop` (same arguments) for a batch like `images` (only its
-    shape is read): int32 [B, 4] rows (top, left, height, width) in pixels."""
+def draw_crop(seed, batch_size, height, width, area_range=(0.08, 1.0),
+              aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=100, min_object_covered=0.1):
+    """The boxes of `random_resized_crop` (same arguments) for a batch of `batch_size` images of
+    `height` x `width` pixels: int32 [B, 4] rows (top, left, height, width) in pixels."""
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     if not 0.0 < area_range[0] <= area_range[1]:
@@ -322,9 +323,8 @@ def draw_crop(seed, images, area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4
                          f"{aspect_ratio_range}")
     if not 0.0 <= min_object_covered <= 1.0:
         raise ValueError(f"min_object_covered must be in [0, 1], got {min_object_covered}")
-    shape = tf.shape(images)
-    return _sample_crop_boxes(seed, _dim(images, 0), shape[1], shape[2], area_range,
-                              aspect_ratio_range, max_attempts, min_object_covered)
+    return _sample_crop_boxes(seed, batch_size, height, width, area_range, aspect_ratio_range,
+                              max_attempts, min_object_covered)
 
 
 def apply_crop(images, boxes, size, flip=None):

@@ -343,9 +343,9 @@ def _views_of_varying_sizes(images: tf.data.Dataset, batch_size: int, base_seed:
 
     No batch can be formed before the crop, the only stage that depends on the image's size:
     each image's two crops are made one image at a time, without XLA (it would compile again for
-    every size), then batched, and the rest of the views (flip, colour, blur) is made a batch at a
-    time with XLA, as for fixed-size images (bench/augment_throughput.py measures both ways at
-    224 px from varying sizes). The first stage (the crop, or the resize to S of a recipe that
+    every size) but for their boxes' draws, then batched, and the rest of the views (flip, colour,
+    blur) is made a batch at a time with XLA, in chunks, as for fixed-size images
+    (bench/augment_throughput.py measures both ways at 224 px from varying sizes). The first stage (the crop, or the resize to S of a recipe that
     does not start with one) draws from a seed per image, the rest from a seed per batch.
     """
     image_size = view_settings["image_size"]
@@ -356,7 +356,7 @@ def _views_of_varying_sizes(images: tf.data.Dataset, batch_size: int, base_seed:
         image, label = example
         sized_a, sized_b = views_lib.sized_pair(
             image[tf.newaxis], tf.random.experimental.stateless_fold_in(crop_seed, step),
-            image_size, **recipe)
+            image_size, xla=True, **recipe)
         return sized_a[0], sized_b[0], label
 
     def finish_batch(step, crops):

@@ -34,17 +34,22 @@ _STUDY_SEEDS = ("cutout", "noise", "rotate")
 
 class _Drawn(NamedTuple):
     """A transform as its two steps (`augment`'s draw_* and apply_*), so that a batch can be made
-    a few images at a time with the whole batch's draws (`_run_in_chunks`)."""
-    draw: Callable  # (images, seeds, image_size, strength) -> a nest of [B, ...] tensors
+    a few images at a time with the whole batch's draws (`_run_in_chunks`), and the draws
+    compiled by XLA once for images of every size."""
+    draw: Callable  # (shape, seeds, image_size, strength) -> a nest of [B, ...] tensors
     apply: Callable  # (images, draws, image_size, strength) -> images
 
     def __call__(self, images, seeds, image_size, strength):
-        return self.apply(images, self.draw(images, seeds, image_size, strength), image_size,
-                          strength)
+        return self.apply(images, self.draw(_shape_of(images), seeds, image_size, strength),
+                          image_size, strength)
 
 
-def _batch_size(images):
-    return images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
+def _shape_of(images):
+    """(B, H, W) of a batch, all a draw may read: B a Python int where static, H and W int32
+    scalar tensors (so one XLA compile of a draw serves every image size)."""
+    dynamic = tf.shape(images)
+    batch = images.shape[0] if images.shape[0] is not None else dynamic[0]
+    return batch, dynamic[1], dynamic[2]
 
 
 def _colour_off(strength):
@@ -52,7 +57,7 @@ def _colour_off(strength):
 
 
 _resized_crop = _Drawn(
-    draw=lambda images, seeds, image_size, strength: augment.draw_crop(seeds["crop"], images),
+    draw=lambda shape, seeds, image_size, strength: augment.draw_crop(seeds["crop"], *shape),
     apply=lambda images, boxes, image_size, strength: augment.apply_crop(images, boxes,
                                                                          image_size))
 # The flip is a pass of its own, not folded into the crop's column taps
@@ -61,18 +66,15 @@ _resized_crop = _Drawn(
 # whole by XLA (the --jit_compile step with --augment_on_device) ran 8x faster at 32 px; without
 # XLA the extra pass costs nothing measurable.
 _flip = _Drawn(
-    draw=lambda images, seeds, image_size, strength: augment.draw_flip(seeds["flip"],
-                                                                       _batch_size(images)),
+    draw=lambda shape, seeds, image_size, strength: augment.draw_flip(seeds["flip"], shape[0]),
     apply=lambda images, flip, image_size, strength: augment.apply_flip(images, flip))
 _color = _Drawn(
-    draw=lambda images, seeds, image_size, strength: (
-        {} if _colour_off(strength)
-        else augment.draw_color(seeds["color"], _batch_size(images), strength)),
+    draw=lambda shape, seeds, image_size, strength: (
+        {} if _colour_off(strength) else augment.draw_color(seeds["color"], shape[0], strength)),
     apply=lambda images, draws, image_size, strength: (
         images if _colour_off(strength) else augment.apply_color(images, draws)))
 _blur = _Drawn(
-    draw=lambda images, seeds, image_size, strength: augment.draw_blur(seeds["blur"],
-                                                                       _batch_size(images)),
+    draw=lambda shape, seeds, image_size, strength: augment.draw_blur(seeds["blur"], shape[0]),
     apply=lambda images, draws, image_size, strength: augment.apply_blur(images, draws))
 _blur_selected_only = _blur._replace(
     apply=lambda images, draws, image_size, strength: augment.apply_blur(images, draws,
@@ -136,9 +138,27 @@ def _stage(name, xla, blur_selected_only):
     if not (xla and name in _XLA_STAGES):
         return stage
     if isinstance(stage, _Drawn):
-        return _Drawn(_compiled_once((name, "draw"), stage.draw),
-                      _compiled_once((name, "apply"), stage.apply))
+        return _Drawn(_compiled_draw(name, stage.draw), _compiled_apply(name, stage.apply))
     return _compiled_once(name, stage)
+
+
+def _compiled_draw(name, draw):
+    compiled = _compiled_once((name, "draw"), draw)
+
+    def run(shape, *args):  # XLA needs the batch size at compile time
+        return compiled(shape, *args) if isinstance(shape[0], int) else draw(shape, *args)
+    return run
+
+
+def _compiled_apply(name, apply):
+    compiled = _compiled_once((name, "apply"), apply)
+
+    def run(images, *args):
+        # Images of dynamic height and width (a folder's, cropped one at a time) are applied
+        # without XLA, which would compile again for every size; their draws are compiled.
+        return compiled(images, *args) if images.shape[1:3].is_fully_defined() else apply(
+            images, *args)
+    return run
 
 
 # Images per chunk (`chunked`): views of about 2.5 MB (4 at 224 px) stay in this CPU's caches
@@ -163,10 +183,10 @@ def _run_in_chunks(images, stages, rows, seeds, image_size, strength):
     """Runs `stages` (all _Drawn) on `rows` images at a time, one chunk after the other.
 
     Every stage draws for the whole batch first and each chunk takes its rows of the draws, so
-    the views are those of the whole batch at once. A draw reads only the batch's size, and the
-    crop (always the first stage) its images' height and width: each draw is given the batch.
+    the views are those of the whole batch at once. Every draw is given the input batch's shape:
+    only the crop, always the first stage, reads its height and width.
     """
-    draws = [stage.draw(images, seeds, image_size, strength) for stage in stages]
+    draws = [stage.draw(_shape_of(images), seeds, image_size, strength) for stage in stages]
     chunks = []
     for start in range(0, images.shape[0], rows):
         chunk = images[start:start + rows]
@@ -249,7 +269,8 @@ def sized_view(images, seed, image_size, recipe, xla=False):
     crop when the recipe starts with "crop" (without its flip), else the resize to S.
 
     `finish_view` of its output with the same seed is `view`, bit for bit. Images of varying size
-    (folders) are cropped one at a time with this, then batched and finished a batch at a time.
+    (folders) are cropped one at a time with this, then batched and finished a batch at a time;
+    with xla their boxes are drawn by XLA (one compile for every size), the crop made without.
 
     Returns:
       float32 [B, S, S, 3] in [0, 1].

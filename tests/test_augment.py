@@ -489,7 +489,7 @@ def test_random_transforms_are_apply_of_draw_and_draws_slice_by_rows():
     floats = augment.to_float(images)
     cases = {
         "crop": (lambda x: augment.random_resized_crop(x, SEED, 24),
-                 augment.draw_crop(SEED, images), lambda x, d: augment.apply_crop(x, d, 24),
+                 augment.draw_crop(SEED, 6, 28, 30), lambda x, d: augment.apply_crop(x, d, 24),
                  images),
         "flip": (lambda x: augment.random_flip_left_right(x, SEED), augment.draw_flip(SEED, 6),
                  augment.apply_flip, floats),

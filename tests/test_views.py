@@ -107,3 +107,25 @@ def test_chunked_views_are_the_whole_batchs_views():
     np.testing.assert_array_equal(
         views.view(images, FIXTURE_SEED, 224, recipe, chunked=True).numpy(),
         views.view(images, FIXTURE_SEED, 224, recipe).numpy())
+
+
+def test_crops_of_varying_sizes_draw_their_boxes_with_one_xla_compile():
+    """A folder's images, cropped one at a time with xla=True (as the pipeline does): the boxes
+    are drawn by XLA, traced once for every image size (the draw reads the height and width as
+    values), and the crop is made without XLA; the crops are the graph's bit for bit."""
+    from simclr_tf import views
+
+    one_image = tf.TensorSpec([None, None, 3], tf.uint8)
+    seed_spec = tf.TensorSpec([2], tf.int64)
+    crops = {xla: tf.function(lambda x, s, xla=xla: views.sized_pair(x[None], s, 24, xla=xla),
+                              input_signature=[one_image, seed_spec]) for xla in (False, True)}
+    rng = np.random.default_rng(5)
+    traces = None
+    for index, (height, width) in enumerate(((30, 40), (57, 33), (24, 24), (101, 64))):
+        image = tf.constant(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        seed = tf.constant([index, 3], tf.int64)
+        for graph, compiled in zip(crops[False](image, seed), crops[True](image, seed)):
+            np.testing.assert_array_equal(compiled.numpy(), graph.numpy())
+        draw = views._compiled[("resized_crop", "draw")]
+        traces = traces or draw.experimental_get_tracing_count()
+        assert draw.experimental_get_tracing_count() == traces
