@@ -19,6 +19,12 @@ first resized to S, so transforms before "crop" see the S x S image.
 Each view's seed is split into the sub-seeds of crop, flip, colour and blur, and of cutout, noise
 and rotation (from a fold of it): a transform draws the same numbers whichever other transforms the
 recipe lists, so "crop,color,blur" differs from "crop,color" by the blur alone.
+
+How a view is computed is up to the caller and leaves the views as they are (up to float
+rounding): `xla` compiles the crop, flip and colour stages; `blur_selected_only` blurs only the
+images drawn for it; `chunked` makes a large batch a few images at a time, each chunk staying in
+the CPU's cache through the stages, with the whole batch's draws (the paper's four transforms
+draw and apply in two steps for this, `_Drawn`).
 """
 
 from typing import Callable, NamedTuple
@@ -246,7 +252,8 @@ def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
       color_jitter_strength: the strength s of "color".
       xla: compile the crop, the flip and the colour distortion with XLA, each on its own (faster
         on CPU; the views move by float rounding). Give images of one shape: XLA compiles each
-        shape.
+        shape. Images whose height and width are dynamic (in a graph) are cropped without XLA,
+        the boxes drawn with it.
       blur_selected_only: blur only the images drawn for it (`augment.random_gaussian_blur`'s
         selected_only): half the work, the same views. For a graph on the CPU (tf.data): XLA
         cannot compile it, and on a GPU its count would stop the step for a copy to the host.
