@@ -93,7 +93,7 @@ def pipeline_stages(images, out_size, use_blur):
     """{stage: ms per view} of the stages as the pipeline runs them: on one chunk (4 images at
     224 px, the whole batch at 32), the crop, flip and colour compiled by XLA, each from the
     chunk's draws; and the blur of the drawn images only, per blurred image."""
-    rows = views._chunk_rows(images, out_size) or images.shape[0]
+    rows = (views._chunk_sizes(images, out_size) or [images.shape[0]])[0]
     chunk = images[:rows]
     crops = augment.apply_crop(chunk, augment.draw_crop(SEED, rows, *chunk.shape[1:3]), out_size)
     steps = {

@@ -22,7 +22,8 @@ thread (intra_op = inter_op = 1), at 32 px (batch of 128 32x32 images, no blur) 
   `two_views(..., xla=True, blur_selected_only=True, chunked=True)`, the crop, the flip and the
   colour distortion each compiled by XLA, the blur not, only the images drawn for it blurred, and
   the batch made a few images at a time (4 at 224 px; at 32 px the batch is one chunk).
-- `xla_stages_whole`: the same with the whole batch at once (`chunked=False`), as before.
+- `xla_stages_whole`: the same with the whole batch at once (`chunked=False`): the pipeline
+  before the chunks, but for its stages' draws now compiled apart from the rest.
 - `xla`: the whole of `two_views` compiled as one XLA program (`tf.function(jit_compile=True)`),
   as inside a --jit_compile step with --augment_on_device.
 

@@ -392,6 +392,7 @@ def random_flip_left_right(images, seed, p=0.5):
     Returns:
       float32 [B, H, W, C] in [0, 1].
     """
+    images = to_float(images)
     return apply_flip(images, draw_flip(seed, _dim(images, 0), p))
 
 
@@ -608,6 +609,7 @@ def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
     Returns:
       float32 [B, H, W, 3] in [0, 1].
     """
+    images = to_float(images)
     return apply_color(images, draw_color(seed, _dim(images, 0), strength, p_jitter,
                                           p_grayscale))
 
@@ -733,8 +735,8 @@ def random_gaussian_blur(images, seed, p=0.5, sigma_range=(0.1, 2.0), selected_o
     Returns:
       float32 [B, H, W, 3] in [0, 1].
     """
-    draws = draw_blur(seed, _dim(images, 0), p, sigma_range)
-    return apply_blur(images, draws, selected_only)
+    images = to_float(images)
+    return apply_blur(images, draw_blur(seed, _dim(images, 0), p, sigma_range), selected_only)
 
 
 def draw_blur(seed, batch_size, p=0.5, sigma_range=(0.1, 2.0)):

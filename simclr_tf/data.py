@@ -256,8 +256,8 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     so the same arguments give the same stream. Fixed-size datasets are augmented a batch
     at a time, with the crop, flip and colour distortion compiled by XLA, and large views a few
     images at a time with the batch's draws (`views.view`'s chunked); images of varying sizes
-    (folders) are cropped one at a time, without XLA, and the rest of their views is made a batch
-    at a time as for fixed sizes (`_views_of_varying_sizes`). For folders the file order is
+    (folders) are cropped one at a time, without XLA but for their boxes' draws, and the rest of
+    their views is made a batch at a time as for fixed sizes (`_views_of_varying_sizes`). For folders the file order is
     already fully shuffled every epoch, so a small `shuffle_buffer` suffices (the buffer holds
     decoded images).
 
@@ -345,8 +345,9 @@ def _views_of_varying_sizes(images: tf.data.Dataset, batch_size: int, base_seed:
     each image's two crops are made one image at a time, without XLA (it would compile again for
     every size) but for their boxes' draws, then batched, and the rest of the views (flip, colour,
     blur) is made a batch at a time with XLA, in chunks, as for fixed-size images
-    (bench/augment_throughput.py measures both ways at 224 px from varying sizes). The first stage (the crop, or the resize to S of a recipe that
-    does not start with one) draws from a seed per image, the rest from a seed per batch.
+    (bench/augment_throughput.py measures both ways at 224 px from varying sizes). The first
+    stage (the crop, or the resize to S of a recipe that does not start with one) draws from a
+    seed per image, the rest from a seed per batch.
     """
     image_size = view_settings["image_size"]
     recipe = {key: view_settings[key] for key in ("use_blur", "augmentations", "asymmetric")}

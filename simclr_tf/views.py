@@ -91,9 +91,10 @@ def _crop(images, seeds, image_size, strength):
     return _flip(_resized_crop(images, seeds, image_size, strength), seeds, image_size, strength)
 
 
-def _resize(images, seeds, image_size, strength):
-    del seeds, strength
-    return augment.resize(tf.convert_to_tensor(images), image_size)
+_resize = _Drawn(  # no random numbers: a _Drawn so that recipes starting with it run in chunks
+    draw=lambda shape, seeds, image_size, strength: {},
+    apply=lambda images, draws, image_size, strength: augment.resize(
+        tf.convert_to_tensor(images), image_size))
 
 
 def _sobel(images, seeds, image_size, strength):
@@ -173,36 +174,40 @@ def _compiled_apply(name, apply):
 _CHUNK_BYTES = 2_500_000
 
 
-def _chunk_rows(images, image_size):
+def _chunk_sizes(images, image_size):
     """Images per chunk, or None where the whole batch fits in one chunk or its size is dynamic.
 
-    Chunks of (nearly) equal size: each size is an XLA compile of every stage."""
+    As few chunks as fit the budget, their sizes differing by at most one (every size is an XLA
+    compile of each stage): 32 views at 224 px are 8 chunks of 4, 10 are 4, 3 and 3."""
     most = max(1, _CHUNK_BYTES // (image_size * image_size * 3 * 4))
     batch = images.shape[0]
     if batch is None or batch <= most:
         return None
-    chunks = -(-batch // most)
-    return -(-batch // chunks)
+    count = -(-batch // most)
+    return [batch // count + (1 if index < batch % count else 0) for index in range(count)]
 
 
-def _run_in_chunks(images, stages, rows, seeds, image_size, strength):
-    """Runs `stages` (all _Drawn) on `rows` images at a time, one chunk after the other.
+def _run_in_chunks(images, stages, sizes, seeds, image_size, strength):
+    """Runs `stages` (all _Drawn) on chunks of `sizes` images, one chunk after the other.
 
     Every stage draws for the whole batch first and each chunk takes its rows of the draws, so
     the views are those of the whole batch at once. Every draw is given the input batch's shape:
-    only the crop, always the first stage, reads its height and width.
+    only the crop reads its height and width, and the stages before a crop keep them.
     """
     draws = [stage.draw(_shape_of(images), seeds, image_size, strength) for stage in stages]
     chunks = []
-    for start in range(0, images.shape[0], rows):
-        chunk = images[start:start + rows]
+    start = 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        chunk = images[rows]
         if chunks:  # Not before the previous chunk is done, which keeps the cache to one chunk.
             with tf.control_dependencies([chunks[-1]]):
                 chunk = tf.identity(chunk)
         for stage, draw in zip(stages, draws):
-            rows_of_draw = tf.nest.map_structure(lambda d: d[start:start + rows], draw)
-            chunk = stage.apply(chunk, rows_of_draw, image_size, strength)
+            chunk = stage.apply(chunk, tf.nest.map_structure(lambda d: d[rows], draw),
+                                image_size, strength)
         chunks.append(chunk)
+        start += size
     return tf.concat(chunks, axis=0)
 
 
@@ -231,9 +236,9 @@ def _run_stages(images, seed, image_size, recipe, stages, color_jitter_strength,
     names = parse_augmentations(recipe)
     seeds = _sub_seeds(seed, names)
     run = [_stage(name, xla, blur_selected_only) for name in _stage_names(names)[stages]]
-    rows = _chunk_rows(images, image_size) if chunked else None
-    if rows is not None and all(isinstance(stage, _Drawn) for stage in run):
-        return _run_in_chunks(images, run, rows, seeds, image_size, color_jitter_strength)
+    sizes = _chunk_sizes(images, image_size) if chunked else None
+    if sizes is not None and all(isinstance(stage, _Drawn) for stage in run):
+        return _run_in_chunks(images, run, sizes, seeds, image_size, color_jitter_strength)
     views = images
     for stage in run:
         views = stage(views, seeds, image_size, color_jitter_strength)
@@ -252,16 +257,20 @@ def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
       color_jitter_strength: the strength s of "color".
       xla: compile the crop, the flip and the colour distortion with XLA, each on its own (faster
         on CPU; the views move by float rounding). Give images of one shape: XLA compiles each
-        shape. Images whose height and width are dynamic (in a graph) are cropped without XLA,
-        the boxes drawn with it.
+        shape. The random draws are compiled too (once for every image size): XLA's fused
+        multiply-adds round some of their numbers differently, and a crop box, rarely (2 in
+        120,000 here), comes out a pixel wider or taller than the graph's. Images whose height
+        and width are dynamic (in a graph) are cropped without XLA, their boxes drawn with it;
+        with a dynamic batch size the draws run without XLA.
       blur_selected_only: blur only the images drawn for it (`augment.random_gaussian_blur`'s
         selected_only): half the work, the same views. For a graph on the CPU (tf.data): XLA
         cannot compile it, and on a GPU its count would stop the step for a copy to the host.
       chunked: make the views a few images at a time (about 2.5 MB of views, 4 at 224 px), each
         chunk through all the stages before the next, with the whole batch's random draws: the
-        same views, about 1.3x faster at 224 px on a CPU, whose caches then hold the chunk
-        between stages. For a CPU; with a static batch size and the paper's transforms only
-        (other recipes run the whole batch at once).
+        same views up to the rounding of the blur's matmuls, which differs with the number of
+        images blurred at once (under 1e-6), about 1.3x faster at 224 px on a CPU, whose caches
+        then hold the chunk between stages. For a CPU, with a static batch size; recipes of the
+        paper's transforms only (crop, color, blur: the ablations' others run the whole batch).
 
     Returns:
       float32 [B, S, S, 3] in [0, 1].
