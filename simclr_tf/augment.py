@@ -593,8 +593,6 @@ def color_jitter(images, seed, strength, random_order=True):
     return _interleaved(_jitter_with_params(_planar(images), params))
 
 
-
-
 def random_color_jitter(images, seed, strength, p_jitter=0.8, p_grayscale=0.2):
     """The paper's colour distortion: jitter with p_jitter, then grayscale with p_grayscale
     (`apply_color` of `draw_color`).

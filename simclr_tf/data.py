@@ -257,9 +257,9 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     at a time, with the crop, flip and colour distortion compiled by XLA, and large views a few
     images at a time with the batch's draws (`views.view`'s chunked); images of varying sizes
     (folders) are cropped one at a time, without XLA but for their boxes' draws, and the rest of
-    their views is made a batch at a time as for fixed sizes (`_views_of_varying_sizes`). For folders the file order is
-    already fully shuffled every epoch, so a small `shuffle_buffer` suffices (the buffer holds
-    decoded images).
+    their views is made a batch at a time as for fixed sizes (`_views_of_varying_sizes`). For
+    folders the file order is already fully shuffled every epoch, so a small `shuffle_buffer`
+    suffices (the buffer holds decoded images).
 
     With `augment_on_device` the pipeline stops before the views: it yields the uint8 batch and its
     seed, and the training step makes the views (`views_of_batch`), the same views as this
