@@ -190,11 +190,12 @@ def _chunk_sizes(images, image_size):
 def _run_in_chunks(images, stages, sizes, seeds, image_size, strength):
     """Runs `stages` (all _Drawn) on chunks of `sizes` images, one chunk after the other.
 
-    Every stage draws for the whole batch first and each chunk takes its rows of the draws, so
-    the views are those of the whole batch at once. Every draw is given the input batch's shape:
-    only the crop reads its height and width, and the stages before a crop keep them.
+    Every stage draws for the whole batch (its batch size, and its input's height and width,
+    read from the first chunk), and each chunk takes its rows of the draws: the views are those
+    of the whole batch at once.
     """
-    draws = [stage.draw(_shape_of(images), seeds, image_size, strength) for stage in stages]
+    batch = images.shape[0]
+    draws = [None] * len(stages)
     chunks = []
     start = 0
     for size in sizes:
@@ -203,8 +204,11 @@ def _run_in_chunks(images, stages, sizes, seeds, image_size, strength):
         if chunks:  # Not before the previous chunk is done, which keeps the cache to one chunk.
             with tf.control_dependencies([chunks[-1]]):
                 chunk = tf.identity(chunk)
-        for stage, draw in zip(stages, draws):
-            chunk = stage.apply(chunk, tf.nest.map_structure(lambda d: d[rows], draw),
+        for index, stage in enumerate(stages):
+            if draws[index] is None:
+                _, height, width = _shape_of(chunk)
+                draws[index] = stage.draw((batch, height, width), seeds, image_size, strength)
+            chunk = stage.apply(chunk, tf.nest.map_structure(lambda d: d[rows], draws[index]),
                                 image_size, strength)
         chunks.append(chunk)
         start += size

@@ -89,8 +89,9 @@ def test_chunked_views_are_the_whole_batchs_views(monkeypatch):
     """chunked=True makes a 224-px batch 4 images at a time (10 images: chunks of 4, 3 and 3),
     each chunk with its rows of the whole batch's draws: the views of the whole batch at once,
     up to the rounding of the blur's matmuls, which TensorFlow rounds differently for batches of
-    other sizes (3e-8 to 6e-7 seen): within 1e-6. The chunks run (counted), and a recipe with
-    a transform that is not split into draw and apply (cutout) runs whole."""
+    other sizes (3e-8 to 6e-7 seen): within 1e-6. The chunks run (counted), a crop after the
+    resize to S draws for S x S images, and a recipe with a transform that is not split into
+    draw and apply (cutout) runs whole."""
     from simclr_tf import views
 
     chunked_runs = []
@@ -117,6 +118,13 @@ def test_chunked_views_are_the_whole_batchs_views(monkeypatch):
         for a, b in zip(whole, chunked):
             np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-6,
                                        err_msg=f"{size} {how}")
+    # A crop after the resize to S draws its boxes for S x S images, not the input's size.
+    chunked_runs.clear()
+    recipe = ("color", "crop")
+    np.testing.assert_allclose(
+        views.view(images, FIXTURE_SEED, 224, recipe, chunked=True).numpy(),
+        views.view(images, FIXTURE_SEED, 224, recipe).numpy(), rtol=0, atol=1e-6)
+    assert chunked_runs == [[4, 3, 3]]
     chunked_runs.clear()
     recipe = ("crop", "cutout", "color")
     np.testing.assert_array_equal(
