@@ -95,10 +95,10 @@ def pipeline_stages(images, out_size, use_blur):
     chunk's draws; and the blur of the drawn images only, per blurred image."""
     rows = (views._chunk_sizes(images, out_size) or [images.shape[0]])[0]
     chunk = images[:rows]
-    crops = augment.apply_crop(chunk, augment.draw_crop(SEED, rows, *chunk.shape[1:3]), out_size)
+    boxes = augment.draw_crop(SEED, rows, *chunk.shape[1:3])
+    crops = augment.apply_crop(chunk, boxes, out_size)
     steps = {
-        "crop + resize": (lambda x, d: augment.apply_crop(x, d, out_size), chunk,
-                          augment.draw_crop(SEED, rows, *chunk.shape[1:3]), True),
+        "crop + resize": (lambda x, d: augment.apply_crop(x, d, out_size), chunk, boxes, True),
         "flip": (augment.apply_flip, crops, augment.draw_flip(SEED, rows), True),
         "colour distortion": (augment.apply_color, crops, augment.draw_color(SEED, rows, 1.0),
                               True),

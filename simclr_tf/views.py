@@ -128,7 +128,7 @@ _STAGES = {"resized_crop": _resized_crop, "flip": _flip, "resize": _resize,
 
 # Stages `view(..., xla=True)` compiles, each on its own: XLA makes the crop about 2x and the
 # colour distortion about 4x faster on CPU. The blur stays uncompiled: XLA's CPU code for its
-# matmuls was slower than TensorFlow's kernels. See docs/performance.md.
+# matmuls was slower than TensorFlow's kernels. See docs/performance.md. All are _Drawn stages.
 _XLA_STAGES = ("resized_crop", "flip", "color")
 _compiled = {}
 
@@ -144,9 +144,7 @@ def _stage(name, xla, blur_selected_only):
     stage = _blur_selected_only if name == "blur" and blur_selected_only else _STAGES[name]
     if not (xla and name in _XLA_STAGES):
         return stage
-    if isinstance(stage, _Drawn):
-        return _Drawn(_compiled_draw(name, stage.draw), _compiled_apply(name, stage.apply))
-    return _compiled_once(name, stage)
+    return _Drawn(_compiled_draw(name, stage.draw), _compiled_apply(name, stage.apply))
 
 
 def _compiled_draw(name, draw):
