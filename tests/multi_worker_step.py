@@ -3,8 +3,8 @@
     TF_CONFIG=... python tests/multi_worker_step.py CONFIG_DIR WEIGHTS.npz BATCH.npz OUT.json
 
 Every worker builds the run CONFIG_DIR/config.json describes, takes its half of the fixed global
-batch, starts from the given weights, runs one step and (worker 0) writes the step's metrics and a
-checksum of the updated encoder.
+batch, starts from the given weights, runs one step and (worker 0) writes the step's metrics to
+OUT.json and every variable of f, g and the probe after it to OUT.npz (keyed by path).
 """
 
 import json
@@ -44,10 +44,11 @@ def main(config_dir, weights_path, batch_path, out_path):
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in out.items()}
 
     metrics = {k: float(v) for k, v in step().items()}
-    metrics["encoder_sum"] = float(sum(np.sum(v.numpy()) for v in trainer.encoder.variables))
     if task == 0:
         with open(out_path, "w") as f:
             json.dump(metrics, f)
+        np.savez(os.path.splitext(out_path)[0] + ".npz",
+                 **{v.path: v.numpy() for part in parts for v in part.variables})
 
 
 if __name__ == "__main__":
