@@ -68,6 +68,9 @@ def test_flags_map_onto_config_with_small_image_defaults(parsed_flags):
 
 
 def test_one_image_per_batch_is_refused_for_contrastive_pretraining_only(parsed_flags):
+    with pytest.raises(cfg.ConfigError, match=r"^train_batch_size=1 leaves the contrastive loss "
+                       r"without negatives .*: use at least 2$"):
+        cfg.validate(parsed_flags(["--train_batch_size=1"]))
     cfg.validate(parsed_flags(["--train_batch_size=2"]))
     cfg.validate(parsed_flags(["--train_batch_size=1", "--train_mode=finetune"]))
 
