@@ -578,9 +578,10 @@ def total_steps(config):
     """The final step of the run `config` describes (where watching its checkpoints stops)."""
     if config.train.train_mode == "finetune":  # epochs over the labelled examples
         return finetune.schedule_for(config, finetune.labelled_subset(config)).total_steps
-    info = data_lib.dataset_info(config.data.dataset, config.data.train_split,
-                                 config.data.data_dir)
-    return make_schedule(config.train, config.optimizer, info.num_examples).total_steps
+    # Pretraining and distillation count epochs over the split, or its --train_examples.
+    num_examples = config.data.train_examples or data_lib.dataset_info(
+        config.data.dataset, config.data.train_split, config.data.data_dir).num_examples
+    return make_schedule(config.train, config.optimizer, num_examples).total_steps
 
 
 def run_evaluation(config, checkpoint=None):

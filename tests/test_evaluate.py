@@ -253,3 +253,24 @@ def test_evaluation_at_another_image_size_uses_the_trained_weights(tmp_path, ima
     with pytest.raises(cfg.ConfigError, match="eval_image_size=6 is too small for the CIFAR "
                                               "stem: use at least 8, or 0 for image_size"):
         cfg.validate(dataclasses.replace(config, eval=cfg.EvalConfig(eval_image_size=6)))
+
+
+def test_watching_a_run_of_train_examples_counted_in_epochs_ends_at_its_last_checkpoint(
+        tmp_path, image_folder, cli):
+    """--train_examples=8 of 16 images for 2 epochs at batch 4 ends at step 8 * 2 // 4 + 1 = 5
+    (not 16 * 2 // 4 + 1 = 9): a --mode=eval watcher with no timeout must stop there."""
+    dataset = image_folder(tmp_path / "images", per_class=8, size=8)
+    run = tmp_path / "run"
+    flags = [f"--dataset={dataset}", f"--model_dir={run}", "--image_size=8", "--resnet_depth=18",
+             "--proj_out_dim=8", "--train_batch_size=4", "--train_examples=8",
+             "--train_epochs=2", "--warmup_epochs=0", "--checkpoint_steps=100",
+             "--eval_split=train", "--eval_batch_size=8", "--knn_k=3"]
+    trained = cli("--mode=train", *flags)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert tf.train.latest_checkpoint(str(run)).endswith("ckpt-5")
+    config = cfg.load(str(run))
+    assert evaluate.total_steps(config) == 5
+    watched = cli("--mode=eval", f"--model_dir={run}", "--eval_protocols=knn", "--eval_timeout=0",
+                  timeout=300)
+    assert watched.returncode == 0, watched.stderr[-2000:]
+    assert "(step 5)" in watched.stderr
