@@ -16,8 +16,15 @@ images, blur, batch 32), on one thread (best of 5 after a warm-up), inside a `tf
 - the pipeline's stages one by one, on one chunk (`pipeline_stages`).
 
 Prints a table of ms per view and one JSON line at the end.
+
+    python bench/augment_profile.py --quick   # smoke run: batches of 16 / 8, one timed call each
+
+`--quick` keeps the sizes and the stages but makes the batches 16 images at 32 px and 8 at 224 px
+(two chunks of 4) and times one call of each figure after its warm-up: its figures are not
+comparable with a full run's (the JSON says `"quick": true`).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -37,11 +44,14 @@ from simclr_tf import augment, views  # noqa: E402
 SEED = tf.constant([1, 2], tf.int64)
 CASES = {"32px": dict(batch=256, in_size=32, out_size=32, use_blur=False),
          "224px": dict(batch=32, in_size=256, out_size=224, use_blur=True)}
+QUICK_BATCHES = {"32px": 16, "224px": 8}
+QUICK = False  # --quick: every figure is one timed call after the warm-up
 
 
 def best_seconds(fn, *args, repeats=5, jit_compile=False):
     fn = tf.function(fn, jit_compile=jit_compile)
     tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+    repeats = 1 if QUICK else repeats
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -116,12 +126,21 @@ def pipeline_stages(images, out_size, use_blur):
 
 
 def main():
-    results = {name: stages(**case) for name, case in CASES.items()}
+    global QUICK
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: batches of %s images, one timed call per figure "
+                             "(figures not comparable)"
+                             % " / ".join(map(str, QUICK_BATCHES.values())))
+    QUICK = parser.parse_args().quick
+    cases = {name: dict(case, batch=QUICK_BATCHES[name]) if QUICK else case
+             for name, case in CASES.items()}
+    results = {name: stages(**case) for name, case in cases.items()}
     for name, figures in results.items():
-        print(f"{name} ({CASES[name]}), ms per view on one thread:")
+        print(f"{name} ({cases[name]}), ms per view on one thread:")
         for stage, ms in figures.items():
             print(f"  {stage:<52}{ms:>9.3g}")
-    print(json.dumps({"ms_per_view": results, "threads": 1}))
+    print(json.dumps({"ms_per_view": results, "threads": 1, "quick": QUICK}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python bench/quality.py                        # the benchmark: budget 18 min per trained model
     python bench/quality.py --budget_minutes=2     # a quick check of the machinery
     python bench/quality.py --lines=simclr --temperature=0.1   # one line, e.g. to try a setting
+    python bench/quality.py --budget_minutes=0.2 --batch=8 --eval_examples=200    # smoke run
 
 Everything runs in this one process, in this order, on the offline Fashion-MNIST (train: 60,000
 images, test: 10,000), all accuracies top-1 on the whole test split unless named otherwise. Every
@@ -42,6 +43,9 @@ actually used, the load average, and whether the targets were met (SimCLR linear
 accuracy against training minutes for every line. `--lines` runs some of the lines only (the
 targets are then judged on what ran); compare settings on the SimCLR line's
 `linear_heldout_top1` (the held-out 10% of train that picks the L2), not on the test split.
+`--eval_examples=N` (a smoke run, as the tests make: not the benchmark) evaluates every line on
+the first N test images, with the first N training images as the bank and the logistic
+regression's training set (the curve's bank too, when N < 5,000).
 
 Cost on 2 lightly loaded cores: 2 x budget_minutes of training plus calibration, feature
 extraction (2 x 70,000 images at 28 px, and the supervised test split at 16 px), logistic
@@ -94,6 +98,9 @@ flags.DEFINE_float("supervised_learning_rate", 0.2, "Momentum SGD LR (x batch / 
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
                   "Compute precision of both trainers (Keras mixed policy, as --precision of "
                   "simclr_tf.run); evaluation models and the random encoder stay float32.")
+flags.DEFINE_integer("eval_examples", 0,
+                     "Smoke runs: evaluate on the first N test images with the first N training "
+                     "images (bank, logistic regression); 0: the whole splits (the benchmark).")
 LINES = ("raw_pixels", "random_encoder", "simclr", "supervised")
 flags.DEFINE_list("lines", list(LINES), f"Lines to run, a subset of {','.join(LINES)}.")
 flags.register_validator("lines", lambda names: bool(names) and set(names) <= set(LINES),
@@ -162,7 +169,8 @@ def raw_pixels():
     def pixels(split):
         batches = data_lib.eval_dataset(DATASET, split, 1000, 28, data_dir=FLAGS.data_dir,
                                         crop=False)
-        return evaluate.extract(lambda x: tf.reshape(x[..., 0], [tf.shape(x)[0], -1]), batches)
+        return evaluate.extract(lambda x: tf.reshape(x[..., 0], [tf.shape(x)[0], -1]), batches,
+                                FLAGS.eval_examples)
 
     train_x, train_y = pixels("train")
     test_x, test_y = pixels("test")
@@ -173,9 +181,14 @@ def raw_pixels():
     return rounded(results)
 
 
+def test_split():
+    """The test split every line is evaluated on: all of it, or the first --eval_examples."""
+    return f"test[:{FLAGS.eval_examples}]" if FLAGS.eval_examples else "test"
+
+
 def simclr_config(model_dir, total_steps):
     return cfg.RunConfig(
-        data=cfg.DataConfig(DATASET, FLAGS.data_dir, "train", "test", FLAGS.image_size,
+        data=cfg.DataConfig(DATASET, FLAGS.data_dir, "train", test_split(), FLAGS.image_size,
                             cache_dataset=True),
         augment=cfg.AugmentConfig(FLAGS.color_jitter_strength, use_blur=False),
         encoder=cfg.EncoderConfig(resnet_depth=18, cifar_stem=FLAGS.cifar_stem, global_bn=False),
@@ -190,7 +203,7 @@ def simclr_config(model_dir, total_steps):
                               checkpoint_steps=max(-(-total_steps // FLAGS.curve_points), 1),
                               keep_checkpoint_max=2, seed=FLAGS.seed, summary_images=0,
                               precision=FLAGS.precision),
-        eval=cfg.EvalConfig(eval_batch_size=500, knn_bank_size=0,
+        eval=cfg.EvalConfig(eval_batch_size=500, knn_bank_size=FLAGS.eval_examples,
                             eval_image_size=FLAGS.eval_image_size))
 
 
@@ -231,7 +244,8 @@ def simclr():
     total = steps_for(budget, per_step, overhead)
     config = simclr_config(out, total)
     curve_config = dataclasses.replace(
-        config, eval=dataclasses.replace(config.eval, knn_bank_size=CURVE_BANK))
+        config, eval=dataclasses.replace(config.eval, knn_bank_size=min(
+            CURVE_BANK, FLAGS.eval_examples or CURVE_BANK)))
     logging.info("SimCLR: %.2f s/step -> %d steps (%.2f epochs) in %.1f min", per_step, total,
                  total * FLAGS.batch / info.num_examples, FLAGS.budget_minutes)
     clock = Clock(budget)
@@ -260,7 +274,9 @@ def simclr():
             trainer = pretrain_lib.Pretrainer(
                 config, tf.distribute.get_strategy(),
                 make_schedule(config.train, config.optimizer, info.num_examples), NUM_CLASSES)
-        checkpoints.restore(checkpoints.latest(out), trainer.checkpoint_items())
+        latest = checkpoints.latest(out)
+        if latest:  # None when the deadline came before the first step: f at step 0
+            checkpoints.restore(latest, trainer.checkpoint_items())
     train_minutes = clock.training_seconds() / 60
     steps = int(trainer.step.numpy())
     if not curve or curve[-1]["step"] != steps:
@@ -425,7 +441,8 @@ def main(_):
               "batch": FLAGS.batch,
               "temperature": FLAGS.temperature,
               "color_jitter_strength": FLAGS.color_jitter_strength, "precision": FLAGS.precision,
-              "budget_minutes_per_model": FLAGS.budget_minutes}
+              "budget_minutes_per_model": FLAGS.budget_minutes,
+              "eval_examples": FLAGS.eval_examples}
     timings = {}
 
     def timed(name, fn, *args):
