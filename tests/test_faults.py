@@ -58,11 +58,14 @@ def _flags(mode, dataset, model_dir, sources, **overrides):
 
 
 class _Run:
-    """A `python -m simclr_tf.run` subprocess whose stderr is collected line by line."""
+    """A `python -m simclr_tf.run` subprocess whose stderr is collected line by line; with
+    `held`, each compiled loop call is held that many seconds longer (tests/slowed_run.py)."""
 
-    def __init__(self, flags):
+    def __init__(self, flags, held=0.0):
+        command = ([os.path.join(REPO, "tests", "slowed_run.py"), str(held)] if held
+                   else ["-m", "simclr_tf.run"])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "simclr_tf.run", *flags], cwd=REPO, text=True,
+            [sys.executable, *command, *flags], cwd=REPO, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO))
         self.lines = []
@@ -150,14 +153,21 @@ def dataset(tmp_path_factory, image_folder):
     return image_folder(tmp_path_factory.mktemp("faults") / "images")
 
 
+# The killed run's loop calls are held this long, so that the TOTAL - 2 steps after ckpt-2 last
+# at least (TOTAL - 2) * HELD = 4 s, longer than the latest kill (KILL_WITHIN): on any machine the
+# kill lands inside the run, in a step, between steps or in a save.
+HELD = 0.5
+KILL_WITHIN = 3.0
+
+
 def _killed_and_resumed(mode, dataset, sources, tmp_path_factory):
-    """A run of `mode` killed with SIGKILL at a random moment after its first checkpoint, then
-    run again with the same command."""
+    """A run of `mode` killed with SIGKILL at a seeded random moment after its first checkpoint,
+    then run again with the same command (unheld)."""
     model_dir = str(tmp_path_factory.mktemp(f"killed_{mode}") / "run")
     flags = _flags(mode, dataset, model_dir, sources)
-    seed = int(time.time())
-    delay = random.Random(seed).uniform(0.0, 3.0)
-    first = _Run(flags)
+    seed = MODES.index(mode)
+    delay = random.Random(seed).uniform(0.0, KILL_WITHIN)
+    first = _Run(flags, held=HELD)
     first.wait_for(r"Saved checkpoint .*/ckpt-2$")
     time.sleep(delay)
     assert first.proc.poll() is None, "the run ended before it could be killed"
@@ -349,7 +359,9 @@ run {tmp_path}/small/run 2> {tmp_path}/out/small.err; echo $? > {tmp_path}/out/s
 mount -t tmpfs -o ro,size=1m tmpfs {tmp_path}/ro
 run {tmp_path}/ro/run 2> {tmp_path}/out/ro.err; echo $? > {tmp_path}/out/ro.rc
 mount -t tmpfs -o size=260m tmpfs {tmp_path}/mid
-run {tmp_path}/mid/run 2> {tmp_path}/out/mid.err &
+# Held 0.3 s a step, the run cannot end before it is paused below, however fast the machine.
+{sys.executable} tests/slowed_run.py 0.3 $(echo '{flags}' | sed "s|MODEL_DIR|{tmp_path}/mid/run|") \
+  2> {tmp_path}/out/mid.err &
 pid=$!
 for i in $(seq 1 6000); do
   grep -q ckpt-2 {tmp_path}/mid/run/checkpoint 2>/dev/null && break; sleep 0.1
