@@ -20,13 +20,15 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, flags  # noqa: E402
+
+import benchlib  # noqa: E402
+from benchlib import timed_load  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("depth", 50, "ResNet depth of the exported encoder.")
@@ -40,40 +42,7 @@ JPEG_SIDE = 224
 
 
 def photo_jpegs(count, seed=0):
-    import numpy as np
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    ramp = np.add.outer(np.arange(JPEG_SIDE), np.arange(JPEG_SIDE))[..., None]
-    files = []
-    for i in range(count):
-        pixels = (ramp * rng.uniform(0.2, 1.0, 3) + rng.normal(0, 12, (JPEG_SIDE, JPEG_SIDE, 3))
-                  + 40 * i) % 256
-        files.append(tf.io.encode_jpeg(pixels.astype(np.uint8), quality=90).numpy())
-    return files
-
-
-def timed_load(call, count, threads):
-    """Seconds for `count` calls of call() spread over `threads` threads (after one warm-up)."""
-    call()
-    remaining = [count]
-    lock = threading.Lock()
-
-    def worker():
-        while True:
-            with lock:
-                if remaining[0] == 0:
-                    return
-                remaining[0] -= 1
-            call()
-
-    t0 = time.perf_counter()
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    return time.perf_counter() - t0
+    return benchlib.photo_jpegs(count, JPEG_SIDE, seed)
 
 
 def measure(version_dir, batch):

@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags  # noqa: E402
 
+import benchlib  # noqa: E402
+from benchlib import forward_flops_per_view, matmul_gflops  # noqa: E402,F401
+
 flags.DEFINE_integer("depth", 18, "ResNet depth.")
 flags.DEFINE_integer("width", 1, "Width multiplier.")
 flags.DEFINE_integer("image_size", 32, "View side.")
@@ -58,29 +61,7 @@ FLAGS = flags.FLAGS
 
 
 def matmul_peak_gflops(tf):
-    a = tf.random.uniform([2048, 2048])
-    b = tf.random.uniform([2048, 2048])
-    matmul = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
-    matmul(a, b).numpy()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        matmul(a, b).numpy()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 2048 ** 3 / best / 1e9
-
-
-def forward_flops_per_view(encoder, keras):
-    """2 x multiply-adds of every conv and dense layer of f, for one view."""
-    macs = 0
-    for layer in encoder.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            out_h, out_w, out_c = layer.output.shape[1:]
-            k_h, k_w, in_c, _ = layer.kernel.shape
-            macs += out_h * out_w * out_c * k_h * k_w * in_c
-        elif isinstance(layer, keras.layers.Dense):
-            macs += layer.kernel.shape[0] * layer.kernel.shape[1]
-    return 2 * macs
+    return matmul_gflops(tf, 2048, tf.float32, 5)
 
 
 def seconds_taking_turns(loops, on_round):
@@ -100,52 +81,6 @@ def seconds_taking_turns(loops, on_round):
             loop()
             rounds[-1].append(time.perf_counter() - t0)
     return rounds
-
-
-def bare_encoder_loop(tf, strategy, config):
-    """A callable running FLAGS.steps bare encoder steps, and the encoder."""
-    from simclr_tf import models
-    with strategy.scope():
-        encoder = models.build_encoder(config.encoder, config.data.image_size,
-                                       global_bn=strategy.num_replicas_in_sync > 1)
-        sgd = __import__("keras").optimizers.SGD(0.01)
-        sgd.build(encoder.trainable_variables)
-    per_replica = 2 * FLAGS.batch // strategy.num_replicas_in_sync
-    size = config.data.image_size
-
-    def replica_step():
-        views = tf.random.uniform([per_replica, size, size, 3])
-        with tf.GradientTape() as tape:
-            h = encoder(views, training=True)
-            loss = tf.reduce_mean(tf.square(tf.cast(h, tf.float32)))
-            loss /= strategy.num_replicas_in_sync
-        grads = tape.gradient(loss, encoder.trainable_variables)
-        sgd.apply_gradients(zip(grads, encoder.trainable_variables))
-
-    step = tf.function(replica_step, jit_compile=FLAGS.jit) if FLAGS.jit else replica_step
-
-    @tf.function
-    def loop():
-        for _ in tf.range(FLAGS.steps):
-            strategy.run(step)
-        return tf.constant(0)
-
-    return lambda: loop().numpy(), encoder
-
-
-def full_step_loop(tf, strategy, config):
-    """A callable running FLAGS.steps full SimCLR steps through `pretrain.Pretrainer`."""
-    from simclr_tf import data, pretrain
-    from simclr_tf.schedules import make_schedule
-    info = data.dataset_info(config.data.dataset, config.data.train_split, config.data.data_dir)
-    schedule = make_schedule(config.train, config.optimizer, info.num_examples)
-    trainer = pretrain.Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
-    dataset_fn = pretrain.make_dataset_fn(config)
-    dataset = strategy.distribute_datasets_from_function(lambda context: dataset_fn(context, 0))
-    iterator = iter(dataset)
-    loop = trainer.make_train_loop()
-    steps = tf.constant(FLAGS.steps)
-    return lambda: loop(iterator, steps)["loss"].numpy()
 
 
 def main(_):
@@ -176,8 +111,10 @@ def main(_):
     except cfg.ConfigError as e:
         sys.exit(f"error: {e}")
     peaks = [matmul_peak_gflops(tf)]
-    bare_loop, encoder = bare_encoder_loop(tf, strategy, config)
-    loops = [bare_loop] + ([full_step_loop(tf, strategy, config)] if FLAGS.full_step else [])
+    bare_loop, encoder = benchlib.bare_encoder_loop(tf, strategy, config, FLAGS.batch, FLAGS.steps,
+                                                    FLAGS.jit)
+    loops = [bare_loop] + ([benchlib.full_step_loop(tf, strategy, config, FLAGS.steps)[0]]
+                           if FLAGS.full_step else [])
     rounds = seconds_taking_turns(loops, lambda: peaks.append(matmul_peak_gflops(tf)))
     seconds = [min(times) for times in zip(*rounds)]
     peak = max(peaks)
