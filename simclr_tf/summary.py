@@ -68,24 +68,28 @@ def _results(config, results):
     return lines + [verdict] if verdict else lines
 
 
+_PROTOCOLS = (("linear", "the linear evaluation"), ("knn", "kNN"))
+_FROM = (("raw_pixels", "raw pixels"), ("random_encoder", "its random initialisation"))
+
+
 def _verdict(results):
-    """One sentence on f against the baselines, by the linear evaluation (else kNN)."""
-    key = "linear" if "linear_top1" in results else "knn"
-    if f"{key}_top1" not in results:
+    """One sentence on f's margins over each baseline, by the linear evaluation and by kNN."""
+    clauses = []
+    for baseline, label in _FROM:
+        gains = [(name, 100 * (results[f"{key}_top1"] - results[f"{baseline}_{key}_top1"]))
+                 for key, name in _PROTOCOLS
+                 if f"{key}_top1" in results and f"{baseline}_{key}_top1" in results]
+        if not gains:
+            continue
+        if not clauses:  # the first says what the numbers are
+            by = " and ".join(f"{gain:+.1f} by {name}" for name, gain in gains)
+            clauses.append(f"f is {by.replace(' by ', ' points from ' + label + ' by ', 1)}")
+        else:
+            clauses.append(f"{' and '.join(f'{gain:+.1f}' for _, gain in gains)} from {label}")
+    if not clauses:
         return ""
-    f_value = results[f"{key}_top1"]
-    raw = results.get(f"raw_pixels_{key}_top1")
-    random = results.get(f"random_encoder_{key}_top1")
-    parts = []
-    if random is not None:
-        gain = 100 * (f_value - random)
-        parts.append(f"f is {gain:+.1f} points from its random initialisation")
-    if raw is not None:
-        parts.append(f"{100 * (f_value - raw):+.1f} from raw pixels")
-    if not parts:
-        return ""
-    return ("  " + ", ".join(parts) + f" ({key} evaluation). SimCLR wants many epochs: see "
-            "docs/quality.md for what longer runs reach.")
+    return ("  " + "; ".join(clauses) + ". SimCLR wants many epochs: see docs/quality.md for what "
+            "longer runs reach.")
 
 
 def _pictures(config, results):
@@ -105,6 +109,8 @@ def _pictures(config, results):
 def _next_steps(config, export):
     model_dir = config.train.model_dir
     data = [f"--dataset={config.data.dataset}", f"--image_size={config.data.image_size}"]
+    if config.eval.eval_image_size:
+        data.append(f"--eval_image_size={config.eval.eval_image_size}")
     if config.data.data_dir:
         data.append(f"--data_dir={config.data.data_dir}")
     command = "python -m simclr_tf.run"

@@ -289,7 +289,7 @@ def test_serving(tmp_path):
 
 
 TRAIN_KEYS = {"benchmark", "model", "image_size", "global_batch", "replicas", "jit_compile",
-              "augment_on_device", "precision", "onednn", "matmul_peak_gflops",
+              "augment_on_device", "precision", "onednn", "matmul_dtype", "matmul_peak_gflops",
               "matmul_peak_samples", "gflop_per_example", "limit_examples_per_sec",
               "bare_encoder_examples_per_sec", "bare_over_peak", "bare_examples_per_sec_rounds",
               "bare_over_peak_median_of_rounds", "full_step_examples_per_sec", "full_over_bare",
@@ -303,8 +303,8 @@ def test_train_throughput(tmp_path):
     assert_finite(r)
     assert (r["benchmark"], r["model"], r["image_size"], r["global_batch"], r["replicas"]) == (
         "train_throughput", "resnet18x1_cifar_stem", 8, 8, 1)
-    assert (r["jit_compile"], r["augment_on_device"], r["precision"], r["onednn"]) == (
-        False, False, "float32", True)
+    assert (r["jit_compile"], r["augment_on_device"], r["precision"], r["onednn"],
+            r["matmul_dtype"]) == (False, False, "float32", True, "float32")
     # One peak before the loops and one before each of the 2 rounds; the best counts.
     assert len(r["matmul_peak_samples"]) == 3
     assert r["matmul_peak_gflops"] == max(r["matmul_peak_samples"]) > 0
@@ -320,3 +320,33 @@ def test_train_throughput(tmp_path):
                  r["full_step_examples_per_sec"] / r["bare_encoder_examples_per_sec"],
                  abs_tol=2e-3)
     assert r["bare_over_peak_median_of_rounds"] > 0 and r["full_over_bare_median_of_rounds"] > 0
+
+
+def test_train_throughput_under_bfloat16_is_judged_against_the_bfloat16_peak(tmp_path):
+    r = last_json(run_bench("train_throughput.py", tmp_path, "--image_size=8", "--batch=8",
+                            "--steps=1", "--repeats=1", "--precision=bfloat16",
+                            "--nofull_step"))
+    assert set(r) == (TRAIN_KEYS | {"float32_matmul_peak_gflops"}) - {
+        "full_step_examples_per_sec", "full_over_bare", "full_step_examples_per_sec_rounds",
+        "full_over_bare_median_of_rounds"}
+    assert_finite(r)
+    assert (r["precision"], r["matmul_dtype"]) == ("bfloat16", "bfloat16")
+    assert r["float32_matmul_peak_gflops"] > 0
+    assert r["matmul_peak_gflops"] == max(r["matmul_peak_samples"]) > 0
+    assert close(r["limit_examples_per_sec"], r["matmul_peak_gflops"] / r["gflop_per_example"])
+
+
+def test_step_profile(tmp_path):
+    r = last_json(run_bench("step_profile.py", tmp_path, "--image_size=8", "--batch=8",
+                            "--steps=1", "--top=5"))
+    assert (r["benchmark"], r["image_size"], r["global_batch"], r["precision"]) == (
+        "step_profile", 8, 8, "float32")
+    for loop in ("bare", "full"):
+        p = r[loop]
+        assert p["wall_seconds_per_step"] > 0 and p["op_seconds_per_step"] > 0
+        # Every op's time lands in one kind; the kinds' shares add up to the whole.
+        assert abs(sum(p["share_by_kind"].values()) - 1) < 1e-3
+        assert len(p["top_op_types"]) == 5
+        assert all(share > 0 for _, _, share in p["top_op_types"])
+        # A ResNet step is mostly its convolutions: forward ones are always traced.
+        assert p["share_by_kind"]["conv_forward"] > 0

@@ -80,6 +80,26 @@ def test_fast_linear_eval_separates_linearly_separable_features():
     assert "linear_heldout_top1" not in single and single["linear_l2"] == 1e-3
 
 
+def test_l2_grid_reaches_the_strong_regularisation_many_noisy_features_need():
+    # Raw pixels at 48 px are 6,912 features for 5,000 images and need l2 = 0.1 (the grid once
+    # stopped at 0.01, where such a baseline lost 2 points). Here 1,000 features, 2 of them
+    # informative, and 300 images: the held-out choice must come from above 0.01.
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        y = rng.integers(0, 2, n)
+        x = rng.normal(size=(n, 1000)).astype(np.float32)
+        x[:, :2] += (2 * y[:, None] - 1) * 0.8
+        return x, y
+
+    train_x, train_y = sample(300)
+    eval_x, eval_y = sample(1000)
+    results = evaluate.linear_eval_fast(train_x, train_y, eval_x, eval_y, 2)
+    assert results["linear_l2"] > 1e-2
+    at_old_top = evaluate.linear_eval_fast(train_x, train_y, eval_x, eval_y, 2, l2_grid=(1e-2,))
+    assert results["linear_top1"] > at_old_top["linear_top1"] + 0.02
+
+
 def test_logistic_regression_reaches_the_optimum():
     # At the optimum of mean CE + l2/2 |W|^2 the gradient vanishes: Z^T (P - Y) / n + l2 W = 0.
     rng = np.random.default_rng(1)
@@ -274,3 +294,48 @@ def test_watching_a_run_of_train_examples_counted_in_epochs_ends_at_its_last_che
                   timeout=300)
     assert watched.returncode == 0, watched.stderr[-2000:]
     assert "(step 5)" in watched.stderr
+
+
+def test_small_images_evaluated_larger_are_not_centre_cropped(tmp_path):
+    # A 28-px image, black with a white 1-px frame. The original code keys the 87.5% centre
+    # crop on the run's image_size (> 32 px), not on the evaluation size: f trained on 32-px views
+    # and evaluated at 48 px sees the whole image, frame included; a run on 64-px images crops
+    # the frame away (12.5% of 28 px is 1.75 px a side, more than the frame).
+    image = np.zeros([28, 28, 3], np.uint8)
+    image[0], image[-1], image[:, 0], image[:, -1] = 255, 255, 255, 255
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    tf.io.write_file(str(tmp_path / "images" / "a" / "0.png"), tf.io.encode_png(image))
+    dataset = f"folder:{tmp_path / 'images'}"
+
+    def evaluated(image_size):
+        config = cfg.RunConfig(data=cfg.DataConfig(dataset=dataset, image_size=image_size,
+                                                   eval_split="train"),
+                               eval=cfg.EvalConfig(eval_batch_size=1, eval_image_size=48))
+        images, _ = evaluate.extract(lambda x: x, evaluate.eval_batches(config, "train"))
+        return images[0]
+
+    whole = evaluated(32)
+    assert whole.shape == (48, 48, 3)
+    assert whole[0, 0].min() > 0.99 and whole[24, 24].max() < 0.01
+    cropped = evaluated(64)
+    assert cropped[0, 0].max() < 0.01 and cropped[24, 24].max() < 0.01
+
+
+def test_raw_pixels_of_gray_images_keep_one_channel_and_the_same_cosines():
+    rng = np.random.default_rng(0)
+    gray = np.repeat(rng.random((6, 4, 4, 1), np.float32), 3, axis=-1)
+    bank_gray = np.repeat(rng.random((5, 4, 4, 1), np.float32), 3, axis=-1)
+    flat = [evaluate.raw_pixels(tf.constant(x)).numpy() for x in (gray, bank_gray)]
+    queries, bank, l2_divisor = evaluate.distinct_channels(*flat)
+    assert l2_divisor == 3
+    np.testing.assert_array_equal(queries, gray[..., 0].reshape(6, -1))
+    np.testing.assert_array_equal(bank, bank_gray[..., 0].reshape(5, -1))
+    whole = knn.nearest(flat[0], flat[1], 3)
+    reduced = knn.nearest(queries, bank, 3)
+    np.testing.assert_array_equal(whole.indices.numpy(), reduced.indices.numpy())
+    np.testing.assert_allclose(whole.values.numpy(), reduced.values.numpy(), rtol=1e-6)
+    # One coloured pixel anywhere, in the bank or the queries, keeps all three channels.
+    tinted = bank_gray.copy()
+    tinted[4, 3, 3, 2] += 0.1
+    kept = evaluate.distinct_channels(flat[0], evaluate.raw_pixels(tf.constant(tinted)).numpy())
+    assert kept[0].shape == (6, 48) and kept[1].shape == (5, 48) and kept[2] == 1

@@ -68,8 +68,8 @@ def test_summary_reads_as_a_result(tmp_path):
     assert table[1].split() == ["linear", "evaluation", "83.3%", "83.5%", "66.5%"]
     assert table[2].split() == ["kNN", "69.8%", "73.0%", "55.9%"]
     assert table[3].split() == ["probe", "of", "pretraining", "44.6%"]
-    assert ("f is +16.8 points from its random initialisation, -0.2 from raw pixels (linear "
-            "evaluation)") in text
+    assert ("f is -0.2 points from raw pixels by the linear evaluation and -3.2 by kNN; +16.8 and "
+            "+13.9 from its random initialisation.") in text
     assert "the first 5000 training images" in text
     assert f"tensorboard --logdir={tmp_path}" in text and "nearest_neighbours.png" in text
     assert "Checkpoint: none yet" in text
@@ -102,7 +102,9 @@ def test_main_command_ends_with_a_result_and_next_commands_that_run(tmp_path, cl
     assert "step 2, batches of 32" in out
     assert re.search(r"linear evaluation +\d+\.\d% +\d+\.\d% +\d+\.\d%", out), out
     assert re.search(r"kNN +\d+\.\d% +\d+\.\d% +\d+\.\d%", out), out
-    assert "points from its random initialisation" in out
+    assert re.search(r"f is [+-]\d+\.\d points from raw pixels by the linear evaluation and "
+                     r"[+-]\d+\.\d by kNN; [+-]\d+\.\d and [+-]\d+\.\d from its random "
+                     r"initialisation\.", out), out
     assert f"Checkpoint: {model_dir}/ckpt-2" in out
     assert f"Export of f: {model_dir}/export/2" in out
     with open(model_dir / "results.json") as f:
