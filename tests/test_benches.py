@@ -243,7 +243,8 @@ def test_quality(tmp_path):
     assert set(r["random_encoder"]) == LINEAR | {"knn_top1", "knn_top5", "num_examples"}
     assert set(r["simclr"]) == (LINEAR | TRAINED | {"knn_top1", "knn_top5", "probe_top1",
                                                     "probe_top5", "num_examples"})
-    assert set(r["supervised"]) == TRAINED | {"top1", "top5", "num_examples"}
+    assert set(r["supervised"]) == TRAINED | {"top1", "top5", "num_examples"} | {
+        f"frozen_f_{k}" for k in LINEAR | {"knn_top1", "knn_top5"}}
     for line in ("raw_pixels", "random_encoder", "simclr", "supervised"):
         for key, value in r[line].items():
             if key.endswith(("top1", "top5")):
@@ -257,7 +258,10 @@ def test_quality(tmp_path):
     assert close(r["simclr_minus_random_linear"],
                  r["simclr"]["linear_top1"] - r["random_encoder"]["linear_top1"], abs_tol=2e-3)
     assert set(r["targets"]) == {"simclr_linear_ge_90", "simclr_5_points_above_random",
-                                 "total_le_60_minutes"}
+                                 "simclr_knn_ge_88", "simclr_linear_ge_supervised_frozen_f",
+                                 "simclr_knn_ge_supervised_frozen_f", "total_le_60_minutes"}
+    assert r["targets"]["simclr_knn_ge_supervised_frozen_f"] == (
+        r["simclr"]["knn_top1"] >= r["supervised"]["frozen_f_knn_top1"])
     assert all(isinstance(v, bool) for v in r["targets"].values())
     assert set(r["minutes"]) == {"raw_pixels", "random_encoder", "simclr", "supervised", "total"}
     assert json.loads((out_dir / "quality.json").read_text()) == r

@@ -61,9 +61,13 @@ def worst_relative_differences(reference, other):
 # --------------------------------------------------------------------------------------------
 # One pretraining step, and the tolerances of its update.
 
-def pretrain_step(strategy, weights, batch, config):
+def pretrain_step(strategy, weights, batch, config, max_calls=1):
     """One replica step of a Pretrainer given `weights` on `batch`, split over the replicas;
-    returns (metrics, trainer, {path: the step's update of each variable})."""
+    returns (metrics, trainer, {path: the step's update of each variable}).
+
+    Under float16 a call whose scaled gradients overflow is skipped (the loss scale halves and
+    only the batch-norm statistics move): with `max_calls` > 1 the step is called again until one
+    applies, and metrics["calls"] says how many it took."""
     schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
     trainer = pretrain.Pretrainer(config, strategy, schedule, num_classes=10)
     parts = (trainer.encoder, trainer.head, trainer.probe)
@@ -83,9 +87,15 @@ def pretrain_step(strategy, weights, batch, config):
         out = strategy.run(replica_fn)
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in out.items()}
 
-    metrics = step()
-    return ({k: float(v) for k, v in metrics.items()}, trainer,
-            updates(before, values(parts)))
+    calls = 0
+    while calls < max_calls:
+        metrics = step()
+        calls += 1
+        if int(trainer.step.numpy()) >= 1:
+            break
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["calls"] = calls
+    return metrics, trainer, updates(before, values(parts))
 
 
 # The noise floor of a step's update: the same batch in another order on one replica (the same
