@@ -82,8 +82,9 @@ def _verdict(results):
         if not gains:
             continue
         if not clauses:  # the first says what the numbers are
-            by = " and ".join(f"{gain:+.1f} by {name}" for name, gain in gains)
-            clauses.append(f"f is {by.replace(' by ', ' points from ' + label + ' by ', 1)}")
+            (name, gain), *rest = gains
+            clauses.append(f"f is {gain:+.1f} points from {label} by {name}"
+                           + "".join(f" and {g:+.1f} by {n}" for n, g in rest))
         else:
             clauses.append(f"{' and '.join(f'{gain:+.1f}' for _, gain in gains)} from {label}")
     if not clauses:
