@@ -27,7 +27,7 @@ SEMI_HARD_LOSSES = ("nt_logistic", "margin_triplet")
 AUGMENTATIONS = ("crop", "cutout", "color", "sobel", "noise", "blur", "rotate")
 OPTIMIZERS = ("lars", "momentum", "adam")
 LR_SCALINGS = ("linear", "sqrt")
-PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 TRAIN_MODES = ("pretrain", "finetune", "distill")
 EVAL_PROTOCOLS = ("probe", "knn", "linear")
 EVAL_BASELINES = ("raw_pixels", "random_encoder")
@@ -174,7 +174,9 @@ class TrainConfig:
     seed: int = _setting(0, "Seed of the weights and augmentations.")
     jit_compile: bool = _setting(
         False, "XLA-compile the train step (pretraining, fine-tuning and distillation).")
-    precision: str = _setting("float32", "float32, bfloat16 or float16 (Keras mixed precision).")
+    precision: str = _setting(
+        "auto", "auto (bfloat16 where the hardware has it natively, else float32: "
+        "simclr_tf/precision.py), float32, bfloat16 or float16 (Keras mixed precision).")
     summary_images: int = _setting(
         4, "Augmented view pairs written to TensorBoard at the start of pretraining.")
     export_every: int = _setting(

@@ -172,6 +172,19 @@ def _train(config, strategy, source, stop):
     return pretrain.run_pretraining(config, strategy, stop_requested=stop, on_loop_end=monitor)
 
 
+def _with_precision(config, strategy_name):
+    """`config` with --precision=auto resolved for this hardware, its dtype policy set, and the
+    choice logged (training only: evaluation is float32)."""
+    import keras
+
+    from simclr_tf import precision
+    chosen, why = precision.resolve(config.train.precision, strategy_name)
+    if FLAGS.mode != "eval":
+        logging.info("Training in %s (%s)", chosen, why)
+    keras.mixed_precision.set_dtype_policy("float32" if chosen == "float32" else f"mixed_{chosen}")
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, precision=chosen))
+
+
 def _epoch_size(config):
     """Examples in an epoch of pretraining or distillation (None: fine-tuning counts labels)."""
     if config.train.train_mode == "finetune":
@@ -251,8 +264,7 @@ def main(argv):
                                                  FLAGS.tpu_zone, FLAGS.gcp_project)
             tf.config.list_logical_devices()
         keras.utils.set_random_seed(config.train.seed)
-        if config.train.precision != "float32":
-            keras.mixed_precision.set_dtype_policy(f"mixed_{config.train.precision}")
+        config = _with_precision(config, strategy_name)
         cfg.validate(config, strategy.num_replicas_in_sync, strategy_name)
         if FLAGS.mode != "eval":
             from simclr_tf import finetune
@@ -267,6 +279,8 @@ def main(argv):
         results = None
         if FLAGS.mode != "train" and distribute.is_chief(strategy):
             from simclr_tf import evaluate
+            # Evaluation computes in float32 on every machine: the same checkpoint, the same figures.
+            keras.mixed_precision.set_dtype_policy("float32")
             results = evaluate.run_evaluation(
                 config, FLAGS.eval_checkpoint if FLAGS.mode == "eval" else
                 checkpoints.latest(config.train.model_dir))

@@ -25,7 +25,7 @@ def text(config, results=None, train_seconds=None, num_examples=None):
     if num_examples:
         line += f", {step * train.train_batch_size / num_examples:.2f} epochs"
     if train_seconds is not None:
-        line += f", trained for {train_seconds / 60:.1f} minutes here"
+        line += f", trained for {train_seconds / 60:.1f} minutes here in {train.precision}"
     lines = [line + "."]
     if results:
         lines += _results(config, results)

@@ -90,3 +90,32 @@ def test_sections_are_frozen_and_the_head_counts_its_layers():
         config.train.train_steps = 3
     assert [cfg.HeadConfig(proj_head_mode=mode, num_proj_layers=3).num_layers
             for mode in ("none", "linear", "nonlinear")] == [0, 1, 3]
+
+
+@pytest.mark.parametrize("flags, gpus, strategy, expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, [], "default", "bfloat16"),  # Zen 4, Cooper Lake on
+    ({"avx2", "amx_bf16", "amx_tile"}, [], "default", "bfloat16"),  # Sapphire Rapids on
+    ({"avx2", "avx512f", "avx512_vnni"}, [], "default", "float32"),  # AVX-512 without bfloat16
+    ({"avx2", "fma"}, [], "default", "float32"),
+    (set(), [], "default", "float32"),  # not Linux: no /proc/cpuinfo
+    ({"avx2"}, [(8, 0)], "mirrored", "bfloat16"),  # A100
+    ({"avx2"}, [(9, 0), (8, 6)], "mirrored", "bfloat16"),
+    ({"avx512_bf16"}, [(7, 0)], "default", "float32"),  # V100: the GPU decides, float16 is opt-in
+    ({"avx2"}, [(8, 0), (7, 5)], "mirrored", "float32"),  # mixed GPUs: the slowest decides
+    (set(), [], "tpu", "bfloat16"),
+])
+def test_auto_precision_is_bfloat16_only_where_the_hardware_has_it(flags, gpus, strategy,
+                                                                   expected):
+    from simclr_tf import precision
+    chosen, why = precision.choose(strategy, flags=flags, gpus=gpus)
+    assert chosen == expected and why
+    assert precision.resolve("float16", strategy) == ("float16", "--precision")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from simclr_tf import precision
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16\n"
+                       "\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert precision.cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512_bf16"}
+    assert precision.cpu_flags(str(tmp_path / "absent")) == set()

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from simclr_tf import config as cfg
-from simclr_tf import evaluate, summary
+from simclr_tf import evaluate, precision, summary
 
 SMALL = ["--train_split=train[:600]", "--eval_split=test[:200]", "--eval_batch_size=100"]
 
@@ -51,7 +51,8 @@ def test_baselines_are_evaluated_like_f(tmp_path, image_folder):
 def test_summary_reads_as_a_result(tmp_path):
     config = cfg.RunConfig(
         data=cfg.DataConfig(dataset="fashion_mnist", image_size=24),
-        train=cfg.TrainConfig(model_dir=str(tmp_path), train_batch_size=256),
+        train=cfg.TrainConfig(model_dir=str(tmp_path), train_batch_size=256,
+                              precision="bfloat16"),
         eval=cfg.EvalConfig(knn_bank_size=5000))
     results = {"num_examples": 10000, "linear_top1": 0.833, "knn_top1": 0.698,
                "probe_top1": 0.446, "raw_pixels_linear_top1": 0.835,
@@ -62,7 +63,7 @@ def test_summary_reads_as_a_result(tmp_path):
     lines = text.splitlines()
     assert lines[0].startswith("SimCLR pretraining of ResNet-50 x1 (CIFAR stem) on fashion_mnist "
                                "(train): step 0, batches of 256, 0.00 epochs, trained for 7.6 "
-                               "minutes here.")
+                               "minutes here in bfloat16.")
     table = lines[lines.index(next(l for l in lines if "f (this run)" in l)):][:4]
     assert table[0].split() == ["f", "(this", "run)", "raw", "pixels", "random", "f"]
     assert table[1].split() == ["linear", "evaluation", "83.3%", "83.5%", "66.5%"]
@@ -100,6 +101,11 @@ def test_main_command_ends_with_a_result_and_next_commands_that_run(tmp_path, cl
         assert chatter not in result.stderr, result.stderr
     out = result.stdout
     assert "step 2, batches of 32" in out
+    # --precision=auto: bfloat16 where the CPU has it natively, said in the log and the summary.
+    chosen, why = precision.choose("default")
+    assert f"Training in {chosen} ({why})" in result.stderr
+    assert re.search(rf"trained for \d+\.\d minutes here in {chosen}\.", out), out
+    assert cfg.load(str(model_dir)).train.precision == chosen
     assert re.search(r"linear evaluation +\d+\.\d% +\d+\.\d% +\d+\.\d%", out), out
     assert re.search(r"kNN +\d+\.\d% +\d+\.\d% +\d+\.\d%", out), out
     assert re.search(r"f is [+-]\d+\.\d points from raw pixels by the linear evaluation and "
