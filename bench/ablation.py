@@ -9,7 +9,7 @@ plus one list of flag overrides per variant (the rows of the paper's table; see 
 variant pretrains from the same seed on Fashion-MNIST with the small-scale overrides below
 (ResNet-18, CIFAR stem, `--size`, `--batch_size`, no online probe, no checkpoints), then f is
 frozen and evaluated on h (not z, as in the paper): the fast linear evaluation of
-`simclr_tf.evaluate` (logistic regression on h of `--eval_train_examples` training images,
+`simclr_tf.linear_eval` (logistic regression on h of `--eval_train_examples` training images,
 L2 strength picked on a held-out 10%) and kNN, both on `--eval_test_examples` test images.
 
 Steps: `--steps`, or, when 0, as many as fit in `--budget_minutes` for the whole study: the
@@ -97,7 +97,7 @@ DEFAULT_VARIANTS = {
 
 TIMING_STEPS = 4
 EVAL_BATCH = 256
-LINEAR_FIT_SECONDS = 10.0  # the 5 logistic-regression fits of evaluate.linear_eval_fast, about
+LINEAR_FIT_SECONDS = 10.0  # the 5 logistic-regression fits of linear_eval.linear_eval_fast, about
 
 
 def small_overrides(steps):
@@ -155,11 +155,11 @@ def pretrain(config, steps, tf, keras):
 
 
 def eval_batches(config, split):
+    from simclr_tf import augment
     from simclr_tf import data as data_lib
-    from simclr_tf import evaluate as evaluate_lib
     return data_lib.eval_dataset(config.data.dataset, split, EVAL_BATCH, config.data.image_size,
                                  data_dir=config.data.data_dir,
-                                 crop=evaluate_lib.eval_crop(config.data.image_size))
+                                 crop=augment.eval_crop(config.data.image_size))
 
 
 def features_fn(trainer):
@@ -170,17 +170,18 @@ def evaluate(trainer, config, num_classes):
     """Linear-eval and kNN top-1 of frozen h on the test split."""
     from simclr_tf import evaluate as evaluate_lib
     from simclr_tf import knn as knn_lib
+    from simclr_tf import linear_eval
 
     features = features_fn(trainer)
     train_h, train_y = evaluate_lib.extract(features, eval_batches(config, config.data.train_split),
                                             FLAGS.eval_train_examples)
     test_h, test_y = evaluate_lib.extract(features, eval_batches(config, config.data.eval_split),
                                           FLAGS.eval_test_examples)
-    linear = evaluate_lib.linear_eval_fast(train_h, train_y, test_h, test_y, num_classes,
+    linear = linear_eval.linear_eval_fast(train_h, train_y, test_h, test_y, num_classes,
                                            seed=config.train.seed)
     knn = knn_lib.knn_predict_scores(test_h, train_h, train_y, num_classes)
     return {"linear_top1": linear["linear_top1"],
-            "knn_top1": evaluate_lib.topk_accuracy(knn, test_y, 1)}
+            "knn_top1": linear_eval.topk_accuracy(knn, test_y, 1)}
 
 
 def steps_from_budget(study, names, tf, keras):

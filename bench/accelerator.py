@@ -818,7 +818,7 @@ def part_serving(report, part, budget, tf, cfg):
             files = tf.constant(benchlib.photo_jpegs(batch, jpeg_side), tf.string)
             images = augment.preprocess_for_eval(
                 tf.stack([tf.io.decode_jpeg(f) for f in files]), image_size,
-                crop=image_size > 32)
+                crop=augment.eval_crop(image_size))
             for name, kwargs in ((export.SERVING_DEFAULT, {export.IMAGES: images}),
                                  (export.SERVING_BYTES, {export.IMAGE_BYTES: files})):
                 reason = budget.too_little(3)

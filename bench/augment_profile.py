@@ -9,9 +9,8 @@ images, blur, batch 32), on one thread (best of 5 after a warm-up), inside a `tf
   flip, the colour jitter's hue pass (an RGB -> HSV -> RGB round trip) and one of its six linear
   passes (both on planar images, as the jitter runs them), the whole colour distortion (jitter
   with p 0.8, grayscale with p 0.2), the blur, and the whole view;
-- the whole view as the training pipeline makes it (`views.view(..., xla=True,
-  blur_selected_only=True, chunked=True)`: the XLA stages, the blur of the drawn images only, 4
-  images at a time at 224 px), and compiled whole by XLA (`jit_compile=True`), with the largest
+- the whole view as the training pipeline makes it (`views.view(..., made_in="host")`: the XLA
+  stages, the blur of the drawn images only, 4 images at a time at 224 px), and compiled whole by XLA (`jit_compile=True`), with the largest
   absolute difference between its views and the graph's;
 - the pipeline's stages one by one, on one chunk (`pipeline_stages`).
 
@@ -88,8 +87,7 @@ def stages(batch, in_size, out_size, use_blur):
                for name, (fn, x) in timed.items()}
     whole = timed["whole view"][0]
     figures["whole view, the pipeline's way"] = round(1000 * best_seconds(
-        lambda x: views.view(x, SEED, out_size, recipe, xla=True, blur_selected_only=True,
-                             chunked=True), images) / batch, 3)
+        lambda x: views.view(x, SEED, out_size, recipe, made_in="host"), images) / batch, 3)
     figures["whole view, XLA"] = round(
         1000 * best_seconds(whole, images, jit_compile=True) / batch, 3)
     difference = tf.reduce_max(tf.abs(tf.function(whole, jit_compile=True)(images)

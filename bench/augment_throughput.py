@@ -19,20 +19,20 @@ thread (intra_op = inter_op = 1), at 32 px (batch of 128 32x32 images, no blur) 
   it with this file's figures only roughly).
 - `graph`: ours, `views.two_views` inside a `tf.function`, no XLA.
 - `xla_stages`: ours as the training pipeline runs it on fixed-size images:
-  `two_views(..., xla=True, blur_selected_only=True, chunked=True)`, the crop, the flip and the
-  colour distortion each compiled by XLA, the blur not, only the images drawn for it blurred, and
-  the batch made a few images at a time (4 at 224 px; at 32 px the batch is one chunk).
-- `xla_stages_whole`: the same with the whole batch at once (`chunked=False`): the pipeline
-  before the chunks, but for its stages' draws now compiled apart from the rest.
+  `two_views(..., made_in="host")`, the crop, the flip and the colour distortion each compiled by
+  XLA, the blur not, only the images drawn for it blurred, and the batch made a few images at a
+  time (4 at 224 px; at 32 px the batch is one chunk).
+- `device`: `two_views(..., made_in="device")`, as in a training step XLA does not compile
+  (--augment_on_device on a GPU): the same XLA stages, the whole batch at once, every image
+  blurred and the unselected ones kept as they were.
 - `xla`: the whole of `two_views` compiled as one XLA program (`tf.function(jit_compile=True)`),
   as inside a --jit_compile step with --augment_on_device.
 
 Then the same at 224 px from 32 images of varying sizes (sides 300-500 px, as ImageNet's), where
 no batch can be formed before the crop: `original` per image, then its batch blur; `per_image`,
-ours as the training pipeline ran it before (the whole view per image, no XLA); `pipeline`, ours
-as `data._views_of_varying_sizes` runs it now (crops per image, their boxes drawn by XLA, then
-the rest per batch with the XLA stages, in chunks); `pipeline_whole`, as it ran before (boxes
-drawn without XLA, the rest made for the whole batch at once).
+ours with the whole view made per image in plain ops (`made_in="graph"`, every image blurred and
+the unselected kept); `pipeline`, ours as `data._views_of_varying_sizes` runs it (crops per
+image, their boxes drawn by XLA, then the rest per batch with the XLA stages, in chunks).
 
 What a training step consumes is bounded by the machine's limit: for ResNet-18 (CIFAR stem) at
 32 px and ResNet-50 at 224 px, 2 views x (matmul peak on all cores / FLOPs per example), with
@@ -67,7 +67,7 @@ from simclr_tf.resnet import resnet  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import forward_flops_per_view, matmul_peak_gflops  # noqa: E402
 
-PIPELINES = ("original", "graph", "xla_stages", "xla_stages_whole", "xla")
+PIPELINES = ("original", "graph", "xla_stages", "device", "xla")
 OURS = PIPELINES[1:]
 
 # (name, images per batch, input side, view side, blur); --quick keeps the sizes, shrinks batches.
@@ -191,11 +191,9 @@ def two_views_call(pipeline, images, view_size, use_blur):
         fn = tf.function(lambda x: original_two_views(x, view_size, use_blur))
         return lambda: fn(images)[0].numpy()
     seed = tf.constant([1, 2], tf.int64)
-    staged = pipeline.startswith("xla_stages")
+    made_in = {"xla_stages": "host", "device": "device"}.get(pipeline, "graph")
     fn = tf.function(
-        lambda x, s: views.two_views(x, s, view_size, use_blur=use_blur, xla=staged,
-                                     blur_selected_only=staged,
-                                     chunked=(pipeline == "xla_stages")),
+        lambda x, s: views.two_views(x, s, view_size, use_blur=use_blur, made_in=made_in),
         jit_compile=(pipeline == "xla"))
     return lambda: fn(images, seed)[0].numpy()
 
@@ -210,7 +208,7 @@ def views_per_sec(batch, input_side, view_size, use_blur, repeats):
 
 # Images of varying sizes (ImageNet's are mostly 300-500 px a side): sides drawn from this range.
 VARYING_SIDES = (300, 500)
-VARYING = ("original", "per_image", "pipeline", "pipeline_whole")
+VARYING = ("original", "per_image", "pipeline")
 
 
 def varying_size_images(batch):
@@ -232,18 +230,15 @@ def varying_size_call(pipeline, images, view_size):
         blur = tf.function(lambda a, b: (original_batch_blur(a, view_size),
                                          original_batch_blur(b, view_size)))
         return lambda: blur(*map(tf.stack, zip(*map(per_image, images))))[0].numpy()
-    if pipeline == "per_image":  # the whole view per image, as simclr_tf did before
-        whole = tf.function(lambda x, s: views.two_views(x[None], s, view_size,
-                                                         blur_selected_only=True),
+    if pipeline == "per_image":  # the whole view per image, plain ops
+        whole = tf.function(lambda x, s: views.two_views(x[None], s, view_size),
                             input_signature=[one_image, seed_spec])
         return lambda: [whole(image, seed)[0].numpy() for image in images]
     # The training pipeline's way (data._views_of_varying_sizes): crops per image, the rest per
     # batch with the XLA stages.
-    now = pipeline == "pipeline"
-    crops = tf.function(lambda x, s: views.sized_pair(x[None], s, view_size, xla=now),
+    crops = tf.function(lambda x, s: views.sized_pair(x[None], s, view_size, made_in="host"),
                         input_signature=[one_image, seed_spec])
-    finish = tf.function(lambda a, b, s: views.finish_pair(
-        a, b, s, view_size, xla=True, blur_selected_only=True, chunked=now))
+    finish = tf.function(lambda a, b, s: views.finish_pair(a, b, s, view_size, made_in="host"))
     def call():
         sized_a, sized_b = zip(*(crops(image, seed) for image in images))
         return finish(tf.concat(sized_a, 0), tf.concat(sized_b, 0), seed)[0].numpy()

@@ -76,7 +76,7 @@ import tensorflow as tf  # noqa: E402
 
 from simclr_tf import config as cfg  # noqa: E402
 from simclr_tf import data as data_lib  # noqa: E402
-from simclr_tf import checkpoints, evaluate, finetune, knn, loop  # noqa: E402
+from simclr_tf import checkpoints, evaluate, finetune, knn, linear_eval, loop, tasks  # noqa: E402
 from simclr_tf import pretrain as pretrain_lib  # noqa: E402
 from simclr_tf.preemption import Preempted  # noqa: E402
 from simclr_tf.schedules import make_schedule  # noqa: E402
@@ -178,10 +178,10 @@ def raw_pixels():
 
     train_x, train_y = pixels("train")
     test_x, test_y = pixels("test")
-    results = evaluate.linear_eval_fast(train_x, train_y, test_x, test_y, NUM_CLASSES,
+    results = linear_eval.linear_eval_fast(train_x, train_y, test_x, test_y, NUM_CLASSES,
                                         seed=FLAGS.seed)
     scores = knn.knn_predict_scores(test_x, train_x, train_y, NUM_CLASSES)
-    results.update(evaluate.accuracies(scores, test_y, "knn_"))
+    results.update(linear_eval.accuracies(scores, test_y, "knn_"))
     return rounded(results)
 
 
@@ -299,7 +299,7 @@ def supervised():
     shutil.rmtree(out, ignore_errors=True)
     info = data_lib.dataset_info(DATASET, "train", FLAGS.data_dir)
     probe_config = supervised_config(out + "_calibration", 1000)
-    schedule = finetune.schedule_for(probe_config, num_examples=info.num_examples)
+    schedule = tasks.task_for(probe_config).schedule(probe_config)
     with training_precision():
         trainer = finetune.Finetuner(probe_config, tf.distribute.get_strategy(), schedule,
                                      NUM_CLASSES)
@@ -327,7 +327,7 @@ def supervised():
         clock.paused += time.time() - t0
 
     cfg.save(config, out)
-    schedule = finetune.schedule_for(config, num_examples=info.num_examples)
+    schedule = tasks.task_for(config).schedule(config)
     with training_precision():
         trainer = finetune.Finetuner(config, tf.distribute.get_strategy(), schedule,
                                      NUM_CLASSES)

@@ -58,7 +58,8 @@ def measure(version_dir, batch):
     signatures = tf.saved_model.load(version_dir).signatures
     files = tf.constant(photo_jpegs(batch), tf.string)
     images = augment.preprocess_for_eval(
-        tf.stack([tf.io.decode_jpeg(f) for f in files]), image_size, crop=image_size > 32)
+        tf.stack([tf.io.decode_jpeg(f) for f in files]), image_size,
+        crop=augment.eval_crop(image_size))
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results = {"batch": batch}
     for name, kwargs in (("serving_bytes", {"image_bytes": files}),

@@ -10,14 +10,14 @@ version directory. On failure prints `error: <message>` to stderr and exits with
 
 import dataclasses
 import os
-import sys
 
-import simclr_tf  # TensorFlow with simclr_tf's oneDNN default, quietly (see quiet_start)
+import simclr_tf  # noqa: F401  (TensorFlow with our oneDNN default, quietly: quiet_start)
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags
 
-from simclr_tf import checkpoints, export, quiet_start
+from simclr_tf import checkpoints, cli, export
 from simclr_tf import config as config_lib
+from simclr_tf.errors import first_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "The training run's directory (config.json, checkpoints).")
@@ -36,13 +36,11 @@ flags.DEFINE_integer("max_request_pixels", None,
 
 
 def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+    cli.fail(message, status=1)
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+    cli.only_flags(argv, status=1)
     if not FLAGS.model_dir:
         _fail("--model_dir is required: the directory of the training run to export")
     export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir, "export")
@@ -58,12 +56,9 @@ def main(argv):
     except (export.ExportError, checkpoints.CheckpointError, config_lib.ConfigError) as e:
         _fail(str(e))
     except tf.errors.OpError as e:
-        _fail(f"{type(e).__name__}: {e.message.strip().splitlines()[0]}")
+        _fail(f"{type(e).__name__}: {first_line(e)}")
     print(path)
 
 
 if __name__ == "__main__":
-    logging.set_verbosity(logging.WARNING)
-    with quiet_start.silenced(simclr_tf.QUIET_START):
-        tf.config.list_physical_devices()  # the CUDA probe app.run's TensorFlow hook would print
-    app.run(main)
+    cli.start(main, verbosity="warning")

@@ -26,6 +26,8 @@ import math
 
 import tensorflow as tf
 
+from simclr_tf.config import SMALL_IMAGE_SIZE
+
 _RNG_ALG = tf.random.Algorithm.PHILOX
 _UNIFORM_BITS = 24  # a float32 mantissa holds 24 bits, so every draw is exactly representable
 
@@ -354,7 +356,18 @@ def _centre_square_box(height, width, crop_proportion):
     return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
 
 
-def preprocess_for_eval(images, image_size, crop=True, crop_proportion=0.875):
+EVAL_CROP_PROPORTION = 0.875  # the original code's CROP_PROPORTION
+
+
+def eval_crop(image_size):
+    """Whether the evaluation preprocessing of a run trained at `image_size` takes the 87.5%
+    centre crop: above 32 px (keyed on the training size, as the original code does, so f trained
+    on small images and evaluated or served larger sees whole images). Evaluation, the probe and
+    every export signature follow it."""
+    return image_size > SMALL_IMAGE_SIZE
+
+
+def preprocess_for_eval(images, image_size, crop=True, crop_proportion=EVAL_CROP_PROPORTION):
     """Evaluation preprocessing: centre crop, then bilinear resize.
 
     Args:
@@ -771,7 +784,8 @@ _SOBEL_SCALE = 4.0
 
 
 def cutout(images, seed, size_fraction=CUTOUT_FRACTION):
-    """Zeroes one square per image, placed uniformly at random fully inside the image.
+    """Zeroes one square per image, placed uniformly at random fully inside the image
+    (`apply_cutout` of `draw_cutout`).
 
     Args:
       images: [B, H, W, C] uint8 or float images.
@@ -782,6 +796,17 @@ def cutout(images, seed, size_fraction=CUTOUT_FRACTION):
     Returns:
       float32 [B, H, W, C] in [0, 1].
     """
+    images = to_float(images)
+    return apply_cutout(images, draw_cutout(seed, _dim(images, 0)), size_fraction)
+
+
+def draw_cutout(seed, batch_size):
+    """float32 [B, 2]: where each image's square goes, as fractions of the free rows and columns."""
+    return _uniform(seed, batch_size, 2)
+
+
+def apply_cutout(images, units, size_fraction=CUTOUT_FRACTION):
+    """The cutout of `draw_cutout`'s numbers: float32 [B, H, W, C] in [0, 1]."""
     if not 0.0 < size_fraction <= 1.0:
         raise ValueError(f"size_fraction must be in (0, 1], got {size_fraction}")
     images = to_float(images)
@@ -793,7 +818,7 @@ def cutout(images, seed, size_fraction=CUTOUT_FRACTION):
                                   tf.int32), 1)
 
     side_h, side_w = side(height), side(width)
-    u_top, u_left = tf.unstack(_uniform(seed, _dim(images, 0), 2), axis=1)
+    u_top, u_left = tf.unstack(units, axis=1)
 
     def start(unit, length, patch):
         slots = length - patch + 1
@@ -840,7 +865,8 @@ def _standard_normal(seed, batch_size, *dims):
 
 
 def random_gaussian_noise(images, seed, stddev_range=NOISE_STDDEV_RANGE):
-    """Adds i.i.d. Gaussian noise to every pixel and channel, with a sigma drawn per image.
+    """Adds i.i.d. Gaussian noise to every pixel and channel, with a sigma drawn per image
+    (`apply_noise` of `draw_noise`).
 
     Args:
       images: [B, H, W, C] uint8 or float images.
@@ -850,16 +876,30 @@ def random_gaussian_noise(images, seed, stddev_range=NOISE_STDDEV_RANGE):
     Returns:
       float32 [B, H, W, C] in [0, 1] (clipped after the noise).
     """
-    if not 0.0 <= stddev_range[0] <= stddev_range[1]:
-        raise ValueError(f"stddev_range must satisfy 0 <= low <= high, got {stddev_range}")
     images = to_float(images)
     _check_images(images)
-    sigma_seed, noise_seed = split_seed(seed, 2)
-    batch_size = _dim(images, 0)
-    sigma = _in_range(_uniform(sigma_seed, batch_size), *stddev_range)
     shape = tf.shape(images)
-    noise = _standard_normal(noise_seed, batch_size, shape[1], shape[2], shape[3])
-    return clip_unit(images + _per_image(sigma) * tf.reshape(noise, shape))
+    return apply_noise(images, draw_noise(seed, _dim(images, 0), shape[1], shape[2], shape[3],
+                                          stddev_range))
+
+
+def draw_noise(seed, batch_size, height, width, channels, stddev_range=NOISE_STDDEV_RANGE):
+    """The numbers of `random_gaussian_noise` (same arguments) for a batch of `batch_size` images
+    of height x width x channels: a dict of sigma (float32 [B]) and noise ([B, H, W, C],
+    N(0, 1))."""
+    if not 0.0 <= stddev_range[0] <= stddev_range[1]:
+        raise ValueError(f"stddev_range must satisfy 0 <= low <= high, got {stddev_range}")
+    sigma_seed, noise_seed = split_seed(seed, 2)
+    return dict(sigma=_in_range(_uniform(sigma_seed, batch_size), *stddev_range),
+                noise=_standard_normal(noise_seed, batch_size, height, width, channels))
+
+
+def apply_noise(images, draws):
+    """The noise of `draw_noise`'s numbers, added and clipped: float32 [B, H, W, C] in [0, 1]."""
+    images = to_float(images)
+    _check_images(images)
+    noise = tf.reshape(draws["noise"], tf.shape(images))
+    return clip_unit(images + _per_image(draws["sigma"]) * noise)
 
 
 def rotate90(images, k):
@@ -894,7 +934,8 @@ def rotate90(images, k):
 
 
 def random_rotation(images, seed):
-    """Rotates each square image by 90, 180 or 270 degrees, drawn uniformly per image.
+    """Rotates each square image by 90, 180 or 270 degrees, drawn uniformly per image
+    (`rotate90` by `draw_rotation`'s quarter turns).
 
     Args:
       images: [B, S, S, C] uint8 or float images.
@@ -904,5 +945,9 @@ def random_rotation(images, seed):
       float32 [B, S, S, C] in [0, 1].
     """
     images = to_float(images)
-    k = 1 + tf.minimum(tf.cast(_uniform(seed, _dim(images, 0)) * 3.0, tf.int32), 2)
-    return rotate90(images, k)
+    return rotate90(images, draw_rotation(seed, _dim(images, 0)))
+
+
+def draw_rotation(seed, batch_size):
+    """int32 [B]: each image's quarter turns, 1, 2 or 3 with equal probability."""
+    return 1 + tf.minimum(tf.cast(_uniform(seed, batch_size) * 3.0, tf.int32), 2)

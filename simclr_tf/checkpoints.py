@@ -10,8 +10,8 @@ Everything a train mode, the evaluation or the export does with a checkpoint goe
   one-line `CheckpointError`;
 * saving: `save` refuses non-finite weights and turns a failed write (a full disk) into a one-line
   error naming the last complete checkpoint, with the partial files removed;
-* before the first save: `check_writable` and `check_disk_space`; at start, what a killed run left
-  under temporary names is removed (`remove_stale_temporaries`).
+* before the first save: `check_disk_space` (the run directory's own housekeeping, writability
+  and temporaries, is `rundir`'s).
 
 Why a kill -9 never leaves a half-written checkpoint: `tf.train.CheckpointManager.save` writes the
 shards to `ckpt-N_temp/`, merges them into `ckpt-N.index` / `ckpt-N.data-*`, and only then rewrites
@@ -21,19 +21,20 @@ before deleting old checkpoints. `latest` reads that state file, so it names eit
 checkpoint or the complete new one.
 """
 
+import collections
 import dataclasses
 import json
 import os
 import re
 import shutil
-import uuid
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from simclr_tf import config as config_lib
+from simclr_tf import rundir
+from simclr_tf.errors import first_line
 
 ENCODER = "encoder"
 PROJECTION_HEAD = "projection_head"
@@ -175,7 +176,7 @@ def restore(path, items):
         tf.train.Checkpoint(**items).restore(path).assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit the model these flags build "
-                              f"({_first_line(e)}): use a new --model_dir, or the model flags "
+                              f"({first_line(e)}): use a new --model_dir, or the model flags "
                               "of the run that wrote it") from None
 
 
@@ -211,7 +212,7 @@ def read_parts(path, **parts):
             status.expect_partial()
             status.assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as e:
-            problem = _first_line(e)
+            problem = first_line(e)
     finally:
         logger.setLevel(level)
     if problem is not None:
@@ -252,25 +253,51 @@ def _value_keys(path, name):
     """
     try:
         reader = tf.train.load_checkpoint(path)
-        graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
-            reader.get_tensor(_OBJECT_GRAPH_KEY))
-    except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
-    todo = [c.node_id for c in graph.nodes[0].children if c.local_name == name]
-    if not todo:
+        graph = object_graph(reader)
+    except (tf.errors.OpError, ValueError, IndexError) as e:  # truncated data reads short
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+    if graph is None or name not in top_level_names(graph):
         return None, None
-    seen = set(todo)
     keys, missing = [], []
+    for _, key in variables_below(graph, name).values():
+        (keys if reader.has_tensor(key) else missing).append(key)
+    return keys, missing
+
+
+def object_graph(reader):
+    """The object graph of a TF2 checkpoint's `reader`; None for a TF1 (name-based) one."""
+    if not reader.has_tensor(_OBJECT_GRAPH_KEY):
+        return None
+    return trackable_object_graph_pb2.TrackableObjectGraph.FromString(
+        reader.get_tensor(_OBJECT_GRAPH_KEY))
+
+
+def top_level_names(graph):
+    """The names of the objects a checkpoint's root holds (encoder, optimizer, model, ...)."""
+    return [c.local_name for c in graph.nodes[0].children]
+
+
+def variables_below(graph, name, follow=None):
+    """{path: (node id, checkpoint key)} of the variables below the root's object `name`,
+    reached breadth-first through the attributes `follow(attribute, parts of the path so far)`
+    accepts (default: every one); each object is visited once, by its shortest such path (a
+    SavedModel's bookkeeping reaches objects several ways)."""
+    paths = {}
+    start = [(c.node_id, [name]) for c in graph.nodes[0].children if c.local_name == name]
+    seen = {node_id for node_id, _ in start}
+    todo = collections.deque(start)
     while todo:
-        node = graph.nodes[todo.pop()]
+        node_id, parts = todo.popleft()
+        node = graph.nodes[node_id]
         values = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
         if values:
-            (keys if reader.has_tensor(values[0]) else missing).append(values[0])
-        for c in node.children:
-            if c.node_id not in seen:
-                seen.add(c.node_id)
-                todo.append(c.node_id)
-    return keys, missing
+            paths["/".join(parts)] = (node_id, values[0])
+            continue
+        for child in node.children:
+            if child.node_id not in seen and (follow is None or follow(child.local_name, parts)):
+                seen.add(child.node_id)
+                todo.append((child.node_id, parts + [child.local_name]))
+    return paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +332,7 @@ def save(checkpoint_manager, variables, step):
         prefix = os.path.join(checkpoint_manager.directory, f"ckpt-{step}")
         _remove_partial_checkpoint(prefix, checkpoint_manager)
         raise CheckpointError(
-            f"writing checkpoint {prefix} failed ({_first_line(e)}): the last complete "
+            f"writing checkpoint {prefix} failed ({first_line(e)}): the last complete "
             f"checkpoint is {latest(checkpoint_manager.directory)}; free space and run the same "
             "command again to resume from it") from None
 
@@ -319,7 +346,7 @@ def first_non_finite(variables):
 
 
 def _remove_partial_checkpoint(prefix, checkpoint_manager):
-    if not is_local(prefix) or prefix in checkpoint_manager.checkpoints:
+    if not rundir.is_local(prefix) or prefix in checkpoint_manager.checkpoints:
         return
     shutil.rmtree(f"{prefix}_temp", ignore_errors=True)
     for name in (f"{prefix}.index",) + tuple(tf.io.gfile.glob(f"{prefix}.data-*")):
@@ -329,34 +356,6 @@ def _remove_partial_checkpoint(prefix, checkpoint_manager):
 
 # --------------------------------------------------------------------------------------------
 # Before the first save.
-
-def check_writable(model_dir):
-    """CheckpointError unless model_dir can be created and written (a probe file, then removed)."""
-    probe = os.path.join(model_dir, f".write-test-{uuid.uuid4().hex}")
-    try:
-        if is_local(model_dir):
-            os.makedirs(model_dir, exist_ok=True)
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        else:
-            tf.io.gfile.makedirs(model_dir)
-            with tf.io.gfile.GFile(probe, "w") as f:
-                f.write("ok")
-            tf.io.gfile.remove(probe)
-    except (OSError, tf.errors.OpError) as e:
-        raise CheckpointError(f"--model_dir={model_dir} is not writable ({_first_line(e)}): "
-                              "choose a directory this user can write to") from None
-
-
-def write_atomically(path, content):
-    """Writes `content` (str or bytes) to `path` through a temporary file renamed over it, so a
-    reader never sees half of it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb" if isinstance(content, bytes) else "w") as f:
-        f.write(content)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
 
 def size_in_bytes(variables):
     """Bytes the values of `variables` take in a checkpoint."""
@@ -370,7 +369,7 @@ def check_disk_space(directory, variables, keep_checkpoint_max, export_bytes=0):
     keep_checkpoint_max + 1 checkpoints of room (less the ones already there), and
     `export_bytes` for an export when the run writes one. Only local directories are checked.
     """
-    if not is_local(directory) or not os.path.isdir(directory):
+    if not rundir.is_local(directory) or not os.path.isdir(directory):
         return
     one = size_in_bytes(variables)
     state = tf.train.get_checkpoint_state(directory)
@@ -387,38 +386,5 @@ def check_disk_space(directory, variables, keep_checkpoint_max, export_bytes=0):
             "another --model_dir")
 
 
-def remove_stale_temporaries(model_dir):
-    """Deletes what a killed run left half-written in model_dir (local directories only).
-
-    `ckpt-N_temp/` (a checkpoint being written; TF documents it as safe to remove) and temporary
-    config and checkpoint-state files.
-    """
-    if not is_local(model_dir) or not os.path.isdir(model_dir):
-        return
-    removed = []
-    for name in os.listdir(model_dir):
-        path = os.path.join(model_dir, name)
-        if re.fullmatch(r"ckpt-\d+_temp", name) and os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        elif re.fullmatch(r"(config\.json\.tmp-\d+|checkpoint\.tmp[0-9a-f]+)", name):
-            os.remove(path)
-            removed.append(path)
-    if removed:
-        logging.info("Removed what an interrupted run left half-written: %s", ", ".join(removed))
-
-
-def is_local(path):
-    return "://" not in str(path)
-
-
 def _mb(n):
     return f"{n / 2**20:.0f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
-
-
-def _first_line(error, limit=300):
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = (getattr(error, "message", None) or str(error)).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= limit else line[:limit] + "..."

@@ -17,6 +17,9 @@ import os
 
 import tensorflow as tf
 
+from simclr_tf.errors import first_line
+from simclr_tf.rundir import write_atomically
+
 CONFIG_FILENAME = "config.json"
 
 # The allowed values of the settings (tests/test_config.py checks each against its implementation).
@@ -356,10 +359,7 @@ def save(config, model_dir):
     """Writes `<model_dir>/config.json` atomically (a temporary file, then renamed)."""
     tf.io.gfile.makedirs(model_dir)
     path = path_in(model_dir)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(config.to_json())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    write_atomically(path, config.to_json())
     return path
 
 
@@ -374,7 +374,7 @@ def load(model_dir):
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{path} is unreadable ({_first_line(e)}): use a new --model_dir, or "
+        raise ConfigError(f"{path} is unreadable ({first_line(e)}): use a new --model_dir, or "
                           "restore the file") from None
 
 
@@ -659,6 +659,30 @@ def model_differences(saved, config):
     return differences
 
 
+def on_eval_dataset(config):
+    """`config` reading `eval.eval_dataset` (and its splits) where evaluation reads the
+    pretraining dataset, when one is set; the domain study evaluates f there."""
+    ev = config.eval
+    if not ev.eval_dataset:
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(
+        config.data, dataset=ev.eval_dataset, train_split=ev.eval_dataset_train_split,
+        eval_split=ev.eval_dataset_split))
+
+
+def config_for_evaluation(requested):
+    """The saved config of the run in `requested.train.model_dir`, with the evaluation settings
+    (eval section, eval split, data_dir) of `requested`: the model is rebuilt as it was trained."""
+    model_dir = requested.train.model_dir
+    saved = load(model_dir)
+    return dataclasses.replace(
+        saved, eval=requested.eval,
+        data=dataclasses.replace(saved.data, eval_split=requested.data.eval_split,
+                                 data_dir=requested.data.data_dir or saved.data.data_dir,
+                                 eval_corrupt=requested.data.eval_corrupt),
+        train=dataclasses.replace(saved.train, model_dir=model_dir))
+
+
 def check_same_model(config, model_dir):
     """ConfigError if `<model_dir>/config.json` describes a model other than `config`.
 
@@ -671,8 +695,3 @@ def check_same_model(config, model_dir):
     _check(not differences,
            f"--model_dir={model_dir} holds checkpoints of another model ({differences}): use a "
            "new --model_dir, or the model flags of the run that wrote it")
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -23,7 +23,6 @@ supervised head was fine-tuned, which head layer it reads) comes from flags, and
 Any variable that maps to nothing, or a shape that disagrees, is a one-line `ConversionError`.
 """
 
-import collections
 import dataclasses
 import json
 import os
@@ -31,18 +30,18 @@ import re
 import shutil
 
 import tensorflow as tf
-from absl import logging
-from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from simclr_tf import checkpoints
+from simclr_tf import cli
 from simclr_tf import config as config_lib
 from simclr_tf import models
+from simclr_tf import rundir
 from simclr_tf.classifier import build_classifier
+from simclr_tf.errors import first_line
 from simclr_tf.resnet import DEPTHS
 
 CONVERTED_FROM = "converted_from.json"
 RELEASED = "gs://simclr-checkpoints-tf2/"
-_OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 # The attribute names of the original's layers that lead to its variables (its Keras layers'
 # SavedModel bookkeeping, such as `variables` or `keras_api`, is not followed).
 _STRUCTURE = {
@@ -90,7 +89,7 @@ def _read(reader, key, source):
     try:
         return reader.get_tensor(key)
     except (tf.errors.OpError, ValueError, IndexError) as e:
-        raise ConversionError(f"cannot read {key} from {source} ({_first_line(e)}): is it "
+        raise ConversionError(f"cannot read {key} from {source} ({first_line(e)}): is it "
                               "truncated or damaged? fetch it again") from None
 
 
@@ -124,15 +123,18 @@ def read_source(source):
     try:
         reader = tf.train.load_checkpoint(prefix)
     except (tf.errors.OpError, ValueError) as e:
-        raise ConversionError(f"cannot read {kind} {source} ({_first_line(e)}): is it truncated "
+        raise ConversionError(f"cannot read {kind} {source} ({first_line(e)}): is it truncated "
                               "or damaged? fetch it again") from None
-    if not reader.has_tensor(_OBJECT_GRAPH_KEY):
+    try:
+        graph = checkpoints.object_graph(reader)
+    except (tf.errors.OpError, ValueError, IndexError) as e:  # truncated data reads short
+        raise ConversionError(f"cannot read the object graph from {source} ({first_line(e)}): "
+                              "is it truncated or damaged? fetch it again") from None
+    if graph is None:
         raise ConversionError(
             f"{source} is a TF1 (name-based) checkpoint, such as the original TF1 code writes: "
             f"this converter reads the TF2 code's checkpoints and SavedModels ({RELEASED}...)")
-    graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
-        _read(reader, _OBJECT_GRAPH_KEY, source))
-    top = [c.local_name for c in graph.nodes[0].children]
+    top = checkpoints.top_level_names(graph)
     if "model" not in top:
         hint = (" (it is a simclr_tf run already)" if "encoder" in top else "")
         raise ConversionError(
@@ -199,8 +201,8 @@ def _variable_paths(graph):
     ConversionError if a variable of the model is reachable only through other names (a layer
     this converter does not know): it would otherwise be left behind unnoticed.
     """
-    found = _walk(graph, _is_structural)
-    everything = _walk(graph, lambda name, parts: True)
+    found = checkpoints.variables_below(graph, "model", _is_structural)
+    everything = checkpoints.variables_below(graph, "model")
     mapped = {node_id for node_id, _ in found.values()}
     unknown = sorted(path for path, (node_id, _) in everything.items() if node_id not in mapped)
     if unknown:
@@ -217,28 +219,6 @@ def _is_structural(name, parts):
     if name == "layers":
         return len(parts) >= 2 and parts[-2] == "block_groups"
     return name in _STRUCTURE or name.isdigit()
-
-
-def _walk(graph, follow):
-    """{path: (node id, checkpoint key)} of the variables below the root's `model`, reached
-    breadth-first through the attributes `follow(name, parts)` accepts; each object is visited
-    once, by its shortest such path (SavedModel bookkeeping reaches objects several ways)."""
-    paths = {}
-    start = [(c.node_id, ["model"]) for c in graph.nodes[0].children if c.local_name == "model"]
-    seen = {node_id for node_id, _ in start}
-    todo = collections.deque(start)
-    while todo:
-        node_id, parts = todo.popleft()
-        node = graph.nodes[node_id]
-        values = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
-        if values:
-            paths["/".join(parts)] = (node_id, values[0])
-            continue
-        for child in node.children:
-            if child.node_id not in seen and follow(child.local_name, parts):
-                seen.add(child.node_id)
-                todo.append((child.node_id, parts + [child.local_name]))
-    return paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,21 +600,22 @@ def _write_run(config, items, original, arch, notes):
     if bad is not None:
         raise ConversionError(f"{original.source} holds non-finite values in {bad}")
     model_dir = config.train.model_dir
-    local = checkpoints.is_local(model_dir)
+    local = rundir.is_local(model_dir)
     work = f"{model_dir.rstrip('/')}.converting" if local else model_dir
     if local:
         shutil.rmtree(work, ignore_errors=True)
     try:
         tf.io.gfile.makedirs(work)
-        manager = tf.train.CheckpointManager(tf.train.Checkpoint(**items), work, max_to_keep=1)
-        path = manager.save(checkpoint_number=original.step)
+        manager = checkpoints.manager(tf.train.Checkpoint(**items), work, 1, None)
+        path = checkpoints.save(manager, [v for part in items.values() for v in part.weights],
+                                original.step)
         described = {
             "source": original.source, "format": original.kind, "step": original.step,
             "train_mode": config.train.train_mode,
             "architecture": {k: v for k, v in dataclasses.asdict(arch).items() if k != "notes"},
             "notes": list(arch.notes) + notes,
         }
-        checkpoints.write_atomically(os.path.join(work, CONVERTED_FROM),
+        rundir.write_atomically(os.path.join(work, CONVERTED_FROM),
                                      json.dumps(described, indent=2))
         config_lib.save(config, work)
         if local:
@@ -649,12 +630,6 @@ def _write_run(config, items, original, arch, notes):
     return path
 
 
-def _first_line(error, limit=200):
-    text = (getattr(error, "message", None) or str(error)).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
-
-
 # --------------------------------------------------------------------------------------------
 # The command line.
 
@@ -667,18 +642,17 @@ def main(argv):
     FLAGS = flags.FLAGS
     if simclr_tf.QUIET_START:
         quiet_start.hide_library_info()
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
+    cli.only_flags(argv)
     if not FLAGS.source or not FLAGS.model_dir:
-        _fail("--source and --model_dir are required")
+        cli.fail("--source and --model_dir are required")
     try:
         path = convert(FLAGS.source, FLAGS.model_dir, FLAGS.image_size, FLAGS.dataset,
                        FLAGS.train_mode, FLAGS.ft_proj_selector, FLAGS.data_dir)
         config = config_lib.load(FLAGS.model_dir)
     except (ConversionError, checkpoints.CheckpointError, config_lib.ConfigError) as e:
-        _fail(str(e))
+        cli.fail(str(e))
     except (tf.errors.OpError, OSError) as e:  # gs:// out of reach, a full disk, ...
-        _fail(f"converting {FLAGS.source} into {FLAGS.model_dir} failed ({_first_line(e)})")
+        cli.fail(f"converting {FLAGS.source} into {FLAGS.model_dir} failed ({first_line(e)})")
     with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, CONVERTED_FROM)) as f:
         described = json.load(f)
     enc, head = config.encoder, config.head
@@ -697,12 +671,6 @@ def main(argv):
           f"{config.data.image_size}, dataset {config.data.dataset}.")
     print(f"Next: python -m simclr_tf.run --mode=eval --model_dir={FLAGS.model_dir}; "
           f"python -m export --model_dir={FLAGS.model_dir}")
-
-
-def _fail(message):
-    import sys
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _define_flags():
@@ -724,13 +692,4 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    import simclr_tf
-    from simclr_tf import quiet_start
-
-    logging.set_verbosity(logging.INFO)
-    with quiet_start.silenced(simclr_tf.QUIET_START):
-        tf.config.list_physical_devices()  # the CUDA probe app.run's TensorFlow hook would print
-    _define_flags()
-    app.run(main)
+    cli.start(main, define_flags=_define_flags)

@@ -42,6 +42,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simclr_tf import augment, image_files, views as views_lib
+from simclr_tf.errors import first_line
 
 FOLDER_PREFIX = "folder:"
 UNION = "+"
@@ -255,7 +256,7 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     number), and for images of varying sizes their crops from one derived from the image's number,
     so the same arguments give the same stream. Fixed-size datasets are augmented a batch
     at a time, with the crop, flip and colour distortion compiled by XLA, and large views a few
-    images at a time with the batch's draws (`views.view`'s chunked); images of varying sizes
+    images at a time with the batch's draws (`views.view` made on the host); images of varying sizes
     (folders) are cropped one at a time, without XLA but for their boxes' draws, and the rest of
     their views is made a batch at a time as for fixed sizes (`_views_of_varying_sizes`). For
     folders the file order is already fully shuffled every epoch, so a small `shuffle_buffer`
@@ -307,9 +308,9 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
     view_settings = dict(image_size=image_size, color_jitter_strength=color_jitter_strength,
                          use_blur=use_blur, augmentations=augmentations, asymmetric=asymmetric)
 
-    def views(step, image, label, view_shape, xla):
+    def views(step, image, label, view_shape):
         step_seed = tf.random.experimental.stateless_fold_in(base_seed, step)
-        batch = views_of_batch({IMAGE: image, SEED: step_seed, LABEL: label}, xla=xla,
+        batch = views_of_batch({IMAGE: image, SEED: step_seed, LABEL: label}, made_in="host",
                                **view_settings)
         return {VIEW_A: tf.ensure_shape(batch[VIEW_A], view_shape),
                 VIEW_B: tf.ensure_shape(batch[VIEW_B], view_shape),
@@ -330,7 +331,7 @@ def pretrain_dataset(dataset: str, split: str, batch_size: int, image_size: int,
         batches = _views_of_varying_sizes(images, batch_size, base_seed, seed, view_settings)
     else:
         def whole_batch(step, example):
-            return views(step, *example, [batch_size, image_size, image_size, 3], xla=True)
+            return views(step, *example, [batch_size, image_size, image_size, 3])
 
         batches = _with_counter(images.batch(batch_size, drop_remainder=True), seed).map(
             whole_batch, num_parallel_calls=_AUTOTUNE, deterministic=True)
@@ -357,14 +358,14 @@ def _views_of_varying_sizes(images: tf.data.Dataset, batch_size: int, base_seed:
         image, label = example
         sized_a, sized_b = views_lib.sized_pair(
             image[tf.newaxis], tf.random.experimental.stateless_fold_in(crop_seed, step),
-            image_size, xla=True, **recipe)
+            image_size, made_in="host", **recipe)
         return sized_a[0], sized_b[0], label
 
     def finish_batch(step, crops):
         sized_a, sized_b, label = crops
         view_a, view_b = views_lib.finish_pair(
             sized_a, sized_b, tf.random.experimental.stateless_fold_in(finish_seed, step),
-            xla=True, blur_selected_only=True, chunked=True, **view_settings)
+            made_in="host", **view_settings)
         view_shape = [batch_size, image_size, image_size, 3]
         return {VIEW_A: tf.ensure_shape(view_a, view_shape),
                 VIEW_B: tf.ensure_shape(view_b, view_shape),
@@ -377,19 +378,17 @@ def _views_of_varying_sizes(images: tf.data.Dataset, batch_size: int, base_seed:
                                           deterministic=True)
 
 
-def views_of_batch(batch: dict, image_size: int, xla: bool = True,
-                   blur_selected_only: bool = True, chunked: bool = True,
+def views_of_batch(batch: dict, image_size: int, made_in: str = "host",
                    **view_settings) -> dict:
     """{image, seed, label} -> {view_a, view_b, label}: the two views of a batch, made from its seed.
 
     The host pipeline calls it in its `map`; with augment_on_device the training step calls it on
-    the batches `pretrain_dataset` yields. `xla`, `blur_selected_only` and `chunked` say how the
-    views are computed (`views.view`; the defaults are the host pipeline's); `view_settings` are
+    the batches `pretrain_dataset` yields. `made_in` says where the views are made, and so how
+    they are computed (`views.view`; the default is the host pipeline's); `view_settings` are
     `views.two_views`'s other keyword arguments (color_jitter_strength, use_blur, augmentations,
     asymmetric).
     """
-    view_a, view_b = views_lib.two_views(batch[IMAGE], batch[SEED], image_size, xla=xla,
-                                         blur_selected_only=blur_selected_only, chunked=chunked,
+    view_a, view_b = views_lib.two_views(batch[IMAGE], batch[SEED], image_size, made_in=made_in,
                                          **view_settings)
     return {VIEW_A: view_a, VIEW_B: view_b, LABEL: batch[LABEL]}
 
@@ -468,7 +467,7 @@ def prepare_fashion_mnist_offline(data_dir: str | None,
             if tfds.builder(FASHION_MNIST, data_dir=data_dir).is_prepared():
                 return
             raise DatasetError(f"preparing Fashion-MNIST in {root} from {source_dir} failed: "
-                               f"{_first_line(err)}") from err
+                               f"{first_line(err)}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +499,7 @@ def _tfds_builder(name: str, data_dir: str | None):
         ) from None
     except Exception as err:  # pylint: disable=broad-except  (bad version or config, ...)
         raise DatasetError(f"cannot open tensorflow-datasets dataset {name!r}: "
-                           f"{_first_line(err)}") from err
+                           f"{first_line(err)}") from err
 
 
 def _base_name(name: str) -> str:
@@ -800,11 +799,6 @@ def _check_enough_examples(info: DatasetInfo, input_context) -> None:
     if info.num_examples < pipelines:
         raise DatasetError(f"dataset {info.name!r} has {info.num_examples} examples, fewer than "
                            f"the {pipelines} input pipelines reading it")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def folder_listing(dataset: str, split: str) -> _FolderListing:

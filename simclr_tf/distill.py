@@ -25,6 +25,7 @@ from simclr_tf import data as data_lib
 from simclr_tf import finetune
 from simclr_tf import loop
 from simclr_tf import supervised_data
+from simclr_tf import tasks
 from simclr_tf.classifier import build_classifier
 
 METRICS = ("loss", "distill_loss", "label_loss", "train_acc", "teacher_agreement",
@@ -69,7 +70,7 @@ def resolve_teacher(teacher):
     is_dir = tf.io.gfile.isdir(path)
     model_dir = path if is_dir else os.path.dirname(path)
     run = config_lib.load(model_dir)
-    if run.train.train_mode not in ("finetune", "distill"):
+    if tasks.task_for(run).evaluates_frozen_f:  # a teacher is a classifier
         raise finetune.FinetuneError(
             f"teacher {path} is a {run.train.train_mode} run: distil from a fine-tuned run "
             "(--train_mode=finetune)")
@@ -85,11 +86,10 @@ class Distiller(finetune.Finetuner):
     verb = "Distilling into"
 
     def __init__(self, config, strategy, schedule, num_classes, teacher):
-        shapes = dict(tf.train.list_variables(teacher.checkpoint))
-        kernel = shapes.get(f"{checkpoints.CLASSIFIER}/kernel/.ATTRIBUTES/VARIABLE_VALUE")
-        if kernel and kernel[-1] != num_classes:
+        classes = checkpoints.classes_of(teacher.checkpoint, checkpoints.CLASSIFIER)
+        if classes and classes != num_classes:
             raise finetune.FinetuneError(
-                f"teacher {teacher.checkpoint} predicts {kernel[-1]} classes but "
+                f"teacher {teacher.checkpoint} predicts {classes} classes but "
                 f"{config.data.dataset} has {num_classes}: distil on the teacher's dataset")
         super().__init__(config, strategy, schedule, num_classes)
         with strategy.scope():
@@ -134,9 +134,7 @@ def run_distillation(config, strategy, source=None, on_checkpoint=None, stop_req
     if not info.num_classes:
         raise finetune.FinetuneError(f"dataset {config.data.dataset} has no classes to distil")
     subset = finetune.labelled_subset(config) if config.distill.distill_label_weight else None
-    # Epochs count passes over the whole (unlabelled) training split, or its --train_examples.
-    schedule = finetune.schedule_for(
-        config, num_examples=config.data.train_examples or info.num_examples)
+    schedule = tasks.task_for(config).schedule(config)
     trainer = Distiller(config, strategy, schedule, info.num_classes, teacher)
     logging.info("Distilling %s (resnet%d x%d) into resnet%d x%d, temperature %g, label weight %g",
                  teacher.checkpoint, teacher.config.encoder.resnet_depth,

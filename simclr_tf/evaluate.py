@@ -1,4 +1,4 @@
-"""Evaluation: accuracy of a checkpoint on the eval split, `results.json`, and the kNN monitor.
+"""Evaluation of one checkpoint: from its path to its results (a flat dict of accuracies).
 
 What a checkpoint reports depends on the run that wrote it:
 
@@ -7,7 +7,7 @@ What a checkpoint reports depends on the run that wrote it:
   - `knn`: weighted cosine kNN (k=200, tau=0.1) of eval h against training-set h (`knn`);
   - `linear`: the fast linear evaluation: h of the training split extracted once with the
     evaluation preprocessing, a multinomial logistic regression fitted on it (L2 strength picked
-    on a held-out 10%), applied to the eval split's h.
+    on a held-out 10%), applied to the eval split's h (the solver: `linear_eval`).
   The paper's full protocol (a linear classifier trained on frozen f with crop + flip) is
   `--train_mode=finetune --fine_tune_after_block=4`, whose checkpoints are evaluated below.
 * a fine-tuning or distillation checkpoint: its classifier's top-1 / top-5.
@@ -19,51 +19,36 @@ images (`eval_baselines`): raw pixels, and f at random initialisation. Its evalu
 what TensorBoard's embedding projector reads and the nearest-neighbour picture (`visualise`).
 
 Every eval example counts exactly once (the padded rows of `data.eval_dataset` are dropped by
-their mask). Results go to TensorBoard (`<model_dir>/eval_<split>/`) and to
-`<model_dir>/results.json` (the latest evaluated checkpoint; `eval_<split>/results-<step>.json`
-keeps each one).
+their mask). Around it: `watch` (which checkpoints `--mode=eval` evaluates), `results` (where the
+results go), `knn_monitor` (kNN during pretraining), `linear_eval` (the solver).
 """
 
 import dataclasses
 import functools
-import json
-import os
-import re
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import augment
 from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
 from simclr_tf import corrupt
 from simclr_tf import data as data_lib
-from simclr_tf import finetune
 from simclr_tf import knn as knn_lib
 from simclr_tf import label_maps
+from simclr_tf import linear_eval
 from simclr_tf import models
+from simclr_tf import results as results_lib
+from simclr_tf import tasks
 from simclr_tf import visualise
 from simclr_tf.classifier import build_classifier
-from simclr_tf.schedules import make_schedule
 
-RESULTS_FILENAME = "results.json"
-# Wide enough that every line finds its optimum inside it: raw pixels at 48 px (6,912 standardised
-# features, 5,000 images) need 0.1 (83.1% test top-1 on Fashion-MNIST against 81.2% at 0.01,
-# the old grid's top), a trained f 1e-5 to 1e-3.
-L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
 # Features and accuracies.
-
-def eval_crop(image_size):
-    """Whether the evaluation preprocessing takes the 87.5% centre crop: for runs on images larger
-    than 32 px (`image_size`: the run's training size, as the original code keys it, so f trained on
-    small images and evaluated larger, `eval_image_size`, sees whole images)."""
-    return image_size > 32
-
 
 def eval_image_size(config):
     """Side of the evaluation images: `eval.eval_image_size`, else the training `image_size`."""
@@ -77,7 +62,7 @@ def eval_batches(config, split, batch_size=None, image_size=None):
     size = image_size or eval_image_size(config)
     batches = data_lib.eval_dataset(
         config.data.dataset, split, batch_size or config.eval.eval_batch_size, size,
-        data_dir=config.data.data_dir, crop=eval_crop(config.data.image_size),
+        data_dir=config.data.data_dir, crop=augment.eval_crop(config.data.image_size),
         corruption=corrupt.corruption_fn(config.data.eval_corrupt, "eval_corrupt"))
     if split == config.data.eval_split and config.eval.eval_steps:
         batches = batches.take(config.eval.eval_steps)
@@ -163,137 +148,6 @@ def extract(fn, dataset, max_examples=0):
     return outputs, labels
 
 
-def topk_accuracy(scores, labels, k):
-    """Fraction of rows whose label is among the k highest scores (ties: lower class id first)."""
-    scores = np.asarray(scores)
-    k = min(k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
-
-
-def accuracies(scores, labels, prefix=""):
-    return {f"{prefix}top1": topk_accuracy(scores, labels, 1),
-            f"{prefix}top5": topk_accuracy(scores, labels, 5)}
-
-
-# --------------------------------------------------------------------------------------------
-# Fast linear evaluation: multinomial logistic regression on extracted features.
-
-class LogisticRegression:
-    """Multinomial logistic regression on standardised features, fitted by mini-batch Adam.
-
-    The objective is convex: mean cross-entropy + l2 / 2 * ||W||^2. Adam on random mini-batches
-    with a cosine-decayed step size, from zero weights, for `epochs` passes over the data (at
-    least `min_steps` steps), gets close to its optimum at a small fraction of the cost of
-    full-batch steps (each of which reads every feature).
-    """
-
-    def __init__(self, num_classes, l2=1e-4, epochs=100, batch_size=1024, learning_rate=0.01,
-                 min_steps=300, seed=0):
-        self.num_classes = num_classes
-        self.l2 = l2
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.min_steps = min_steps
-        self.seed = seed
-        self.mean = self.std = self.weights = self.bias = None
-
-    def fit(self, features, labels):
-        x = np.asarray(features, np.float32)
-        self.mean = x.mean(0)
-        self.std = x.std(0) + 1e-6
-        n = len(x)
-        batch = min(self.batch_size, n)
-        steps = max(self.epochs * -(-n // batch), self.min_steps)
-        w, b = _fit_softmax(
-            tf.constant((x - self.mean) / self.std), tf.constant(np.asarray(labels, np.int32)),
-            self.num_classes, tf.constant(self.l2, tf.float32), tf.constant(steps),
-            tf.constant(batch), tf.constant(self.learning_rate, tf.float32),
-            tf.constant([self.seed, 0], tf.int64))
-        self.weights, self.bias = w.numpy(), b.numpy()
-        return self
-
-    def scores(self, features):
-        x = (np.asarray(features, np.float32) - self.mean) / self.std
-        return x @ self.weights + self.bias
-
-
-@tf.function(reduce_retracing=True)
-def _fit_softmax(x, y, num_classes, l2, steps, batch, learning_rate, seed):
-    """Adam on mean cross-entropy + l2 / 2 * ||W||^2 over random mini-batches; returns (W, b)."""
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    n = tf.shape(x)[0]
-
-    def adam(param, grad, m, v, lr, t):
-        m = beta1 * m + (1 - beta1) * grad
-        v = beta2 * v + (1 - beta2) * tf.square(grad)
-        update = lr * (m / (1 - beta1 ** t)) / (tf.sqrt(v / (1 - beta2 ** t)) + eps)
-        return param - update, m, v
-
-    def body(t, w, b, mw, vw, mb, vb):
-        if batch < n:
-            rows = tf.random.stateless_uniform(
-                [batch], tf.random.experimental.stateless_fold_in(seed, t), 0, n, tf.int32)
-            xb, yb = tf.gather(x, rows), tf.gather(y, rows)
-        else:
-            xb, yb = x, y
-        with tf.GradientTape() as tape:
-            tape.watch([w, b])
-            logits = tf.matmul(xb, w) + b
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
-            loss += 0.5 * l2 * tf.reduce_sum(tf.square(w))
-        grad_w, grad_b = tape.gradient(loss, [w, b])
-        step = tf.cast(t, tf.float32)
-        progress = (step - 1.0) / tf.cast(steps, tf.float32)
-        lr = learning_rate * 0.5 * (1.0 + tf.cos(np.pi * progress))
-        w, mw, vw = adam(w, grad_w, mw, vw, lr, step)
-        b, mb, vb = adam(b, grad_b, mb, vb, lr, step)
-        return t + 1, w, b, mw, vw, mb, vb
-
-    w = tf.zeros([tf.shape(x)[1], num_classes])
-    b = tf.zeros([num_classes])
-    state = (tf.constant(1), w, b, tf.zeros_like(w), tf.zeros_like(w), tf.zeros_like(b),
-             tf.zeros_like(b))
-    _, w, b, *_ = tf.while_loop(lambda t, *_: t <= steps, body, state)
-    return w, b
-
-
-def linear_eval_fast(train_features, train_labels, eval_features, eval_labels, num_classes,
-                     l2_grid=L2_GRID, holdout=0.1, seed=0, epochs=100):
-    """Fits logistic regression on training features and scores the eval features.
-
-    The L2 strength is the grid value with the best accuracy on a seeded `holdout` fraction of
-    the training features (fitted on the rest); the final fit uses all training features.
-    That held-out accuracy is returned too: compare settings on it, not on the eval split.
-
-    Returns:
-      {"linear_top1", "linear_top5", "linear_l2", "linear_train_top1"}, and
-      "linear_heldout_top1" when `l2_grid` has more than one value.
-    """
-    n = len(train_labels)
-    l2 = l2_grid[0]
-    if len(l2_grid) > 1:
-        order = np.random.default_rng(seed).permutation(n)
-        cut = max(1, int(round(n * (1 - holdout))))
-        fit_idx, val_idx = order[:cut], order[cut:]
-        best = -1.0
-        for value in l2_grid:
-            model = LogisticRegression(num_classes, value, epochs, seed=seed).fit(
-                train_features[fit_idx], train_labels[fit_idx])
-            acc = topk_accuracy(model.scores(train_features[val_idx]), train_labels[val_idx], 1)
-            if acc > best:
-                best, l2 = acc, value
-    model = LogisticRegression(num_classes, l2, epochs, seed=seed).fit(train_features,
-                                                                       train_labels)
-    results = accuracies(model.scores(eval_features), eval_labels, "linear_")
-    results["linear_l2"] = l2
-    if len(l2_grid) > 1:
-        results["linear_heldout_top1"] = best
-    results["linear_train_top1"] = topk_accuracy(model.scores(train_features), train_labels, 1)
-    return results
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluating an encoder, a classifier, a checkpoint.
 
@@ -338,7 +192,7 @@ def evaluate_encoder(encoder, config, num_classes, protocols=("knn", "linear"), 
         label_map = label_map_for(config)
         if label_map is not None:  # the probe predicts the fine classes
             scores = label_map.logits(scores)
-        results.update(accuracies(scores, extracted.eval_y, "probe_"))
+        results.update(linear_eval.accuracies(scores, extracted.eval_y, "probe_"))
     return (results, extracted) if return_features else results
 
 
@@ -359,18 +213,19 @@ def evaluate_features(features, config, num_classes, protocols=("knn", "linear")
     if "knn" in protocols or "linear" in protocols:
         train_h, train_y = extract(features, eval_batches(config, config.data.train_split),
                                    max_examples=ev.knn_bank_size)
-        l2_grid = L2_GRID
+        l2_grid = linear_eval.L2_GRID
         if reduce is not None:
             eval_h, train_h, l2_divisor = reduce(eval_h, train_h)
-            l2_grid = tuple(value / l2_divisor for value in L2_GRID)
+            l2_grid = tuple(value / l2_divisor for value in linear_eval.L2_GRID)
         extracted.bank_h, extracted.bank_y = train_h, train_y
         if "knn" in protocols:
             scores = knn_lib.knn_predict_scores(eval_h, train_h, train_y, num_classes, ev.knn_k,
                                                 ev.knn_temperature)
-            results.update(accuracies(scores, eval_y, "knn_"))
+            results.update(linear_eval.accuracies(scores, eval_y, "knn_"))
         if "linear" in protocols:
-            results.update(linear_eval_fast(train_h, train_y, eval_h, eval_y, num_classes,
-                                            l2_grid=l2_grid, seed=config.train.seed))
+            results.update(linear_eval.linear_eval_fast(
+                train_h, train_y, eval_h, eval_y, num_classes, l2_grid=l2_grid,
+                seed=config.train.seed))
     return results, extracted
 
 
@@ -443,25 +298,15 @@ def evaluate_classifier(model, config):
     label_map = label_map_for(config)
     if label_map is not None:  # the classifier predicts the fine classes
         logits = label_map.logits(logits)
-    return {"num_examples": int(len(labels)), **accuracies(logits, labels)}
-
-
-def on_eval_dataset(config):
-    """`config` reading `eval.eval_dataset` (and its splits) where evaluation reads the
-    pretraining dataset, when one is set; the domain study evaluates f there."""
-    ev = config.eval
-    if not ev.eval_dataset:
-        return config
-    return dataclasses.replace(config, data=dataclasses.replace(
-        config.data, dataset=ev.eval_dataset, train_split=ev.eval_dataset_train_split,
-        eval_split=ev.eval_dataset_split))
+    return {"num_examples": int(len(labels)), **linear_eval.accuracies(logits, labels)}
 
 
 def evaluate_checkpoint(config, path):
     """Evaluates one checkpoint of the run `config` describes; returns the results dict."""
     pretraining_dataset = config.data.dataset
-    if config.train.train_mode == "pretrain":
-        config = on_eval_dataset(config)
+    frozen_f = tasks.task_for(config).evaluates_frozen_f
+    if frozen_f:
+        config = config_lib.on_eval_dataset(config)
     info = data_lib.dataset_info(config.data.dataset, config.data.eval_split,
                                  config.data.data_dir)
     if not info.num_classes:
@@ -471,7 +316,7 @@ def evaluate_checkpoint(config, path):
     results = {"step": checkpoints.step_of(path), "checkpoint": path, "train_mode": mode,
                "eval_split": config.data.eval_split, **data_study_settings(config)}
     num_classes, class_names = evaluated_classes(config, info)
-    if mode == "pretrain":
+    if frozen_f:
         protocols = config_lib.parse_protocols(config.eval.eval_protocols)
         if config.eval.eval_dataset and "probe" in protocols:
             logging.warning("The linear probe predicts %s's classes: evaluating f on %s with %s",
@@ -541,7 +386,7 @@ def show_embeddings(config, extracted, class_names=(), step=0):
     `Features` an evaluation extracted. Returns {"projector_config", "nearest_neighbours"}: the
     paths written."""
     ev, written = config.eval, {}
-    directory = eval_dir(config)
+    directory = results_lib.eval_dir(config)
     sample = visualise.sample_indices(len(extracted.eval_y), ev.projector_examples)
     queries = np.zeros([0], np.int64)
     if ev.neighbour_queries and extracted.bank_h is not None:
@@ -572,148 +417,3 @@ def show_embeddings(config, extracted, class_names=(), step=0):
     logging.info("Embeddings to look at in TensorBoard: %s", ", ".join(
         f"{key} {value}" for key, value in written.items()))
     return written
-
-
-def eval_dir(config):
-    """`<model_dir>/eval_<split>` (a sliced split such as test[:10%] as test__10__), or
-    `eval_<eval_dataset>_<its split>` when f is evaluated on another dataset."""
-    name = on_eval_dataset(config).data.eval_split
-    if config.eval.eval_dataset:
-        name = f"{config.eval.eval_dataset}_{name}"
-    return os.path.join(config.train.model_dir, f"eval_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}")
-
-
-def write_results(config, results, summary_prefix="eval"):
-    """TensorBoard scalars in eval_<split>/, results.json (latest) and results-<step>.json."""
-    model_dir = config.train.model_dir
-    directory = eval_dir(config)
-    tf.io.gfile.makedirs(directory)
-    writer = tf.summary.create_file_writer(directory)
-    with writer.as_default(step=results["step"]):
-        for key, value in results.items():
-            if isinstance(value, float):
-                tf.summary.scalar(f"{summary_prefix}/{key}", value)
-    writer.flush()
-    text = json.dumps(results, indent=2, sort_keys=True)
-    for path in (os.path.join(directory, f"results-{results['step']}.json"),
-                 os.path.join(model_dir, RESULTS_FILENAME)):
-        checkpoints.write_atomically(path, text + "\n")
-    return os.path.join(model_dir, RESULTS_FILENAME)
-
-
-def _summary_line(results):
-    keys = [k for k in sorted(results) if k.endswith(("top1", "top5"))]
-    return "  ".join(f"{k} {results[k]:.4f}" for k in keys)
-
-
-def total_steps(config):
-    """The final step of the run `config` describes (where watching its checkpoints stops)."""
-    if config.train.train_mode == "finetune":  # epochs over the labelled examples
-        return finetune.schedule_for(config, finetune.labelled_subset(config)).total_steps
-    # Pretraining and distillation count epochs over the split, or its --train_examples.
-    num_examples = config.data.train_examples or data_lib.dataset_info(
-        config.data.dataset, config.data.train_split, config.data.data_dir).num_examples
-    return make_schedule(config.train, config.optimizer, num_examples).total_steps
-
-
-def run_evaluation(config, checkpoint=None):
-    """Evaluates `checkpoint`, or every new checkpoint of model_dir until the run's last step.
-
-    Watching ends at the checkpoint of the final step, or after `eval.eval_timeout` seconds
-    (0 = no limit) without a new checkpoint. Returns the last results.
-    """
-    model_dir = config.train.model_dir
-    if checkpoint is not None:
-        path = checkpoints.resolve(model_dir, checkpoint)
-        return _evaluate_and_write(config, path)
-    final = total_steps(config)
-    results = None
-    timeout = config.eval.eval_timeout or None
-    for path in tf.train.checkpoints_iterator(model_dir, min_interval_secs=10, timeout=timeout):
-        try:
-            results = _evaluate_and_write(config, path)
-        except tf.errors.NotFoundError:
-            # The trainer's CheckpointManager deleted it (keep_checkpoint_max) meanwhile.
-            logging.warning("Checkpoint %s was deleted before it was evaluated", path)
-            continue
-        if results["step"] >= final:
-            break
-    if results is None:
-        raise ValueError(f"no checkpoint appeared in {model_dir} within eval_timeout="
-                         f"{config.eval.eval_timeout}s")
-    return results
-
-
-def _evaluate_and_write(config, path):
-    t0 = time.time()
-    results = evaluate_checkpoint(config, path)
-    results["eval_seconds"] = round(time.time() - t0, 1)
-    written = write_results(config, results)
-    logging.info("Evaluated %s (step %d) on %s: %s -> %s", path, results["step"],
-                 config.data.eval_split, _summary_line(results), written)
-    return results
-
-
-# --------------------------------------------------------------------------------------------
-# The kNN monitor during pretraining.
-
-class KnnMonitor:
-    """kNN accuracy of the current f every `eval.eval_every` steps, as a training-loop hook.
-
-    Call it as `monitor(trainer, step)` after each compiled loop (`pretrain.run_pretraining`'s
-    `on_loop_end`); it runs when a multiple of `eval_every` was passed since the last run (exactly
-    at the multiple when `steps_per_loop` divides `eval_every`). f runs in inference mode, so the
-    training state is untouched. Writes `monitor/knn_top1|top5` to `<model_dir>/eval_<split>/`.
-    """
-
-    def __init__(self, config, num_classes):
-        config = on_eval_dataset(config)
-        if config.eval.eval_dataset:
-            num_classes = data_lib.dataset_info(config.data.dataset, config.data.eval_split,
-                                                config.data.data_dir).num_classes
-        label_map = label_map_for(config)
-        num_classes = label_map.num_classes if label_map else num_classes
-        self.config = config
-        self.num_classes = num_classes
-        self.every = config.eval.eval_every
-        self.last = None
-        self.history = []  # [(step, results)]
-        self._writer = None
-
-    def due(self, step):
-        if not self.every:
-            return False
-        # Before the first run, `last` is 0: a resumed run is evaluated at its first loop end.
-        return step // self.every > (self.last or 0) // self.every
-
-    def __call__(self, trainer, step):
-        if not self.due(step):
-            return None
-        self.last = step
-        t0 = time.time()
-        results = evaluate_encoder(trainer.encoder, self.config, self.num_classes, ("knn",))
-        results["seconds"] = round(time.time() - t0, 1)
-        self.history.append((step, results))
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(eval_dir(self.config))
-        with self._writer.as_default(step=step):
-            for key in ("knn_top1", "knn_top5"):
-                tf.summary.scalar(f"monitor/{key}", results[key])
-        self._writer.flush()
-        logging.info("step %d  kNN monitor on %s: top1 %.4f  top5 %.4f  (%.0f s)", step,
-                     self.config.data.eval_split, results["knn_top1"], results["knn_top5"],
-                     results["seconds"])
-        return results
-
-
-def config_for_evaluation(requested):
-    """The saved config of the run in `requested.train.model_dir`, with the evaluation settings
-    (eval section, eval split, data_dir) of `requested`: the model is rebuilt as it was trained."""
-    model_dir = requested.train.model_dir
-    saved = config_lib.load(model_dir)
-    return dataclasses.replace(
-        saved, eval=requested.eval,
-        data=dataclasses.replace(saved.data, eval_split=requested.data.eval_split,
-                                 data_dir=requested.data.data_dir or saved.data.data_dir,
-                                 eval_corrupt=requested.data.eval_corrupt),
-        train=dataclasses.replace(saved.train, model_dir=model_dir))

@@ -41,12 +41,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf import augment
 from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
 from simclr_tf import image_headers
 from simclr_tf import models
-from simclr_tf.augment import preprocess_for_eval
+from simclr_tf import rundir
 from simclr_tf.checkpoints import read_export_metadata as load_metadata
+from simclr_tf.errors import first_line
 from simclr_tf.resnet import BLOCK_GROUP_ENDPOINTS, OUTPUT_ENDPOINT, feature_extractor
 
 SERVING_DEFAULT = "serving_default"
@@ -57,7 +59,6 @@ IMAGE_BYTES = "image_bytes"
 EMBEDDING = "embedding"
 METADATA_FILENAME = os.path.basename(checkpoints.EXPORT_METADATA)
 METADATA_FORMAT_VERSION = 1
-CROP_PROPORTION = 0.875
 # Serving inputs may miss [0, 1] by float rounding; anything further is a caller bug (0-255 pixels,
 # mean/std normalisation) that would silently give meaningless embeddings.
 VALUE_TOLERANCE = 1e-3
@@ -251,15 +252,14 @@ def _build_module(encoder, image_size, include_feature_maps, metadata_file, serv
     def serving_default(images):
         return {EMBEDDING: encoder(_checked_images(images), training=False)}
 
-    crop = image_size > 32
+    crop = augment.eval_crop(image_size)
 
     # Unknown rank, as for images: with [None] declared, Grappler folds a rank check away.
     @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name=IMAGE_BYTES)])
     def serving_bytes(image_bytes):
         def decode(data):
             image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            return preprocess_for_eval(image[None], image_size, crop=crop,
-                                       crop_proportion=CROP_PROPORTION)[0]
+            return augment.preprocess_for_eval(image[None], image_size, crop=crop)[0]
 
         rank_assert = tf.debugging.Assert(
             tf.equal(tf.size(tf.shape(image_bytes)), 1),
@@ -389,7 +389,8 @@ def _metadata(run_config, step, encoder, digest, include_feature_maps, source):
         "embedding_size": int(encoder.output.shape[-1]),
         "embedding_key": EMBEDDING,
         "preprocessing": {"bytes_signature": "simclr_tf.augment.preprocess_for_eval",
-                          "center_crop": image_size > 32, "crop_proportion": CROP_PROPORTION,
+                          "center_crop": augment.eval_crop(image_size),
+                          "crop_proportion": augment.EVAL_CROP_PROPORTION,
                           "resize": "bilinear", "output_size": image_size},
         "signatures": signatures,
         "include_feature_maps": include_feature_maps,
@@ -448,7 +449,7 @@ def _same_export(version_dir, digest, include_feature_maps, serving):
         existing = load_metadata(version_dir)
     except (checkpoints.CheckpointError, ValueError) as e:
         raise ExportError(f"{version_dir} exists and is not a readable simclr_tf export "
-                          f"({_first_line(e)}): move it away or export elsewhere") from None
+                          f"({first_line(e)}): move it away or export elsewhere") from None
     if existing.get("fingerprint") != digest:
         raise ExportError(f"{version_dir} already holds a different model (fingerprint "
                           f"{existing.get('fingerprint')}, this one {digest}): refusing to "
@@ -477,28 +478,18 @@ def remove_stale_exports(export_base):
     Only this host's, whose writing process is gone: a writer on another host sharing the
     directory may still be at work.
     """
-    if not checkpoints.is_local(export_base) or not os.path.isdir(export_base):
+    if not rundir.is_local(export_base) or not os.path.isdir(export_base):
         return
     removed = []
     for name in os.listdir(export_base):
         match = re.fullmatch(r"\.tmp-\d+-(.+)-(\d+)", name)
         if (match and match.group(1) == socket.gethostname()
-                and not _process_alive(int(match.group(2)))):
+                and not rundir.process_alive(int(match.group(2)))):
             shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
             removed.append(os.path.join(export_base, name))
     if removed:
         logging.info("Removed what an interrupted export left half-written: %s",
                      ", ".join(removed))
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_step(step):
@@ -507,9 +498,3 @@ def _check_step(step):
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ExportError(f"step must be a non-negative integer, got {step!r}")
     return int(step)
-
-
-def _first_line(error, limit=300):
-    text = (getattr(error, "message", None) or str(error)).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= limit else line[:limit] + "..."

@@ -25,10 +25,10 @@ from simclr_tf import export as export_lib
 from simclr_tf import label_subset
 from simclr_tf import loop
 from simclr_tf import models
-from simclr_tf import optim
 from simclr_tf import supervised_data
+from simclr_tf import tasks
+from simclr_tf import trainer as trainer_lib
 from simclr_tf.classifier import build_classifier
-from simclr_tf.schedules import make_schedule
 
 METRICS = ("loss", "supervised_loss", "train_acc", "learning_rate")
 
@@ -136,7 +136,7 @@ def accuracy(logits, labels):
         tf.float32))
 
 
-class Finetuner:
+class Finetuner(trainer_lib.Trainer):
     """The classifier, its optimiser and the supervised replica step, under `strategy`."""
 
     metrics = METRICS
@@ -144,24 +144,15 @@ class Finetuner:
     verb = "Fine-tuning"
 
     def __init__(self, config, strategy, schedule, num_classes):
-        self.config = config
-        self.strategy = strategy
-        self.schedule = schedule
-        enc = config.encoder
-        self.description = f"{self.verb} resnet{enc.resnet_depth}x{enc.width_multiplier}"
-        global_bn = enc.global_bn and strategy.num_replicas_in_sync > 1
-        with strategy.scope():
-            self.model = build_classifier(config, num_classes, global_bn=global_bn)
-            self.optimizer = optim.wrap_for_precision(
-                optim.build_optimizer(config.optimizer, config.train.train_batch_size, schedule),
-                config.train.precision)
-            self.optimizer.build(self.model.trainable_variables)
-        self._l2_variables = optim.decayed_in_loss(self.model.trainable_variables,
-                                                   config.optimizer.optimizer)
+        self.num_classes = num_classes
+        super().__init__(config, strategy, schedule)
+
+    def build_models(self, global_bn):
+        self.model = build_classifier(self.config, self.num_classes, global_bn=global_bn)
 
     @property
-    def step(self):
-        return self.optimizer.iterations
+    def trainable_variables(self):
+        return self.model.trainable_variables
 
     def checkpoint_items(self):
         return {checkpoints.OPTIMIZER: self.optimizer, **self.model.checkpoint_items()}
@@ -172,21 +163,6 @@ class Finetuner:
         labels = batch[supervised_data.LABEL]
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
         return loss, {"supervised_loss": loss, "train_acc": accuracy(logits, labels)}
-
-    def _regularised(self, batch):
-        loss, metrics = self.loss_and_metrics(batch)
-        return loss + optim.l2_regularisation(self.config.optimizer.weight_decay,
-                                              self._l2_variables), metrics
-
-    def replica_step(self, batch):
-        loss, metrics = optim.minimize(self.optimizer, self.model.trainable_variables,
-                                       lambda: self._regularised(batch),
-                                       self.strategy.num_replicas_in_sync)
-        return {"loss": loss, **metrics}
-
-    def make_train_loop(self):
-        return loop.compiled_train_loop(self.strategy, self.replica_step, self.metrics,
-                                        self.optimizer, self.config.train.jit_compile)
 
 
 def training_examples(config):
@@ -221,15 +197,6 @@ def make_dataset_fn(config, subset, mark_subset=False):
     return dataset_fn
 
 
-def schedule_for(config, subset=None, num_examples=None):
-    """Steps of a fine-tuning run: epochs count passes over the labelled examples."""
-    if num_examples is None:
-        num_examples = data_lib.dataset_info(config.data.dataset, config.data.train_split,
-                                             config.data.data_dir).num_examples
-    return make_schedule(config.train, config.optimizer,
-                         num_examples if subset is None else len(subset))
-
-
 def run_finetuning(config, strategy, source=None, on_checkpoint=None, stop_requested=None):
     """Fine-tunes (or linearly evaluates, fine_tune_after_block=4) as `config` says.
 
@@ -247,7 +214,7 @@ def run_finetuning(config, strategy, source=None, on_checkpoint=None, stop_reque
     if not info.num_classes:
         raise FinetuneError(f"dataset {config.data.dataset} has no labels to fine-tune on")
     subset = labelled_subset(config)
-    schedule = schedule_for(config, subset, info.num_examples)
+    schedule = tasks.TASKS["finetune"].schedule(config, subset)
     trainer = Finetuner(config, strategy, schedule, info.num_classes)
     if source is None:
         logging.warning("No --checkpoint: fine-tuning from random weights (a supervised baseline)")

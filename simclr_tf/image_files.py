@@ -25,6 +25,8 @@ import struct
 import tensorflow as tf
 from absl import logging
 
+from simclr_tf.errors import first_line
+
 # PIL refuses more than 2 x 89.5 megapixels as a "decompression bomb"; 100 MP = 300 MB of RGB.
 MAX_PIXELS = 100_000_000
 NAMED_IN_WARNING = 10
@@ -65,7 +67,7 @@ def problem(path):
         with _open(path) as f:
             return _inspect(f)
     except (OSError, tf.errors.OpError) as e:
-        return f"unreadable ({getattr(e, 'strerror', None) or _first_line(e)})"
+        return f"unreadable ({getattr(e, 'strerror', None) or first_line(e)})"
 
 
 @functools.lru_cache(maxsize=8)
@@ -226,8 +228,3 @@ def _open(path):
 def _relative(path, root):
     prefix = root.rstrip("/") + "/"
     return path[len(prefix):] if path.startswith(prefix) else path
-
-
-def _first_line(error):
-    text = (getattr(error, "message", None) or str(error)).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -21,16 +21,16 @@ from simclr_tf import distribute
 from simclr_tf import export as export_lib
 from simclr_tf import loop
 from simclr_tf import models
-from simclr_tf import optim
+from simclr_tf import tasks
+from simclr_tf import trainer as trainer_lib
 from simclr_tf.config import ConfigError
 from simclr_tf.losses import contrastive_loss
-from simclr_tf.schedules import make_schedule
 
 METRICS = ("loss", "contrast_loss", "contrast_acc", "contrast_entropy", "probe_loss", "probe_acc",
            "learning_rate")
 
 
-class Pretrainer:
+class Pretrainer(trainer_lib.Trainer):
     """Builds f, g, the linear probe and the optimiser under `strategy`, and runs replica steps.
 
     Args:
@@ -43,27 +43,20 @@ class Pretrainer:
 
     metrics = METRICS
     loss_parts = {"contrast_loss": "contrast", "probe_loss": "probe"}
+    verb = "Pretraining"
 
     def __init__(self, config, strategy, schedule, num_classes=0):
-        self.config = config
-        self.strategy = strategy
-        self.schedule = schedule
-        enc = config.encoder
-        self.description = f"Pretraining resnet{enc.resnet_depth}x{enc.width_multiplier}"
-        global_bn = enc.global_bn and strategy.num_replicas_in_sync > 1
-        with strategy.scope():
-            self.encoder = models.build_encoder(enc, config.data.image_size, global_bn)
-            width = models.encoder_output_dim(self.encoder)
-            self.head = models.build_projection_head(config, width, global_bn)
-            self.probe = None
-            if num_classes and config.train.lineareval_while_pretraining:
-                self.probe = models.build_linear_probe(num_classes, width)
-            self.optimizer = optim.wrap_for_precision(
-                optim.build_optimizer(config.optimizer, config.train.train_batch_size, schedule),
-                config.train.precision)
-            self.optimizer.build(self.trainable_variables)
-        self._l2_variables = optim.decayed_in_loss(self.trainable_variables,
-                                                   config.optimizer.optimizer)
+        self.num_classes = num_classes
+        super().__init__(config, strategy, schedule)
+
+    def build_models(self, global_bn):
+        config = self.config
+        self.encoder = models.build_encoder(config.encoder, config.data.image_size, global_bn)
+        width = models.encoder_output_dim(self.encoder)
+        self.head = models.build_projection_head(config, width, global_bn)
+        self.probe = None
+        if self.num_classes and config.train.lineareval_while_pretraining:
+            self.probe = models.build_linear_probe(self.num_classes, width)
 
     @property
     def _step_compiled_by_xla(self):
@@ -76,10 +69,6 @@ class Pretrainer:
         parts = [self.encoder, self.head] + ([self.probe] if self.probe else [])
         return [v for part in parts for v in part.trainable_variables]
 
-    @property
-    def step(self):
-        return self.optimizer.iterations
-
     def checkpoint_items(self):
         items = {checkpoints.ENCODER: self.encoder, checkpoints.PROJECTION_HEAD: self.head,
                  checkpoints.OPTIMIZER: self.optimizer}
@@ -87,14 +76,12 @@ class Pretrainer:
             items[checkpoints.LINEAR_PROBE] = self.probe
         return items
 
-    def _losses(self, batch):
+    def loss_and_metrics(self, batch):
+        """The contrastive loss of two views through f and g, plus the probe's on h."""
         if data_lib.IMAGE in batch:  # --augment_on_device: the views are made here
-            # Not blur_selected_only: its dynamic count would not compile, and on a GPU it would
-            # stop every step to copy the count to the host. Not chunked: the whole batch at
-            # once suits an accelerator.
-            batch = data_lib.views_of_batch(batch, xla=not self._step_compiled_by_xla,
-                                            blur_selected_only=False, chunked=False,
-                                            **view_settings(self.config))
+            # Plain ops where XLA compiles the whole step, else its stages compiled one by one.
+            made_in = "graph" if self._step_compiled_by_xla else "device"
+            batch = data_lib.views_of_batch(batch, made_in=made_in, **view_settings(self.config))
         views = tf.concat([batch[data_lib.VIEW_A], batch[data_lib.VIEW_B]], axis=0)
         h = self.encoder(views, training=True)
         z, _ = self.head(h, training=True)
@@ -104,8 +91,7 @@ class Pretrainer:
             loss_config.loss, z_a, z_b, labels=batch.get("label"),
             temperature=loss_config.temperature, hidden_norm=loss_config.hidden_norm,
             semi_hard_negatives=loss_config.semi_hard_negatives, margin=loss_config.margin)
-        loss = contrast_loss + optim.l2_regularisation(self.config.optimizer.weight_decay,
-                                                       self._l2_variables)
+        loss = contrast_loss
         probe_loss = probe_acc = tf.constant(0.0)
         if self.probe is not None:
             labels = tf.concat([batch["label"], batch["label"]], axis=0)
@@ -117,18 +103,6 @@ class Pretrainer:
             loss += probe_loss
         return loss, {"contrast_loss": contrast_loss, "probe_loss": probe_loss,
                       "probe_acc": probe_acc, **metrics}
-
-    def replica_step(self, batch):
-        """One SimCLR step on this replica's batch; returns the replica's metrics."""
-        loss, metrics = optim.minimize(self.optimizer, self.trainable_variables,
-                                       lambda: self._losses(batch),
-                                       self.strategy.num_replicas_in_sync)
-        return {"loss": loss, **metrics}
-
-    def make_train_loop(self):
-        """A compiled function running `steps` replica steps and returning their mean metrics."""
-        return loop.compiled_train_loop(self.strategy, self.replica_step, METRICS,
-                                        self.optimizer, self.config.train.jit_compile)
 
 
 def view_settings(config):
@@ -224,7 +198,7 @@ def run_pretraining(config, strategy, on_checkpoint=None, stop_requested=None, o
       stop_requested: optional callable() -> bool (e.g. `preemption.StopSignal`), polled between
         loop calls; when true, saves a checkpoint and raises `preemption.Preempted`.
       on_loop_end: optional callable(pretrainer, step) run after each compiled loop call and its
-        checkpoint (e.g. `evaluate.KnnMonitor`).
+        checkpoint (e.g. `knn_monitor.KnnMonitor`).
 
     Returns:
       (pretrainer, last metrics dict as Python floats).
@@ -238,7 +212,7 @@ def run_pretraining(config, strategy, on_checkpoint=None, stop_requested=None, o
         info = dataclasses.replace(info, num_examples=config.data.train_examples)
         logging.info("Pretraining on %d images of %s (--train_examples)", info.num_examples,
                      config.data.train_split)
-    schedule = make_schedule(config.train, config.optimizer, info.num_examples)
+    schedule = tasks.task_for(config).schedule(config)
     trainer = Pretrainer(config, strategy, schedule, num_classes=info.num_classes)
     chief = distribute.is_chief(strategy)
     # Counted from step 0, so a resumed run exports at the same steps.

@@ -20,12 +20,14 @@ import time
 import typing
 
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
 import simclr_tf
+from simclr_tf import cli
 from simclr_tf import config as cfg
 from simclr_tf import quiet_start
 from simclr_tf import summary
+from simclr_tf import tasks
 
 FLAGS = flags.FLAGS
 MODES = ("train", "eval", "train_then_eval")
@@ -142,8 +144,7 @@ def _warn_about_ignored_flags(strategy):
 
 
 def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(message)
 
 
 def _expected_replicas(strategy):
@@ -151,25 +152,6 @@ def _expected_replicas(strategy):
     if strategy == "mirrored" and FLAGS.num_cpu_replicas > 0:
         return FLAGS.num_cpu_replicas
     return 1
-
-
-def _train(config, strategy, source, stop):
-    """Runs the training `config.train.train_mode` names."""
-    from simclr_tf import data, distill, distribute, evaluate, finetune, pretrain
-
-    mode = config.train.train_mode
-    if mode == "finetune":
-        return finetune.run_finetuning(config, strategy, source, stop_requested=stop)
-    if mode == "distill":
-        return distill.run_distillation(config, strategy, source, stop_requested=stop)
-    monitor = None
-    if config.eval.eval_every and distribute.is_chief(strategy):
-        info = data.dataset_info(config.data.dataset, config.data.eval_split, config.data.data_dir)
-        if info.num_classes:
-            monitor = evaluate.KnnMonitor(config, info.num_classes)
-        else:
-            logging.warning("eval_every: %s has no labels: no kNN monitor", config.data.eval_split)
-    return pretrain.run_pretraining(config, strategy, stop_requested=stop, on_loop_end=monitor)
 
 
 def _with_precision(config, strategy_name):
@@ -185,25 +167,16 @@ def _with_precision(config, strategy_name):
     return dataclasses.replace(config, train=dataclasses.replace(config.train, precision=chosen))
 
 
-def _epoch_size(config):
-    """Examples in an epoch of pretraining or distillation (None: fine-tuning counts labels)."""
-    if config.train.train_mode == "finetune":
-        return None
-    from simclr_tf import data
-    return config.data.train_examples or data.dataset_info(
-        config.data.dataset, config.data.train_split, config.data.data_dir).num_examples
-
-
 def _prepare_model_dir(config, strategy):
     """Before training: the model_dir's checkpoints must be of this model; the chief clears
     what a killed run left half-written and writes config.json."""
-    from simclr_tf import checkpoints, distribute, export
+    from simclr_tf import checkpoints, distribute, export, rundir
 
     model_dir = config.train.model_dir
     if checkpoints.latest(model_dir):
         cfg.check_same_model(config, model_dir)  # before config.json is replaced
     if distribute.is_chief(strategy):
-        checkpoints.remove_stale_temporaries(model_dir)
+        rundir.remove_stale_temporaries(model_dir)
         export.remove_stale_exports(os.path.join(model_dir, "export"))
         cfg.save(config, model_dir)
 
@@ -226,9 +199,8 @@ def op_error_message(error, model_dir):
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}: flags are written --name=value")
-    from simclr_tf import checkpoints, distribute, preemption
+    cli.only_flags(argv)
+    from simclr_tf import checkpoints, distribute, preemption, rundir
     from simclr_tf.data import DatasetError
 
     if FLAGS.strategy not in distribute.STRATEGIES:
@@ -241,13 +213,12 @@ def main(argv):
         config = config_from_flags()
         cfg.validate(config, _expected_replicas(strategy_name), strategy_name)
         if FLAGS.mode == "eval":  # the model as it was trained, with these eval settings
-            from simclr_tf.evaluate import config_for_evaluation
-            config = config_for_evaluation(config)
+            config = cfg.config_for_evaluation(config)
             cfg.validate(config)
-        checkpoints.check_writable(config.train.model_dir)
+        rundir.check_writable(config.train.model_dir)
         if strategy_name == "multi_worker":
             distribute.check_tf_config(os.environ.get("TF_CONFIG", ""))
-    except (ValueError, checkpoints.CheckpointError) as e:
+    except (ValueError, checkpoints.CheckpointError, rundir.NotWritableError) as e:
         _fail(str(e))
 
     import keras
@@ -266,26 +237,25 @@ def main(argv):
         keras.utils.set_random_seed(config.train.seed)
         config = _with_precision(config, strategy_name)
         cfg.validate(config, strategy.num_replicas_in_sync, strategy_name)
+        task = tasks.task_for(config)
         if FLAGS.mode != "eval":
-            from simclr_tf import finetune
-            source = None
-            if config.train.train_mode != "pretrain":  # the architecture of --checkpoint's run
-                config, source = finetune.prepare(config)
+            # Fine-tuning and distillation take the architecture of --checkpoint's run.
+            config, source = task.prepare(config)
             _prepare_model_dir(config, strategy)
             t0 = time.time()
             with stop:
-                _train(config, strategy, source, stop)
+                task.train(config, strategy, source, stop)
             train_seconds = time.time() - t0
         results = None
         if FLAGS.mode != "train" and distribute.is_chief(strategy):
-            from simclr_tf import evaluate
-            # Evaluation computes in float32 on every machine: the same checkpoint, the same figures.
+            from simclr_tf import watch
+            # Evaluation computes in float32 on every machine: one checkpoint, the same figures.
             keras.mixed_precision.set_dtype_policy("float32")
-            results = evaluate.run_evaluation(
+            results = watch.run_evaluation(
                 config, FLAGS.eval_checkpoint if FLAGS.mode == "eval" else
                 checkpoints.latest(config.train.model_dir))
         if distribute.is_chief(strategy):
-            print(summary.text(config, results, train_seconds, _epoch_size(config)))
+            print(summary.text(config, results, train_seconds, task.epoch_examples(config)))
     except preemption.Preempted as e:
         cause = stop.received or "another worker was stopped"
         print(f"preempted ({cause}): {e}; to resume, run the same command again: "
@@ -298,8 +268,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    logging.set_verbosity(logging.INFO)
-    with quiet_start.silenced(simclr_tf.QUIET_START):
-        # The CUDA probe, which TensorFlow's own after-init hook of app.run would print.
-        tf.config.list_physical_devices()
-    app.run(main)
+    cli.start(main)

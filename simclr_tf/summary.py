@@ -5,6 +5,7 @@ import os
 import shlex
 
 from simclr_tf import checkpoints
+from simclr_tf import tasks
 
 _ROWS = (("linear", "linear evaluation"), ("knn", "kNN"), ("probe", "probe of pretraining"))
 _BASELINES = (("raw_pixels", "raw pixels"), ("random_encoder", "random f"))
@@ -17,8 +18,8 @@ def text(config, results=None, train_seconds=None, num_examples=None):
     latest = checkpoints.latest(model_dir)
     step = checkpoints.step_of(latest) if latest else 0
     stem = "CIFAR" if enc.cifar_stem else "ImageNet"
-    what = {"pretrain": "SimCLR pretraining", "finetune": "Fine-tuning",
-            "distill": "Distillation"}[train.train_mode]
+    task = tasks.task_for(config)
+    what = task.title
     line = (f"{what} of ResNet-{enc.resnet_depth} x{enc.width_multiplier} ({stem} stem) on "
             f"{config.data.dataset} ({config.data.train_split}): step {step}, batches of "
             f"{train.train_batch_size}")
@@ -32,7 +33,7 @@ def text(config, results=None, train_seconds=None, num_examples=None):
         lines += _pictures(config, results)
     lines.append(f"Checkpoint: {latest or 'none yet'}")
     export = os.path.join(model_dir, "export", str(step))
-    if train.train_mode == "pretrain" and os.path.isdir(export):
+    if task.exports_f and os.path.isdir(export):
         lines.append(f"Export of f: {export} (a SavedModel; images float32 in [0, 1])")
     lines += _next_steps(config, export)
     return "\n".join(lines)
@@ -115,7 +116,7 @@ def _next_steps(config, export):
     if config.data.data_dir:
         data.append(f"--data_dir={config.data.data_dir}")
     command = "python -m simclr_tf.run"
-    if config.train.train_mode != "pretrain":
+    if not tasks.task_for(config).evaluates_frozen_f:
         return ["Next:", f"  evaluate again: {command} --mode=eval "
                          f"--model_dir={shlex.quote(model_dir)}"]
     lines = ["Next:",

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from simclr_tf import augment
 from simclr_tf import data as data_lib
+from simclr_tf import views
 
 IMAGE = data_lib.IMAGE
 LABEL = data_lib.LABEL
@@ -91,7 +92,7 @@ def labelled_dataset(dataset, split, batch_size, image_size, *, data_dir=None,
         if augment_images:
             crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
                 tf.random.experimental.stateless_fold_in(base_seed, step), 2))
-            out = augment.random_resized_crop_and_flip(images, crop_seed, flip_seed, image_size)
+            out = views.crop_and_flip(images, crop_seed, flip_seed, image_size)
         else:
             out = augment.preprocess_for_eval(images, image_size, crop=crop)
         return out, labels, labelled

@@ -1,7 +1,7 @@
 """How a view is made: a recipe is an ordered list of named transforms, looked up in one registry.
 
-`TRANSFORMS` maps each name of the paper's Figure 4 to a transform of `augment`, with the paper's
-probabilities where it gives them and always applied otherwise:
+`TRANSFORMS` maps each name of the paper's Figure 4 to the stages it runs (transforms of
+`augment`), with the paper's probabilities where it gives them and always applied otherwise:
 
     crop    random resized crop (+ resize to S) and horizontal flip with p=0.5
     cutout  one square of zeros, half the image side, placed uniformly inside the image
@@ -20,11 +20,11 @@ Each view's seed is split into the sub-seeds of crop, flip, colour and blur, and
 and rotation (from a fold of it): a transform draws the same numbers whichever other transforms the
 recipe lists, so "crop,color,blur" differs from "crop,color" by the blur alone.
 
-How a view is computed is up to the caller and leaves the views as they are (up to float
-rounding): `xla` compiles the crop, flip and colour stages; `blur_selected_only` blurs only the
-images drawn for it; `chunked` makes a large batch a few images at a time, each chunk staying in
-the CPU's cache through the stages, with the whole batch's draws (the paper's four transforms
-draw and apply in two steps for this, `_Drawn`).
+Every transform is a `Stage` in one registry (`STAGES`): a draw of the batch's random numbers
+from the view's seeds, then an apply, and whether XLA compiles it. The paper's recipe, the
+ablations' recipes and fine-tuning's crop and flip (`crop_and_flip`) all run through it. Where
+the views are made (`made_in`: "graph", "device" or "host") says how they are computed, and leaves
+them as they are up to float rounding: see `view`.
 """
 
 from typing import Callable, NamedTuple
@@ -37,13 +37,26 @@ from simclr_tf.config import parse_augmentations
 _PAPER_SEEDS = ("crop", "flip", "color", "blur")
 _STUDY_SEEDS = ("cutout", "noise", "rotate")
 
+# Where views are made, which says how they are computed (never what they are):
+#   graph   plain TensorFlow ops on the whole batch: anywhere, and inside a step XLA compiles
+#           whole (--jit_compile with --augment_on_device, TPUs);
+#   device  inside a training step that XLA does not compile (--augment_on_device on a GPU):
+#           the stages marked `xla` compiled each on its own, the whole batch at once;
+#   host    the CPU input pipeline (tf.data): the `xla` stages compiled, the blur computed for the
+#           images drawn for it only (XLA cannot compile its dynamic count), and large batches
+#           made a few images at a time, each chunk staying in the CPU's caches between stages.
+MADE_IN = ("graph", "device", "host")
 
-class _Drawn(NamedTuple):
-    """A transform as its two steps (`augment`'s draw_* and apply_*), so that a batch can be made
-    a few images at a time with the whole batch's draws (`_run_in_chunks`), and the draws
-    compiled by XLA once for images of every size."""
-    draw: Callable  # (shape, seeds, image_size, strength) -> a nest of [B, ...] tensors
+
+class Stage(NamedTuple):
+    """One transform as its two steps: `draw` the batch's random numbers from the view's seeds,
+    then `apply` them. Split so that a batch can be made a few images at a time with the whole
+    batch's draws (`_run_in_chunks`), and a draw compiled by XLA once for images of every size.
+    `xla`: compiled by XLA where views are made on a device or the host (about 2x faster crops
+    and 4x faster colour on CPU; the blur's matmuls were slower under XLA, docs/performance.md)."""
+    draw: Callable  # (shape (B, H, W, C), seeds, image_size, strength) -> a nest of [B, ...]
     apply: Callable  # (images, draws, image_size, strength) -> images
+    xla: bool = False
 
     def __call__(self, images, seeds, image_size, strength):
         return self.apply(images, self.draw(_shape_of(images), seeds, image_size, strength),
@@ -51,85 +64,80 @@ class _Drawn(NamedTuple):
 
 
 def _shape_of(images):
-    """(B, H, W) of a batch, all a draw may read: B a Python int where static, H and W int32
+    """(B, H, W, C) of a batch, all a draw may read: B a Python int where static, H, W and C int32
     scalar tensors (so one XLA compile of a draw serves every image size)."""
     dynamic = tf.shape(images)
     batch = images.shape[0] if images.shape[0] is not None else dynamic[0]
-    return batch, dynamic[1], dynamic[2]
+    return batch, dynamic[1], dynamic[2], dynamic[3]
 
 
 def _colour_off(strength):
     return strength <= 0  # as the original's `if color_jitter_strength > 0`: no grayscale either
 
 
-_resized_crop = _Drawn(
-    draw=lambda shape, seeds, image_size, strength: augment.draw_crop(seeds["crop"], *shape),
-    apply=lambda images, boxes, image_size, strength: augment.apply_crop(images, boxes,
-                                                                         image_size))
+def _no_draw(shape, seeds, image_size, strength):
+    return {}
+
+
+def _draw_per_image(draw, seed_name):
+    """A stage's draw from `draw(seed, batch_size)` with the view's sub-seed `seed_name`."""
+    return lambda shape, seeds, image_size, strength: draw(seeds[seed_name], shape[0])
+
+
+# Every stage a view can run, by name. "crop" in a recipe is two stages, the crop and the flip.
 # The flip is a pass of its own, not folded into the crop's column taps
 # (`augment.random_resized_crop_and_flip`, the same views bit for bit): XLA then keeps the cropped
 # views in memory instead of fusing the crop's gathers into every colour op, and a view compiled
 # whole by XLA (the --jit_compile step with --augment_on_device) ran 8x faster at 32 px; without
 # XLA the extra pass costs nothing measurable.
-_flip = _Drawn(
-    draw=lambda shape, seeds, image_size, strength: augment.draw_flip(seeds["flip"], shape[0]),
-    apply=lambda images, flip, image_size, strength: augment.apply_flip(images, flip))
-_color = _Drawn(
-    draw=lambda shape, seeds, image_size, strength: (
-        {} if _colour_off(strength) else augment.draw_color(seeds["color"], shape[0], strength)),
-    apply=lambda images, draws, image_size, strength: (
-        images if _colour_off(strength) else augment.apply_color(images, draws)))
-_blur = _Drawn(
-    draw=lambda shape, seeds, image_size, strength: augment.draw_blur(seeds["blur"], shape[0]),
-    apply=lambda images, draws, image_size, strength: augment.apply_blur(images, draws))
-_blur_selected_only = _blur._replace(
+STAGES = {
+    "resized_crop": Stage(
+        draw=lambda shape, seeds, image_size, strength: augment.draw_crop(seeds["crop"],
+                                                                          *shape[:3]),
+        apply=lambda images, boxes, image_size, strength: augment.apply_crop(images, boxes,
+                                                                             image_size),
+        xla=True),
+    "flip": Stage(_draw_per_image(augment.draw_flip, "flip"),
+                  lambda images, flip, image_size, strength: augment.apply_flip(images, flip),
+                  xla=True),
+    "resize": Stage(_no_draw, lambda images, draws, image_size, strength: augment.resize(
+        tf.convert_to_tensor(images), image_size)),
+    "color": Stage(
+        draw=lambda shape, seeds, image_size, strength: (
+            {} if _colour_off(strength)
+            else augment.draw_color(seeds["color"], shape[0], strength)),
+        apply=lambda images, draws, image_size, strength: (
+            images if _colour_off(strength) else augment.apply_color(images, draws)),
+        xla=True),
+    "blur": Stage(_draw_per_image(augment.draw_blur, "blur"),
+                  lambda images, draws, image_size, strength: augment.apply_blur(images, draws)),
+    "cutout": Stage(_draw_per_image(augment.draw_cutout, "cutout"),
+                    lambda images, units, image_size, strength: augment.apply_cutout(images,
+                                                                                     units)),
+    "sobel": Stage(_no_draw, lambda images, draws, image_size, strength: augment.sobel(images)),
+    "noise": Stage(
+        draw=lambda shape, seeds, image_size, strength: augment.draw_noise(seeds["noise"],
+                                                                           *shape),
+        apply=lambda images, draws, image_size, strength: augment.apply_noise(images, draws)),
+    "rotate": Stage(_draw_per_image(augment.draw_rotation, "rotate"),
+                    lambda images, k, image_size, strength: augment.rotate90(
+                        augment.to_float(images), k)),
+}
+# The host's blur: only the images drawn for it (the same views, half the work).
+_BLUR_SELECTED_ONLY = STAGES["blur"]._replace(
     apply=lambda images, draws, image_size, strength: augment.apply_blur(images, draws,
                                                                          selected_only=True))
 
-
-def _crop(images, seeds, image_size, strength):
-    return _flip(_resized_crop(images, seeds, image_size, strength), seeds, image_size, strength)
-
-
-_resize = _Drawn(  # no random numbers: a _Drawn so that recipes starting with it run in chunks
-    draw=lambda shape, seeds, image_size, strength: {},
-    apply=lambda images, draws, image_size, strength: augment.resize(
-        tf.convert_to_tensor(images), image_size))
-
-
-def _sobel(images, seeds, image_size, strength):
-    del seeds, image_size, strength
-    return augment.sobel(images)
-
-
-def _seeded(transform, seed_name):
-    def apply(images, seeds, image_size, strength):
-        del image_size, strength
-        return transform(images, seeds[seed_name])
-    return apply
-
-
+# The transforms a recipe names (the paper's Figure 4), as the stages they run.
 TRANSFORMS = {
-    "crop": _crop,
-    "cutout": _seeded(augment.cutout, "cutout"),
-    "color": _color,
-    "sobel": _sobel,
-    "noise": _seeded(augment.random_gaussian_noise, "noise"),
-    "blur": _blur,
-    "rotate": _seeded(augment.random_rotation, "rotate"),
+    "crop": ("resized_crop", "flip"),
+    "cutout": ("cutout",),
+    "color": ("color",),
+    "sobel": ("sobel",),
+    "noise": ("noise",),
+    "blur": ("blur",),
+    "rotate": ("rotate",),
 }
-
-
-# What runs: the recipe as stages. "crop" is two stages, the crop and the flip, so that the first
-# stage (the crop, or the resize to S when the recipe does not start with a crop) is the only one
-# that depends on the image's size: `sized_view` runs it alone, `finish_view` the rest.
-_STAGES = {"resized_crop": _resized_crop, "flip": _flip, "resize": _resize,
-           **{name: fn for name, fn in TRANSFORMS.items() if name != "crop"}}
-
-# Stages `view(..., xla=True)` compiles, each on its own: XLA makes the crop about 2x and the
-# colour distortion about 4x faster on CPU. The blur stays uncompiled: XLA's CPU code for its
-# matmuls was slower than TensorFlow's kernels. See docs/performance.md. All are _Drawn stages.
-_XLA_STAGES = ("resized_crop", "flip", "color")
 _compiled = {}
 
 
@@ -139,12 +147,15 @@ def _compiled_once(key, fn):
     return _compiled[key]
 
 
-def _stage(name, xla, blur_selected_only):
-    """Stage `name` as it runs; with xla, the XLA stages compiled (a _Drawn's two steps each)."""
-    stage = _blur_selected_only if name == "blur" and blur_selected_only else _STAGES[name]
-    if not (xla and name in _XLA_STAGES):
+def _stage(name, made_in):
+    """Stage `name` as it runs where views are `made_in`."""
+    if made_in not in MADE_IN:
+        raise ValueError(f"made_in must be one of {MADE_IN}, got {made_in!r}")
+    stage = _BLUR_SELECTED_ONLY if name == "blur" and made_in == "host" else STAGES[name]
+    if made_in == "graph" or not stage.xla:
         return stage
-    return _Drawn(_compiled_draw(name, stage.draw), _compiled_apply(name, stage.apply))
+    return stage._replace(draw=_compiled_draw(name, stage.draw),
+                          apply=_compiled_apply(name, stage.apply))
 
 
 def _compiled_draw(name, draw):
@@ -166,9 +177,9 @@ def _compiled_apply(name, apply):
     return run
 
 
-# Images per chunk (`chunked`): views of about 2.5 MB (4 at 224 px) stay in this CPU's caches
-# (1 MB of L2 per core, 32 MB of L3) from one stage to the next, where a batch of 32 such views
-# (19 MB a copy) goes to memory and back between stages. See docs/performance.md.
+# Images per chunk (made_in="host"): views of about 2.5 MB (4 at 224 px) stay in this CPU's
+# caches (1 MB of L2 per core, 32 MB of L3) from one stage to the next, where a batch of 32 such
+# views (19 MB a copy) goes to memory and back between stages. See docs/performance.md.
 _CHUNK_BYTES = 2_500_000
 
 
@@ -186,11 +197,11 @@ def _chunk_sizes(images, image_size):
 
 
 def _run_in_chunks(images, stages, sizes, seeds, image_size, strength):
-    """Runs `stages` (all _Drawn) on chunks of `sizes` images, one chunk after the other.
+    """Runs `stages` on chunks of `sizes` images, one chunk after the other.
 
-    Every stage draws for the whole batch (its batch size, and its input's height and width,
-    read from the first chunk), and each chunk takes its rows of the draws: the views are those
-    of the whole batch at once.
+    Every stage draws for the whole batch (its batch size, and its input's height, width and
+    channels, read from the first chunk), and each chunk takes its rows of the draws: the views
+    are those of the whole batch at once.
     """
     batch = images.shape[0]
     draws = [None] * len(stages)
@@ -204,8 +215,8 @@ def _run_in_chunks(images, stages, sizes, seeds, image_size, strength):
                 chunk = tf.identity(chunk)
         for index, stage in enumerate(stages):
             if draws[index] is None:
-                _, height, width = _shape_of(chunk)
-                draws[index] = stage.draw((batch, height, width), seeds, image_size, strength)
+                draws[index] = stage.draw((batch, *_shape_of(chunk)[1:]), seeds, image_size,
+                                          strength)
             chunk = stage.apply(chunk, tf.nest.map_structure(lambda d: d[rows], draws[index]),
                                 image_size, strength)
         chunks.append(chunk)
@@ -215,8 +226,7 @@ def _run_in_chunks(images, stages, sizes, seeds, image_size, strength):
 
 def _stage_names(names):
     first = () if names[0] == "crop" else ("resize",)
-    expanded = (("resized_crop", "flip") if name == "crop" else (name,) for name in names)
-    return first + sum(expanded, ())
+    return first + sum((TRANSFORMS[name] for name in names), ())
 
 
 def paper_recipe(use_blur=True):
@@ -233,13 +243,10 @@ def _sub_seeds(seed, names):
     return seeds
 
 
-def _run_stages(images, seed, image_size, recipe, stages, color_jitter_strength, xla,
-                blur_selected_only, chunked):
-    names = parse_augmentations(recipe)
-    seeds = _sub_seeds(seed, names)
-    run = [_stage(name, xla, blur_selected_only) for name in _stage_names(names)[stages]]
-    sizes = _chunk_sizes(images, image_size) if chunked else None
-    if sizes is not None and all(isinstance(stage, _Drawn) for stage in run):
+def _run_stages(images, seeds, image_size, stage_names, color_jitter_strength, made_in):
+    run = [_stage(name, made_in) for name in stage_names]
+    sizes = _chunk_sizes(images, image_size) if made_in == "host" else None
+    if sizes is not None:
         return _run_in_chunks(images, run, sizes, seeds, image_size, color_jitter_strength)
     views = images
     for stage in run:
@@ -247,8 +254,12 @@ def _run_stages(images, seed, image_size, recipe, stages, color_jitter_strength,
     return views
 
 
-def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
-         blur_selected_only=False, chunked=False):
+def _recipe_stages(seed, recipe, stages):
+    names = parse_augmentations(recipe)
+    return _sub_seeds(seed, names), _stage_names(names)[stages]
+
+
+def view(images, seed, image_size, recipe, color_jitter_strength=1.0, made_in="graph"):
     """One view per image, made by the recipe's transforms in order.
 
     Args:
@@ -257,50 +268,64 @@ def view(images, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
       image_size: output side S in pixels.
       recipe: names from TRANSFORMS, as a sequence or a comma-separated string.
       color_jitter_strength: the strength s of "color".
-      xla: compile the crop, the flip and the colour distortion with XLA, each on its own (faster
-        on CPU; the views move by float rounding). Give images of one shape: XLA compiles each
-        shape. The random draws are compiled too (once for every image size): XLA's fused
-        multiply-adds round some of their numbers differently, and a crop box, rarely (2 in
-        120,000 here), comes out a pixel wider or taller than the graph's. Images whose height
-        and width are dynamic (in a graph) are cropped without XLA, their boxes drawn with it;
-        with a dynamic batch size the draws run without XLA.
-      blur_selected_only: blur only the images drawn for it (`augment.random_gaussian_blur`'s
-        selected_only): half the work, the same views. For a graph on the CPU (tf.data): XLA
-        cannot compile it, and on a GPU its count would stop the step for a copy to the host.
-      chunked: make the views a few images at a time (about 2.5 MB of views, 4 at 224 px), each
-        chunk through all the stages before the next, with the whole batch's random draws: the
-        same views up to the rounding of the blur's matmuls, which differs with the number of
-        images blurred at once (under 1e-6), about 1.3x faster at 224 px on a CPU, whose caches
-        then hold the chunk between stages. For a CPU, with a static batch size; recipes of the
-        paper's transforms only (crop, color, blur: the ablations' others run the whole batch).
+      made_in: where the views are made (`MADE_IN`), which says how they are computed; the views
+        are the same up to float rounding:
+        - "device" and "host" compile the crop, the flip and the colour distortion with XLA,
+          each on its own. Give images of one shape: XLA compiles each shape. The random draws
+          are compiled too (once for every image size): XLA's fused multiply-adds round some of
+          their numbers differently, and a crop box, rarely (2 in 120,000 here), comes out a
+          pixel wider or taller than the graph's. Images whose height and width are dynamic (in
+          a graph) are cropped without XLA, their boxes drawn with it; with a dynamic batch size
+          the draws run without XLA.
+        - "host" also blurs only the images drawn for it (half the work; its count is dynamic,
+          which XLA cannot compile and which on a GPU would stop the step for a copy to the
+          host), and makes a batch with a static size a few images at a time (about 2.5 MB of
+          views, 4 at 224 px), each chunk through every stage before the next, with the whole
+          batch's draws: about 1.3x faster at 224 px on a CPU, whose caches then hold the chunk
+          between stages (the blur's matmuls round differently with the number of images
+          blurred at once, under 1e-6).
 
     Returns:
       float32 [B, S, S, 3] in [0, 1].
     """
-    views = _run_stages(images, seed, image_size, recipe, slice(None), color_jitter_strength,
-                        xla, blur_selected_only, chunked)
+    seeds, stages = _recipe_stages(seed, recipe, slice(None))
+    views = _run_stages(images, seeds, image_size, stages, color_jitter_strength, made_in)
     return augment.clip_unit(augment.to_float(views))
 
 
-def sized_view(images, seed, image_size, recipe, xla=False):
+def sized_view(images, seed, image_size, recipe, made_in="graph"):
     """A view's first stage, the only one that depends on the image's size: the random resized
     crop when the recipe starts with "crop" (without its flip), else the resize to S.
 
     `finish_view` of its output with the same seed is `view`, bit for bit. Images of varying size
     (folders) are cropped one at a time with this, then batched and finished a batch at a time;
-    with xla their boxes are drawn by XLA (one compile for every size), the crop made without.
+    made on the host or a device their boxes are drawn by XLA (one compile for every size), the
+    crop made without.
 
     Returns:
       float32 [B, S, S, 3] in [0, 1].
     """
-    return _run_stages(images, seed, image_size, recipe, slice(0, 1), 1.0, xla, False, False)
+    seeds, stages = _recipe_stages(seed, recipe, slice(0, 1))
+    return _run_stages(images, seeds, image_size, stages, 1.0, made_in)
 
 
-def finish_view(sized, seed, image_size, recipe, color_jitter_strength=1.0, xla=False,
-                blur_selected_only=False, chunked=False):
+def finish_view(sized, seed, image_size, recipe, color_jitter_strength=1.0, made_in="graph"):
     """The rest of `view` after `sized_view` (same seed, recipe and arguments as `view`)."""
-    views = _run_stages(sized, seed, image_size, recipe, slice(1, None), color_jitter_strength,
-                        xla, blur_selected_only, chunked)
+    seeds, stages = _recipe_stages(seed, recipe, slice(1, None))
+    views = _run_stages(sized, seeds, image_size, stages, color_jitter_strength, made_in)
+    return augment.clip_unit(augment.to_float(views))
+
+
+def crop_and_flip(images, crop_seed, flip_seed, image_size, made_in="graph"):
+    """Fine-tuning's and linear evaluation's augmentation (the paper's): a random resized crop
+    to S and a horizontal flip with p=0.5, the "crop" stages of a view with these seeds; the same
+    as `augment.random_resized_crop_and_flip`, bit for bit.
+
+    Returns:
+      float32 [B, S, S, C] in [0, 1].
+    """
+    seeds = {"crop": crop_seed, "flip": flip_seed}
+    views = _run_stages(images, seeds, image_size, TRANSFORMS["crop"], 1.0, made_in)
     return augment.clip_unit(augment.to_float(views))
 
 
@@ -310,8 +335,7 @@ def identity_view(images, image_size):
 
 
 def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True,
-              augmentations=None, asymmetric=False, xla=False, blur_selected_only=False,
-              chunked=False):
+              augmentations=None, asymmetric=False, made_in="graph"):
     """Two independently augmented views of each image (the positive pair).
 
     Args:
@@ -324,43 +348,41 @@ def two_views(images, seed, image_size, color_jitter_strength=1.0, use_blur=True
         is then ignored).
       asymmetric: augment view_a only; view_b is the untransformed image resized to S (the
         paper's Figure 5 setting).
-      xla, blur_selected_only, chunked: as in `view`.
+      made_in: as in `view`.
 
     Returns:
       (view_a, view_b), each float32 [B, S, S, 3] in [0, 1].
     """
     seed_a, seed_b = augment.split_seed(seed, 2)
     recipe = _recipe(use_blur, augmentations)
-    how = dict(xla=xla, blur_selected_only=blur_selected_only, chunked=chunked)
-    view_a = view(images, seed_a, image_size, recipe, color_jitter_strength, **how)
+    view_a = view(images, seed_a, image_size, recipe, color_jitter_strength, made_in)
     if asymmetric:
         return view_a, identity_view(images, image_size)
-    return view_a, view(images, seed_b, image_size, recipe, color_jitter_strength, **how)
+    return view_a, view(images, seed_b, image_size, recipe, color_jitter_strength, made_in)
 
 
 def sized_pair(images, seed, image_size, *, use_blur=True, augmentations=None, asymmetric=False,
-               xla=False):
+               made_in="graph"):
     """`sized_view` of both views of `two_views` (with asymmetric, view_b is already whole: the
     image resized to S). `finish_pair` of them with the same seed is `two_views`, bit for bit."""
     seed_a, seed_b = augment.split_seed(seed, 2)
     recipe = _recipe(use_blur, augmentations)
-    sized_a = sized_view(images, seed_a, image_size, recipe, xla)
+    sized_a = sized_view(images, seed_a, image_size, recipe, made_in)
     if asymmetric:
         return sized_a, identity_view(images, image_size)
-    return sized_a, sized_view(images, seed_b, image_size, recipe, xla)
+    return sized_a, sized_view(images, seed_b, image_size, recipe, made_in)
 
 
 def finish_pair(sized_a, sized_b, seed, image_size, *, color_jitter_strength=1.0, use_blur=True,
-                augmentations=None, asymmetric=False, xla=False, blur_selected_only=False,
-                chunked=False):
+                augmentations=None, asymmetric=False, made_in="graph"):
     """The rest of `two_views` after `sized_pair`, batched (arguments as `two_views`)."""
     seed_a, seed_b = augment.split_seed(seed, 2)
     recipe = _recipe(use_blur, augmentations)
-    how = dict(xla=xla, blur_selected_only=blur_selected_only, chunked=chunked)
-    view_a = finish_view(sized_a, seed_a, image_size, recipe, color_jitter_strength, **how)
+    view_a = finish_view(sized_a, seed_a, image_size, recipe, color_jitter_strength, made_in)
     if asymmetric:
         return view_a, sized_b
-    return view_a, finish_view(sized_b, seed_b, image_size, recipe, color_jitter_strength, **how)
+    return view_a, finish_view(sized_b, seed_b, image_size, recipe, color_jitter_strength,
+                               made_in)
 
 
 def _recipe(use_blur, augmentations):

@@ -23,7 +23,7 @@ from tensorboard.plugins import projector
 
 from simclr_tf import data as data_lib
 from simclr_tf import knn
-from simclr_tf.checkpoints import write_atomically
+from simclr_tf.rundir import write_atomically
 
 EMBEDDINGS_FILENAME = "embeddings.tsv"
 METADATA_FILENAME = "metadata.tsv"

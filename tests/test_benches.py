@@ -126,8 +126,8 @@ def test_augment_profile(tmp_path):
         assert all(ms > 0 for ms in stages.values()), stages
 
 
-AUGMENT_PIPELINES = ("original", "graph", "xla_stages", "xla_stages_whole", "xla")
-AUGMENT_VARYING = ("original", "per_image", "pipeline", "pipeline_whole")
+AUGMENT_PIPELINES = ("original", "graph", "xla_stages", "device", "xla")
+AUGMENT_VARYING = ("original", "per_image", "pipeline")
 
 
 def augment_throughput_keys():

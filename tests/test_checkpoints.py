@@ -2,6 +2,7 @@
 only a complete encoder; saving only finite weights; clearing what a killed run left behind."""
 
 import os
+import subprocess
 import types
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from simclr_tf import checkpoints, export, models, pretrain
+from simclr_tf import checkpoints, export, models, pretrain, rundir
 from simclr_tf import config as cfg
 from simclr_tf.schedules import Schedule
 
@@ -194,12 +195,22 @@ def test_save_refuses_non_finite_weights_and_names_the_last_good_checkpoint(tmp_
     assert not any(name.startswith("ckpt-2") for name in os.listdir(tmp_path))
 
 
-def test_remove_stale_temporaries_keeps_complete_checkpoints(run, tmp_path):
+def test_remove_stale_temporaries_keeps_complete_files_and_live_writers(tmp_path):
     model_dir = tmp_path / "run"
-    model_dir.mkdir()
+    (model_dir / "eval_test__").mkdir(parents=True)
+    (model_dir / "export" / ".tmp-3-host-1").mkdir(parents=True)  # export's own cleaning
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [model_dir / "ckpt-9_temp", model_dir / "checkpoint.tmp0a1b",
+             model_dir / f"config.json.tmp-{dead.pid}", model_dir / f"results.json.tmp-{dead.pid}",
+             model_dir / f"nearest_neighbours.png.tmp-{dead.pid}",
+             model_dir / "eval_test__" / f"results-7.json.tmp-{dead.pid}"]
+    kept = [model_dir / "ckpt-7.index", model_dir / "results.json",
+            model_dir / f"config.json.tmp-{os.getpid()}",  # a live writer's, e.g. an evaluation
+            model_dir / "eval_test__" / "results-7.json", model_dir / "export" / ".tmp-3-host-1"]
     (model_dir / "ckpt-9_temp").mkdir()
-    (model_dir / "config.json.tmp-123").write_text("{")
-    (model_dir / "checkpoint.tmp0a1b").write_text("")
-    (model_dir / "ckpt-7.index").write_text("")
-    checkpoints.remove_stale_temporaries(str(model_dir))
-    assert os.listdir(model_dir) == ["ckpt-7.index"]
+    for path in stale[1:] + kept[:-1]:
+        path.write_text("{")
+    rundir.remove_stale_temporaries(str(model_dir))
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept)

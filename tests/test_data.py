@@ -392,8 +392,8 @@ def test_views_of_varying_sizes_crop_each_image_then_finish_the_batch():
         sized = [views.sized_pair(images[i][None], seed(crop_seed, i), 24)
                  for i in (2 * step, 2 * step + 1)]
         sized_a, sized_b = (tf.concat([pair[k] for pair in sized], 0) for k in (0, 1))
-        expected = views.finish_pair(sized_a, sized_b, seed(finish_seed, step), 24, xla=True,
-                                     blur_selected_only=True, chunked=True)
+        expected = views.finish_pair(sized_a, sized_b, seed(finish_seed, step), 24,
+                                     made_in="host")
         np.testing.assert_array_equal(batch["label"], [2 * step, 2 * step + 1])
         for key, view in zip(("view_a", "view_b"), expected):
             np.testing.assert_allclose(batch[key], view.numpy(), rtol=0, atol=1e-6)
@@ -419,7 +419,7 @@ def test_pretrain_seeds(source, labelled_folder, tiny_tfds_dir, fake_augment):
     assert not np.array_equal(same_a[0]["view_b"], same_a[1]["view_b"])  # a seed per batch
     assert fake_augment.calls[0] == dict(color_jitter_strength=0.3, use_blur=False,
                                          augmentations=None, asymmetric=False,
-                                         xla=True, blur_selected_only=True, chunked=True)
+                                         made_in="host")
 
 
 def test_pretrain_folder_pipelines_are_disjoint(one_per_class_folder, fake_augment):

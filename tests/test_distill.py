@@ -105,6 +105,18 @@ def test_distiller_step_keeps_the_teacher_frozen(tmp_path, teacher_depth, jit_co
                for v, b in zip(trainer.model.trainable_variables, student_before))
 
 
+def test_teacher_of_other_classes_is_refused(tmp_path, finetune_config):
+    _teacher_run(finetune_config(tmp_path / "teacher"), num_classes=5)
+    config = finetune_config(tmp_path / "student")
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, train_mode="distill"),
+        distill=cfg.DistillConfig(str(tmp_path / "teacher"), 1.0, 0.0))
+    schedule = Schedule(total_steps=10, warmup_steps=0, steps_per_epoch=10)
+    with pytest.raises(finetune.FinetuneError, match="predicts 5 classes but fashion_mnist has 3"):
+        distill.Distiller(config, tf.distribute.get_strategy(), schedule, 3,
+                          distill.resolve_teacher(config.distill.teacher))
+
+
 def test_teacher_must_be_a_fine_tuned_run(tmp_path):
     cfg.save(cfg.RunConfig(), str(tmp_path))
     with pytest.raises(finetune.FinetuneError, match="distil from a fine-tuned run"):

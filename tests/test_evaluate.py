@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import classifier, evaluate, knn, models, pretrain
+from simclr_tf import classifier, evaluate, knn, knn_monitor, linear_eval, models, pretrain
+from simclr_tf import results as results_lib
+from simclr_tf import watch
 from simclr_tf import config as cfg
 from simclr_tf.schedules import Schedule
 
@@ -49,9 +51,9 @@ def test_knn_two_weak_neighbours_outvote_one_strong_one():
 def test_topk_accuracy():
     scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
     labels = np.array([2, 0, 0])
-    assert evaluate.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
-    assert evaluate.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
-    assert evaluate.topk_accuracy(scores, labels, 5) == 1.0  # k clipped to the classes
+    assert linear_eval.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
+    assert linear_eval.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
+    assert linear_eval.topk_accuracy(scores, labels, 5) == 1.0  # k clipped to the classes
 
 
 def test_fast_linear_eval_separates_linearly_separable_features():
@@ -65,17 +67,17 @@ def test_fast_linear_eval_separates_linearly_separable_features():
 
     train_x, train_y = sample(800)
     eval_x, eval_y = sample(400)
-    results = evaluate.linear_eval_fast(train_x, train_y, eval_x, eval_y, num_classes,
+    results = linear_eval.linear_eval_fast(train_x, train_y, eval_x, eval_y, num_classes,
                                         l2_grid=(1e-4, 1e-2), epochs=20)
     assert results["linear_top1"] >= 0.99
     assert results["linear_top5"] == 1.0
     assert results["linear_l2"] in (1e-4, 1e-2)
     assert results["linear_heldout_top1"] >= 0.99  # 80 held-out training examples
 
-    shuffled = evaluate.linear_eval_fast(train_x, rng.permutation(train_y), eval_x, eval_y,
+    shuffled = linear_eval.linear_eval_fast(train_x, rng.permutation(train_y), eval_x, eval_y,
                                          num_classes, l2_grid=(1e-4, 1e-2), epochs=20)
     assert shuffled["linear_heldout_top1"] < 0.5  # chance is 0.25: nothing to learn
-    single = evaluate.linear_eval_fast(train_x, train_y, eval_x, eval_y, num_classes,
+    single = linear_eval.linear_eval_fast(train_x, train_y, eval_x, eval_y, num_classes,
                                        l2_grid=(1e-3,), epochs=20)
     assert "linear_heldout_top1" not in single and single["linear_l2"] == 1e-3
 
@@ -94,9 +96,9 @@ def test_l2_grid_reaches_the_strong_regularisation_many_noisy_features_need():
 
     train_x, train_y = sample(300)
     eval_x, eval_y = sample(1000)
-    results = evaluate.linear_eval_fast(train_x, train_y, eval_x, eval_y, 2)
+    results = linear_eval.linear_eval_fast(train_x, train_y, eval_x, eval_y, 2)
     assert results["linear_l2"] > 1e-2
-    at_old_top = evaluate.linear_eval_fast(train_x, train_y, eval_x, eval_y, 2, l2_grid=(1e-2,))
+    at_old_top = linear_eval.linear_eval_fast(train_x, train_y, eval_x, eval_y, 2, l2_grid=(1e-2,))
     assert results["linear_top1"] > at_old_top["linear_top1"] + 0.02
 
 
@@ -117,12 +119,12 @@ def test_logistic_regression_reaches_the_optimum():
         grad_w = z.T @ (p - onehot) / len(y) + 0.1 * model.weights
         return objective, np.concatenate([grad_w.ravel(), (p - onehot).mean(0)])
 
-    full = evaluate.LogisticRegression(3, l2=0.1, batch_size=200, min_steps=2000,
+    full = linear_eval.LogisticRegression(3, l2=0.1, batch_size=200, min_steps=2000,
                                        learning_rate=0.05).fit(x, y)
     best, gradient = objective_and_gradient(full)
     assert np.abs(gradient).max() < 1e-3
     # Mini-batches (the default way on large feature sets) land within 0.1% of the optimum.
-    mini = evaluate.LogisticRegression(3, l2=0.1, batch_size=50).fit(x, y)
+    mini = linear_eval.LogisticRegression(3, l2=0.1, batch_size=50).fit(x, y)
     assert objective_and_gradient(mini)[0] == pytest.approx(best, rel=1e-3)
 
 
@@ -146,14 +148,14 @@ def test_extract_counts_every_example_once():
 
 def test_knn_monitor_runs_when_a_multiple_of_eval_every_is_passed():
     config = cfg.RunConfig(eval=cfg.EvalConfig(eval_every=10))
-    monitor = evaluate.KnnMonitor(config, num_classes=10)
+    monitor = knn_monitor.KnnMonitor(config, num_classes=10)
     due = []
     for step in (5, 10, 15, 20, 24, 31):
         if monitor.due(step):
             due.append(step)
             monitor.last = step
     assert due == [10, 20, 31]
-    assert not evaluate.KnnMonitor(cfg.RunConfig(), 10).due(100)  # eval_every=0: off
+    assert not knn_monitor.KnnMonitor(cfg.RunConfig(), 10).due(100)  # eval_every=0: off
 
 
 def test_config_for_evaluation_keeps_the_trained_model_and_takes_eval_settings(tmp_path):
@@ -163,7 +165,7 @@ def test_config_for_evaluation_keeps_the_trained_model_and_takes_eval_settings(t
     requested = cfg.RunConfig(data=cfg.DataConfig(eval_split="validation"),
                               eval=cfg.EvalConfig(knn_k=7),
                               train=cfg.TrainConfig(model_dir=str(tmp_path)))
-    config = evaluate.config_for_evaluation(requested)
+    config = cfg.config_for_evaluation(requested)
     assert config.encoder.resnet_depth == 18 and config.train.train_mode == "finetune"
     assert config.data.eval_split == "validation" and config.eval.knn_k == 7
     assert config.train.model_dir == str(tmp_path)
@@ -171,7 +173,7 @@ def test_config_for_evaluation_keeps_the_trained_model_and_takes_eval_settings(t
 
 def test_write_results(tmp_path):
     config = cfg.RunConfig(train=cfg.TrainConfig(model_dir=str(tmp_path)))
-    path = evaluate.write_results(config, {"step": 7, "top1": 0.5, "top5": 0.9,
+    path = results_lib.write_results(config, {"step": 7, "top1": 0.5, "top5": 0.9,
                                            "checkpoint": "ckpt-7"})
     with open(path) as f:
         assert json.load(f) == {"step": 7, "top1": 0.5, "top5": 0.9, "checkpoint": "ckpt-7"}
@@ -289,7 +291,7 @@ def test_watching_a_run_of_train_examples_counted_in_epochs_ends_at_its_last_che
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert tf.train.latest_checkpoint(str(run)).endswith("ckpt-5")
     config = cfg.load(str(run))
-    assert evaluate.total_steps(config) == 5
+    assert watch.total_steps(config) == 5
     watched = cli("--mode=eval", f"--model_dir={run}", "--eval_protocols=knn", "--eval_timeout=0",
                   timeout=300)
     assert watched.returncode == 0, watched.stderr[-2000:]

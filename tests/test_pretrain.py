@@ -94,7 +94,7 @@ def test_views_made_in_the_step_give_the_host_views_losses(pretrain_config, repl
     batches = {on_device: next(iter(strategy.distribute_datasets_from_function(
         lambda ctx, c=c: pretrain.make_dataset_fn(c)(ctx, 5)))) for on_device, c in config.items()}
     assert "image" in strategy.experimental_local_results(batches[True])[0]
-    replica_losses = tf.function(trainer._losses, jit_compile=jit_compile)
+    replica_losses = tf.function(trainer.loss_and_metrics, jit_compile=jit_compile)
 
     @tf.function
     def losses(batch):
@@ -332,8 +332,8 @@ def test_views_made_inside_an_xla_compiled_step_equal_the_host_views(pretrain_co
     assert data_lib.IMAGE in batches[True] and data_lib.IMAGE not in batches[False]
 
     @tf.function(jit_compile=True)
-    def views_in_step(batch):  # as Pretrainer._losses makes them in a step XLA compiles
-        return data_lib.views_of_batch(batch, xla=False, blur_selected_only=False, chunked=False,
+    def views_in_step(batch):  # as Pretrainer.loss_and_metrics makes them in a step XLA compiles
+        return data_lib.views_of_batch(batch, made_in="graph",
                                        **pretrain.view_settings(config[True]))
 
     made = views_in_step(batches[True])

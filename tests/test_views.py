@@ -39,17 +39,20 @@ def test_default_views_match_the_recorded_ones_at_32_and_224_px():
 
 
 def test_views_with_xla_stages_move_by_float_rounding_only():
-    """xla=True (the training pipeline's fixed-size batches, and the step with
-    --augment_on_device) compiles the crop and the colour distortion: the same draws up to XLA's
-    rounding (which moves a crop box by a pixel about twice in 120,000, not in these views), the
-    image math rounded by XLA's code instead (1.1e-6 here at most on these views, 1.4e-6 on
-    others: the hue's HSV round trip divides)."""
+    """made_in="device" (a step XLA does not compile, with --augment_on_device) and "host" (the
+    training pipeline's fixed-size batches) compile the crop and the colour distortion: the same
+    draws up to XLA's rounding (which moves a crop box by a pixel about twice in 120,000, not in
+    these views), the image math rounded by XLA's code instead (1.1e-6 here at most on these
+    views, 1.4e-6 on others: the hue's HSV round trip divides)."""
     for size, source, count, blur, _ in FIXTURE_CASES:
         images = tf.constant(fixture_images(size, source, count))
         graph = simclr_tf.two_views(images, FIXTURE_SEED, size, use_blur=blur)
-        staged = simclr_tf.two_views(images, FIXTURE_SEED, size, use_blur=blur, xla=True)
-        for a, b in zip(graph, staged):
-            np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=2e-6)
+        for made_in in ("device", "host"):
+            staged = simclr_tf.two_views(images, FIXTURE_SEED, size, use_blur=blur,
+                                         made_in=made_in)
+            for a, b in zip(graph, staged):
+                np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=2e-6,
+                                           err_msg=made_in)
 
 
 def test_the_paper_recipe_is_crop_flip_colour_blur_with_their_own_seeds():
@@ -85,13 +88,13 @@ def test_colour_strength_zero_leaves_out_the_whole_colour_distortion_as_the_orig
     assert not np.array_equal(weak.numpy(), crop_only.numpy())
 
 
-def test_chunked_views_are_the_whole_batchs_views(monkeypatch):
-    """chunked=True makes a 224-px batch 4 images at a time (10 images: chunks of 4, 3 and 3),
-    each chunk with its rows of the whole batch's draws: the views of the whole batch at once,
-    up to the rounding of the blur's matmuls, which TensorFlow rounds differently for batches of
-    other sizes (3e-8 to 6e-7 seen): within 1e-6. The chunks run (counted), a crop after the
-    resize to S draws for S x S images, and a recipe with a transform that is not split into
-    draw and apply (cutout) runs whole."""
+def test_views_made_on_the_host_in_chunks_are_the_whole_batchs_views(monkeypatch):
+    """made_in="host" makes a 224-px batch 4 images at a time (10 images: chunks of 4, 3 and
+    3), each chunk with its rows of the whole batch's draws: the views of the whole batch at once
+    ("device": the same XLA stages), up to the rounding of the blur's matmuls, which TensorFlow
+    rounds differently for batches of other sizes (3e-8 to 6e-7 seen): within 1e-6. The chunks
+    run (counted), a crop after the resize to S draws for S x S images, and every recipe runs in
+    chunks, the ablations' transforms (cutout, noise, rotation, Sobel) included."""
     from simclr_tf import views
 
     chunked_runs = []
@@ -106,35 +109,24 @@ def test_chunked_views_are_the_whole_batchs_views(monkeypatch):
     assert views._chunk_sizes(images, 224) == [4, 3, 3]
     assert views._chunk_sizes(images[:4], 224) is None  # one chunk: the whole batch
     assert views._chunk_sizes(images, 32) is None
-    cases = ((224, images, dict()), (224, images, dict(xla=True)),
-             (224, images, dict(xla=True, blur_selected_only=True)),
-             (128, tf.constant(fixture_images(128, 144, 14)), dict(xla=True)))
-    for size, batch, how in cases:
-        whole = tf.function(lambda x: views.two_views(x, FIXTURE_SEED, size, **how))(batch)
+    cases = ((224, images, views.paper_recipe(True)),
+             (128, tf.constant(fixture_images(128, 144, 14)), views.paper_recipe(True)),
+             (224, images, ("color", "crop")),  # the crop draws for S x S images
+             (224, images, ("crop", "cutout", "noise", "rotate", "color", "sobel")))
+    for size, batch, recipe in cases:
+        whole = tf.function(lambda x: views.view(x, FIXTURE_SEED, size, recipe,
+                                                 made_in="device"))(batch)
+        assert not chunked_runs
+        chunked = tf.function(lambda x: views.view(x, FIXTURE_SEED, size, recipe,
+                                                   made_in="host"))(batch)
+        assert chunked_runs == [views._chunk_sizes(batch, size)], (size, recipe)
         chunked_runs.clear()
-        chunked = tf.function(
-            lambda x: views.two_views(x, FIXTURE_SEED, size, chunked=True, **how))(batch)
-        assert chunked_runs == [views._chunk_sizes(batch, size)] * 2, (size, how)
-        for a, b in zip(whole, chunked):
-            np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-6,
-                                       err_msg=f"{size} {how}")
-    # A crop after the resize to S draws its boxes for S x S images, not the input's size.
-    chunked_runs.clear()
-    recipe = ("color", "crop")
-    np.testing.assert_allclose(
-        views.view(images, FIXTURE_SEED, 224, recipe, chunked=True).numpy(),
-        views.view(images, FIXTURE_SEED, 224, recipe).numpy(), rtol=0, atol=1e-6)
-    assert chunked_runs == [[4, 3, 3]]
-    chunked_runs.clear()
-    recipe = ("crop", "cutout", "color")
-    np.testing.assert_array_equal(
-        views.view(images, FIXTURE_SEED, 224, recipe, chunked=True).numpy(),
-        views.view(images, FIXTURE_SEED, 224, recipe).numpy())
-    assert not chunked_runs
+        np.testing.assert_allclose(chunked.numpy(), whole.numpy(), rtol=0, atol=1e-6,
+                                   err_msg=f"{size} {recipe}")
 
 
 def test_crops_of_varying_sizes_draw_their_boxes_with_one_xla_compile():
-    """A folder's images, cropped one at a time with xla=True (as the pipeline does): their
+    """A folder's images, cropped one at a time on the host (as the pipeline does): their
     boxes are drawn by XLA, compiled once for every image size (the draw reads the height and
     width as values), and inside a graph, where height and width are dynamic, the crop is made
     without XLA; the crops equal the graph's here (XLA rounds the boxes' arithmetic its own way,
@@ -143,8 +135,9 @@ def test_crops_of_varying_sizes_draw_their_boxes_with_one_xla_compile():
 
     one_image = tf.TensorSpec([None, None, 3], tf.uint8)
     seed_spec = tf.TensorSpec([2], tf.int64)
-    crops = {xla: tf.function(lambda x, s, xla=xla: views.sized_pair(x[None], s, 24, xla=xla),
-                              input_signature=[one_image, seed_spec]) for xla in (False, True)}
+    crops = {xla: tf.function(lambda x, s, xla=xla: views.sized_pair(
+        x[None], s, 24, made_in="host" if xla else "graph"),
+        input_signature=[one_image, seed_spec]) for xla in (False, True)}
     rng = np.random.default_rng(5)
     sizes = ((30, 40), (57, 33), (24, 24), (101, 64))
     images = [tf.constant(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
@@ -163,5 +156,27 @@ def test_crops_of_varying_sizes_draw_their_boxes_with_one_xla_compile():
     draw = views._compiled[("resized_crop", "draw")]
     traces = draw.experimental_get_tracing_count()
     for index, image in enumerate(images):
-        views.sized_pair(image[None], tf.constant([index, 3], tf.int64), 24, xla=True)
+        views.sized_pair(image[None], tf.constant([index, 3], tf.int64), 24, made_in="host")
     assert traces >= 1 and draw.experimental_get_tracing_count() <= traces + 1
+
+
+def test_fine_tunings_crop_and_flip_are_the_views_crop_stages():
+    """Fine-tuning's augmentation runs the views' "crop" stages (one registry): the same images as
+    `augment.random_resized_crop_and_flip`, which folds the flip into the crop's taps: bit for
+    bit at a fixed size; for one image of its own size in a graph (dynamic height and width) the
+    bilinear arithmetic rounds differently, by one float32 step at 1.0 at most (6e-8 seen)."""
+    from simclr_tf import augment, views
+
+    crop_seed, flip_seed = tf.constant([3, 4], tf.int64), tf.constant([5, 6], tf.int64)
+    for size, source, count in ((32, 40, 16), (224, 256, 6)):
+        images = tf.constant(fixture_images(size, source, count))
+        np.testing.assert_array_equal(
+            views.crop_and_flip(images, crop_seed, flip_seed, size).numpy(),
+            augment.random_resized_crop_and_flip(images, crop_seed, flip_seed, size).numpy())
+    one_image = tf.function(lambda x: views.crop_and_flip(x[None], crop_seed, flip_seed, 24),
+                            input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    image = tf.constant(fixture_images(57, 57, 1)[0, :40])
+    np.testing.assert_allclose(
+        one_image(image).numpy(),
+        augment.random_resized_crop_and_flip(image[None], crop_seed, flip_seed, 24).numpy(),
+        rtol=0, atol=1.2e-7)

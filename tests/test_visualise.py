@@ -12,6 +12,7 @@ from tensorboard.plugins import projector
 
 from simclr_tf import config as cfg
 from simclr_tf import evaluate, pretrain, visualise
+from simclr_tf import results as results_lib
 from simclr_tf.schedules import Schedule
 
 CELL, FRAME = visualise.CELL, visualise.FRAME
@@ -117,7 +118,7 @@ def test_evaluation_writes_the_projector_and_the_neighbour_picture(tmp_path, ima
     path = tf.train.Checkpoint(**trainer.checkpoint_items()).save(str(tmp_path / "run" / "ckpt"))
     results = evaluate.evaluate_checkpoint(config, path)
 
-    directory = evaluate.eval_dir(config)
+    directory = results_lib.eval_dir(config)
     assert results["projector_config"] == os.path.join(config.train.model_dir,
                                                        visualise.PROJECTOR_CONFIG_FILENAME)
     embeddings = np.loadtxt(os.path.join(directory, visualise.EMBEDDINGS_FILENAME),
