@@ -23,7 +23,6 @@ from simclr_tf import checkpoints
 from simclr_tf import config as config_lib
 from simclr_tf import data as data_lib
 from simclr_tf import finetune
-from simclr_tf import loop
 from simclr_tf import supervised_data
 from simclr_tf import tasks
 from simclr_tf.classifier import build_classifier
@@ -141,10 +140,6 @@ def run_distillation(config, strategy, source=None, on_checkpoint=None, stop_req
                  teacher.config.encoder.width_multiplier, config.encoder.resnet_depth,
                  config.encoder.width_multiplier, config.distill.distill_temperature,
                  config.distill.distill_label_weight)
-    metrics = loop.run(
+    return finetune.train_classifier(
         trainer, config, strategy, finetune.make_dataset_fn(config, subset, mark_subset=True),
-        initialize=(lambda: finetune.initialize_from(trainer.model, source,
-                                                     config.finetune.logits_from_probe))
-        if source else None,
-        on_checkpoint=on_checkpoint, stop_requested=stop_requested)
-    return trainer, metrics
+        source, on_checkpoint, stop_requested)

@@ -223,8 +223,17 @@ def run_finetuning(config, strategy, source=None, on_checkpoint=None, stop_reque
                  "ft_proj_selector=%d", num_labelled,
                  f"{100 * num_labelled / info.num_examples:.3g}% of {config.data.train_split}",
                  config.finetune.fine_tune_after_block, config.finetune.ft_proj_selector)
+    return train_classifier(trainer, config, strategy, make_dataset_fn(config, subset), source,
+                            on_checkpoint, stop_requested)
+
+
+def train_classifier(trainer, config, strategy, dataset_fn, source, on_checkpoint=None,
+                     stop_requested=None):
+    """Runs a classifier's trainer (fine-tuning or a distillation student) through the shared
+    loop, its weights first taken from `source` unless the run resumes; returns (trainer, last
+    metrics)."""
     metrics = loop.run(
-        trainer, config, strategy, make_dataset_fn(config, subset),
+        trainer, config, strategy, dataset_fn,
         initialize=(lambda: initialize_from(trainer.model, source,
                                             config.finetune.logits_from_probe))
         if source else None,
