@@ -367,25 +367,38 @@ def eval_crop(image_size):
     return image_size > SMALL_IMAGE_SIZE
 
 
-def preprocess_for_eval(images, image_size, crop=True, crop_proportion=EVAL_CROP_PROPORTION):
-    """Evaluation preprocessing: centre crop, then bilinear resize.
+def preprocess_for_eval(images, image_size, crop=True, crop_proportion=EVAL_CROP_PROPORTION,
+                        resize_method="bilinear"):
+    """Evaluation preprocessing: centre crop, then resize.
 
     Args:
       images: [B, H, W, C] uint8 or float images (H, W may be dynamic).
       image_size: output side in pixels.
-      crop: if True, take the centred square of `crop_proportion` of the shorter side first;
-        if False (e.g. 32 px images), just resize the whole image.
+      crop: if True, take the centred square of `crop_proportion` of the shorter side first (the
+        original code's box: its side rounded half to even, offsets rounded up); if False (e.g.
+        32 px images), resize the whole image.
       crop_proportion: side of the centre crop as a fraction of the shorter image side.
+      resize_method: "bilinear" (exact, as the training views are resized) or "bicubic" (the
+        original code's evaluation: `tf.image.resize` bicubic, then clipped to [0, 1]).
 
     Returns:
       float32 [B, image_size, image_size, C] in [0, 1].
     """
     images = tf.convert_to_tensor(images)
     _check_images(images)
+    if resize_method not in ("bilinear", "bicubic"):
+        raise ValueError(f"resize_method must be bilinear or bicubic, got {resize_method!r}")
+    if crop and not 0.0 < crop_proportion <= 1.0:
+        raise ValueError(f"crop_proportion must be in (0, 1], got {crop_proportion}")
+    if resize_method == "bicubic":
+        images = to_float(images)
+        if crop:
+            top, left, height, width = tf.unstack(
+                _centre_square_box(tf.shape(images)[1], tf.shape(images)[2], crop_proportion))
+            images = images[:, top:top + height, left:left + width]
+        return clip_unit(tf.image.resize(images, [image_size, image_size], method="bicubic"))
     if not crop:
         return resize(images, image_size)
-    if not 0.0 < crop_proportion <= 1.0:
-        raise ValueError(f"crop_proportion must be in (0, 1], got {crop_proportion}")
     box = _centre_square_box(tf.shape(images)[1], tf.shape(images)[2], crop_proportion)
     boxes = tf.tile(box[None], tf.stack([_dim(images, 0), 1]))
     return _scale_to_unit(_crop_and_resize(images, boxes, image_size), images.dtype)

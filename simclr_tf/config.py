@@ -31,6 +31,7 @@ AUGMENTATIONS = ("crop", "cutout", "color", "sobel", "noise", "blur", "rotate")
 OPTIMIZERS = ("lars", "momentum", "adam")
 LR_SCALINGS = ("linear", "sqrt")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+EVAL_RESIZES = ("bilinear", "bicubic")
 TRAIN_MODES = ("pretrain", "finetune", "distill")
 EVAL_PROTOCOLS = ("probe", "knn", "linear")
 EVAL_BASELINES = ("raw_pixels", "random_encoder")
@@ -82,6 +83,10 @@ class DataConfig:
         "blur:SIGMA.")
     eval_corrupt: str | None = _setting(
         None, "The same for the images evaluation reads (its train-split bank and eval split).")
+    eval_resize: str = _setting(
+        "bilinear", "How the evaluation preprocessing (and an export's serving_bytes) resizes "
+        "the centre crop: bilinear (the training views' resize), or bicubic (the original "
+        "code's tf.image.resize; runs converted from it are set to it).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +415,8 @@ def _validate_data(data):
     _check(0 <= data.train_examples_seed < 2**32,
            f"train_examples_seed must be in 0..2**32-1, got {data.train_examples_seed}")
     parse_corruption(data.corrupt, "corrupt")
+    _check(data.eval_resize in EVAL_RESIZES,
+           f"eval_resize must be one of {EVAL_RESIZES}, got {data.eval_resize!r}")
     parse_corruption(data.eval_corrupt, "eval_corrupt")
 
 

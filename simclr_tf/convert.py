@@ -258,8 +258,10 @@ def infer_architecture(original):
     notes = []
     sk_ratio = _ratio(shapes, "conv2d_0/kernel", "sk_ratio", 0.0625, minimum=32,
                       notes=notes) if sk else 0.0
-    se_ratio = _ratio(shapes, "se_layer/se_reduce/kernel", "se_ratio", 0.25, minimum=1,
-                      notes=notes) if any("/se_layer/" in p for p in shapes) else 0.0
+    # SE is a block's `se_layer` in basic blocks, and the last item of its layer list in
+    # bottleneck blocks.
+    se_ratio = _ratio(shapes, "/se_reduce/kernel", "se_ratio", 0.25, minimum=1,
+                      notes=notes) if any("/se_reduce/" in p for p in shapes) else 0.0
     head_layers = sorted({int(m.group(1)) for p in shapes for m in [_HEAD.fullmatch(p)] if m})
     if head_layers != list(range(len(head_layers))):
         raise ConversionError(f"the projection head of {original.source} has layers "
@@ -309,7 +311,7 @@ def _ratio(shapes, suffix, name, usual, minimum, notes):
 def _se_block_width(path, shapes):
     """The width the original's SE_Layer squeezes from: its block's `filters` (the bottleneck's
     inner width: its first conv's output)."""
-    block = path.rsplit("/se_layer/", 1)[0]
+    block = re.match(r".*/block_groups/\d+/layers/\d+", path).group(0)
     first = [s for p, s in shapes.items()
              if p.startswith(block + "/") and re.search(r"_layers/0/conv2d/kernel$", p)
              and "/projection_layers/" not in p and "/shortcut_layers/" not in p]
@@ -333,17 +335,27 @@ def encoder_pairs(original, encoder):
         if part in ("conv_relu_dropblock_layers", "conv2d_bn_layers"):
             count = 3 if part == "conv_relu_dropblock_layers" else 2
             names = [f"{prefix}_{i}" for i in range(1, count + 1)]
-            pairs += _pair_conv_bn(items, names, layers, original, sk_prefix=prefix)
+            squeeze = {i: paths for i, paths in items.items()
+                       if any("/se_reduce/" in p or "/se_expand/" in p for p in paths)}
+            convs = {i: paths for i, paths in items.items() if i not in squeeze}
+            pairs += _pair_conv_bn(convs, names, layers, original, sk_prefix=prefix)
+            pairs += _pair_squeeze_excite(sum(squeeze.values(), []), prefix, layers, original)
         elif part in ("projection_layers", "shortcut_layers"):
             pairs += _pair_conv_bn(items, [f"{prefix}_proj"], layers, original)
         elif part == "se_layer":
-            for path in items[-1]:
-                sub = path.split("/se_layer/")[1].split("/")[0]  # se_reduce / se_expand
-                layer = layers.get(f"{prefix}_se_{sub[3:]}")
-                pairs.append((path, _weight(layer, path, original)))
+            pairs += _pair_squeeze_excite(items[-1], prefix, layers, original)
         else:
             raise ConversionError(f"variable {items[min(items)][0]} has no counterpart in "
                                   "simclr_tf's model")
+    return pairs
+
+
+def _pair_squeeze_excite(paths, prefix, layers, original):
+    """Pairs an SE layer's se_reduce / se_expand variables with the block's SE layers."""
+    pairs = []
+    for path in paths:
+        sub = re.search(r"/se_(reduce|expand)/", path).group(1)
+        pairs.append((path, _weight(layers.get(f"{prefix}_se_{sub}"), path, original)))
     return pairs
 
 
@@ -452,7 +464,9 @@ def run_config(arch, model_dir, image_size, dataset, train_mode, ft_proj_selecto
                data_dir=None):
     """The `RunConfig` of the converted run."""
     config = config_lib.RunConfig(
-        data=config_lib.DataConfig(dataset=dataset, image_size=image_size, data_dir=data_dir),
+        # Evaluated (and served) as the original code preprocesses: its bicubic resize.
+        data=config_lib.DataConfig(dataset=dataset, image_size=image_size, data_dir=data_dir,
+                                   eval_resize="bicubic"),
         encoder=config_lib.EncoderConfig(
             resnet_depth=arch.resnet_depth, width_multiplier=arch.width_multiplier,
             sk_ratio=arch.sk_ratio, se_ratio=arch.se_ratio, cifar_stem=arch.cifar_stem),

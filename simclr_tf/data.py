@@ -402,7 +402,8 @@ def _resize_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
 def eval_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,
                  data_dir: str | None = None,
                  input_context: tf.distribute.InputContext | None = None,
-                 crop: bool = True, corruption=None) -> tf.data.Dataset:
+                 crop: bool = True, corruption=None,
+                 resize_method: str = "bilinear") -> tf.data.Dataset:
     """One pass over this pipeline's share of a split, in full batches with a mask.
 
     The last partial batch is padded with zero images, label 0 (a valid class id, so a loss on a
@@ -411,6 +412,7 @@ def eval_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,
 
     Args:
       crop: centre-crop 87.5% before resizing (pass False for images of 32 px or less).
+      resize_method: bilinear or bicubic (`augment.preprocess_for_eval`).
       corruption: as in `load_images`.
       Others: as in `pretrain_dataset`.
 
@@ -423,7 +425,8 @@ def eval_dataset(dataset: str, split: str, batch_size: int, image_size: int, *,
                                corruption=corruption)
 
     def preprocess(image):
-        return augment.preprocess_for_eval(image, image_size, crop=crop)
+        return augment.preprocess_for_eval(image, image_size, crop=crop,
+                                           resize_method=resize_method)
 
     if info.image_shape is None:
         batches = images.map(lambda image, label: (preprocess(image[tf.newaxis])[0], label),

@@ -63,7 +63,8 @@ def eval_batches(config, split, batch_size=None, image_size=None):
     batches = data_lib.eval_dataset(
         config.data.dataset, split, batch_size or config.eval.eval_batch_size, size,
         data_dir=config.data.data_dir, crop=augment.eval_crop(config.data.image_size),
-        corruption=corrupt.corruption_fn(config.data.eval_corrupt, "eval_corrupt"))
+        corruption=corrupt.corruption_fn(config.data.eval_corrupt, "eval_corrupt"),
+        resize_method=config.data.eval_resize)
     if split == config.data.eval_split and config.eval.eval_steps:
         batches = batches.take(config.eval.eval_steps)
     label_map = label_map_for(config)

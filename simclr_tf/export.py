@@ -227,7 +227,8 @@ class _ReusableEncoder(tf.Module):
     trainable_variables = None
 
 
-def _build_module(encoder, image_size, include_feature_maps, metadata_file, serving):
+def _build_module(encoder, image_size, include_feature_maps, metadata_file, serving,
+                  resize_method="bilinear"):
     """The root object and signatures of the SavedModel for `encoder`."""
     root = _ReusableEncoder()
     root.variables = [v.value for v in encoder.variables]
@@ -259,7 +260,8 @@ def _build_module(encoder, image_size, include_feature_maps, metadata_file, serv
     def serving_bytes(image_bytes):
         def decode(data):
             image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            return augment.preprocess_for_eval(image[None], image_size, crop=crop)[0]
+            return augment.preprocess_for_eval(image[None], image_size, crop=crop,
+                                               resize_method=resize_method)[0]
 
         rank_assert = tf.debugging.Assert(
             tf.equal(tf.size(tf.shape(image_bytes)), 1),
@@ -391,7 +393,7 @@ def _metadata(run_config, step, encoder, digest, include_feature_maps, source):
         "preprocessing": {"bytes_signature": "simclr_tf.augment.preprocess_for_eval",
                           "center_crop": augment.eval_crop(image_size),
                           "crop_proportion": augment.EVAL_CROP_PROPORTION,
-                          "resize": "bilinear", "output_size": image_size},
+                          "resize": run_config.data.eval_resize, "output_size": image_size},
         "signatures": signatures,
         "include_feature_maps": include_feature_maps,
         "serving_limits": dataclasses.asdict(run_config.serving),
@@ -428,7 +430,7 @@ def _write_version(encoder, export_base, step, run_config, include_feature_maps,
                 json.dump(meta, f, indent=2, sort_keys=True)
             root, signatures = _build_module(
                 encoder, run_config.data.image_size, include_feature_maps, meta_file,
-                run_config.serving)
+                run_config.serving, run_config.data.eval_resize)
             tf.saved_model.save(root, tmp_dir, signatures=signatures)
         try:
             tf.io.gfile.rename(tmp_dir, version_dir)

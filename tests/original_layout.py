@@ -57,6 +57,28 @@ def load_fixture(name):
         return description, dict(outputs)
 
 
+def write_real_saved_model(name, description, directory):
+    """The original's own SavedModel layout (`run.build_saved_model` saved by
+    `tf.saved_model.save`, recorded by make_reference.py as `<name>_saved_model_layout.npz`)
+    with the recipe values: its variables checkpoint under the original's object graph and keys,
+    every node of its Keras bookkeeping included. saved_model.pb is an empty SavedModel proto:
+    the converter reads only the variables (and checks that the file is there)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    with np.load(os.path.join(FIXTURES, f"{name}_saved_model_layout.npz")) as layout:
+        graph, keys, paths = layout["object_graph"].tobytes(), layout["keys"], layout["paths"]
+    shapes = {v["path"]: v["shape"] for v in description["variables"]}
+    os.makedirs(os.path.join(directory, "variables"))
+    names = ["_CHECKPOINTABLE_OBJECT_GRAPH"] + [str(k) for k in keys]
+    tensors = [tf.constant(graph)] + [tf.constant(recipe_value(str(p), shapes[str(p)]))
+                                      for p in paths]
+    tf.raw_ops.SaveV2(prefix=os.path.join(directory, "variables", "variables"),
+                      tensor_names=names, shape_and_slices=[""] * len(names), tensors=tensors)
+    with open(os.path.join(directory, "saved_model.pb"), "wb") as f:
+        f.write(saved_model_pb2.SavedModel().SerializeToString())
+    return directory
+
+
 class _Node(tf.Module):
     """One object of the original layout's object graph; children are set as attributes."""
 

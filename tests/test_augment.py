@@ -505,3 +505,30 @@ def test_random_transforms_are_apply_of_draw_and_draws_slice_by_rows():
                       tf.nest.map_structure(lambda d: d[start:start + 2], draws)).numpy()
                 for start in (0, 2, 4)]
         np.testing.assert_array_equal(np.concatenate(rows), whole, err_msg=name)
+
+
+def test_bicubic_eval_preprocessing_is_the_original_codes():
+    """resize_method="bicubic" (runs converted from the original code) is the original's
+    preprocess_for_eval: its centre crop (tf.image.crop_to_bounding_box of the 87.5% square,
+    offsets rounded up) resized by tf.image.resize bicubic, clipped to [0, 1], written here from
+    the original's data_util.center_crop for non-square images of both orientations; a 32-px
+    image (no crop) comes back as it was, as the original only reshapes it."""
+    from simclr_tf import augment
+    rng = np.random.default_rng(3)
+    for height, width in ((300, 400), (401, 257)):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        floats = tf.image.convert_image_dtype(image, tf.float32)
+        side = int(tf.math.rint(0.875 * min(height, width)))
+        top, left = (height - side + 1) // 2, (width - side + 1) // 2
+        expected = tf.image.crop_to_bounding_box(floats, top, left, side, side)
+        expected = tf.clip_by_value(
+            tf.image.resize([expected], [224, 224], method=tf.image.ResizeMethod.BICUBIC)[0],
+            0.0, 1.0)
+        got = augment.preprocess_for_eval(image[None], 224, resize_method="bicubic")[0]
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=0, atol=1e-6)
+        bilinear = augment.preprocess_for_eval(image[None], 224)[0]
+        assert np.abs(bilinear.numpy() - expected.numpy()).max() > 0.01
+    small = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        augment.preprocess_for_eval(small, 32, crop=False, resize_method="bicubic").numpy(),
+        small / 255.0, rtol=0, atol=1e-6)

@@ -16,12 +16,13 @@ import tensorflow as tf
 
 from conftest import REPO
 from original_layout import (load_fixture, reference_images, write_checkpoint,
-                             write_saved_model)
-from simclr_tf import checkpoints, convert, models
+                             write_real_saved_model, write_saved_model)
+from simclr_tf import checkpoints, classifier, convert, models
 from simclr_tf import config as cfg
 from simclr_tf.resnet import ENDPOINTS, feature_extractor
 
-FIXTURES = ("r50_1x_sk0", "r50_1x_sk1", "r50_2x_sk1", "r18_1x_se_cifar")
+FIXTURES = ("r50_1x_sk0", "r50_1x_sk1", "r50_2x_sk1", "r50_2x_se", "r18_1x_se_cifar")
+FINE_TUNED = "r18_1x_se_cifar_ft1"  # classifier on head layer 1, as the released finetuned_*
 RELATIVE_ERROR = 1e-4
 SMALL = "r18_1x_se_cifar"
 
@@ -57,6 +58,7 @@ def _outputs(model_dir, path, images):
     return out, (encoder, head, probe)
 
 
+@pytest.mark.fidelity
 @pytest.mark.parametrize("kind", ["checkpoint", "saved_model"])
 @pytest.mark.parametrize("name", FIXTURES)
 def test_converted_model_gives_the_original_codes_outputs(name, kind, tmp_path):
@@ -74,6 +76,7 @@ def test_converted_model_gives_the_original_codes_outputs(name, kind, tmp_path):
         flags.get("se_ratio", 0.0), flags["image_size"] <= 32)
     assert (config.head.num_layers, config.head.proj_out_dim) == (flags["num_proj_layers"], 128)
     assert config.train.train_mode == "pretrain" and config.data.image_size == flags["image_size"]
+    assert config.data.eval_resize == "bicubic"  # evaluated as the original preprocesses
 
     ours, parts = _outputs(out, path, reference_images(flags["image_size"]))
     assert sorted(ours) == sorted(reference)
@@ -94,6 +97,58 @@ def test_converted_model_gives_the_original_codes_outputs(name, kind, tmp_path):
         assert described["notes"] == [
             "sk_ratio: every squeezed layer is 32 wide, which any sk_ratio up to 0.0625 gives; "
             "recorded as 0.0625"]
+
+
+@pytest.mark.fidelity
+def test_the_original_codes_own_saved_model_layout_converts(tmp_path):
+    """The SavedModel exactly as the original's run.build_saved_model + tf.saved_model.save lay
+    it out (its object graph, 2,000-odd nodes of Keras bookkeeping that reach each variable
+    several ways, and its keys), not the 300-node stand-in of the other tests: the converter
+    finds every variable by its path under model/ and gives the original's outputs."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+    description, reference = load_fixture(SMALL)
+    source = write_real_saved_model(SMALL, description, str(tmp_path / "saved_model" / "1000"))
+    reader = tf.train.load_checkpoint(os.path.join(source, "variables", "variables"))
+    nodes = len(trackable_object_graph_pb2.TrackableObjectGraph.FromString(
+        reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")).nodes)
+    stand_in = _write_original(description, "saved_model", tmp_path / "stand_in")
+    stand_in_nodes = len(trackable_object_graph_pb2.TrackableObjectGraph.FromString(
+        tf.train.load_checkpoint(os.path.join(stand_in, "variables", "variables")).get_tensor(
+            "_CHECKPOINTABLE_OBJECT_GRAPH")).nodes)
+    assert nodes > 3 * stand_in_nodes, (nodes, stand_in_nodes)
+    out = str(tmp_path / "run")
+    path = convert.convert(source, out, image_size=32)
+    assert checkpoints.step_of(path) == 1000
+    ours, _ = _outputs(out, path, reference_images(32))
+    for key, expected in reference.items():
+        error = np.abs(ours[key] - expected).max() / np.abs(expected).max()
+        assert error < RELATIVE_ERROR, f"{key}: relative error {error:.2e}"
+
+
+@pytest.mark.fidelity
+@pytest.mark.parametrize("kind", ["checkpoint", "saved_model"])
+def test_converted_fine_tuned_model_gives_the_original_codes_logits(kind, tmp_path):
+    """The released SimCLRv2 fine-tuned models' path: the original's classifier reads projection
+    head layer 1 (`--ft_proj_selector=1`), and so must the converted classifier, logit for logit
+    (the original code run in finetune mode made the reference)."""
+    description, reference = load_fixture(FINE_TUNED)
+    flags = description["flags"]
+    assert (flags["train_mode"], flags["ft_proj_selector"]) == ("finetune", 1)
+    source = _write_original(description, kind, tmp_path / "original")
+    out = str(tmp_path / "run")
+    path = convert.convert(source, out, image_size=flags["image_size"], train_mode="finetune",
+                           ft_proj_selector=1)
+    config = cfg.load(out)
+    assert (config.train.train_mode, config.finetune.ft_proj_selector) == ("finetune", 1)
+    classes = checkpoints.classes_of(path, checkpoints.CLASSIFIER)
+    assert classes == reference["logits_sup"].shape[1]
+    model = classifier.build_classifier(config, classes)
+    checkpoints.read_parts(path, **model.checkpoint_items())
+    images = reference_images(flags["image_size"])
+    logits = model(images, training=False).numpy()
+    expected = reference["logits_sup"]
+    error = np.abs(logits - expected).max() / np.abs(expected).max()
+    assert error < RELATIVE_ERROR, f"logits: relative error {error:.2e}"
 
 
 def test_v1_model_without_projection_head(tmp_path, small):
@@ -337,6 +392,8 @@ def test_cli_converts_a_pretrained_model_that_evaluates_fine_tunes_and_exports(t
     assert exported.returncode == 0, exported.stderr[-2000:]
     version = exported.stdout.strip().splitlines()[-1]
     assert os.path.basename(version) == "1000"
+    with open(os.path.join(version, checkpoints.EXPORT_METADATA)) as f:
+        assert json.load(f)["preprocessing"]["resize"] == "bicubic"  # serving_bytes as well
     _, reference = load_fixture(SMALL)
     images = reference_images(32)
     expected = reference["final_avg_pool"]  # the original code's h for these images

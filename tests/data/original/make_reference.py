@@ -10,6 +10,13 @@ its variables the values of `tests/original_layout.recipe_value`, runs it in inf
   (`initial_max_pool`, `block_group1..4`, `final_avg_pool`, `logits_sup`, `proj_head_output`) and
   each layer of its projection head (`proj_head_layer0..N`, layer 0 being h).
 
+For `r18_1x_se_cifar` it also records the layout of the original's own SavedModel (its
+`run.build_saved_model` module saved by `tf.saved_model.save`, with the Keras bookkeeping that
+reaches every variable several ways): `<name>_saved_model_layout.npz` holds the SavedModel's
+object graph (the serialized proto its variables checkpoint carries) and, for each checkpoint
+key, the variable's path under `model/`, so a test can write that exact checkpoint with the
+recipe values without storing the weights.
+
 With `--write_originals=DIR` it also saves the original's own checkpoint and SavedModel of each
 model under DIR/<name>/ (for converting them directly; not committed, they are large).
 
@@ -50,6 +57,13 @@ MODELS = {
     # Basic blocks, squeeze-excitation and the CIFAR stem (the original README's CIFAR-10 runs).
     "r18_1x_se_cifar": dict(resnet_depth=18, width_multiplier=1, se_ratio=0.25,
                             num_proj_layers=2, image_size=32),
+    # Squeeze-excitation on bottleneck blocks, at width 2.
+    "r50_2x_se": dict(resnet_depth=50, width_multiplier=2, se_ratio=0.25, num_proj_layers=2,
+                      image_size=40),
+    # A fine-tuned model as SimCLRv2 released them: its classifier reads head layer 1.
+    "r18_1x_se_cifar_ft1": dict(resnet_depth=18, width_multiplier=1, se_ratio=0.25,
+                                num_proj_layers=3, image_size=32, train_mode="finetune",
+                                ft_proj_selector=1),
 }
 
 
@@ -108,12 +122,42 @@ def reference_outputs(model, original_dir):
     outputs = {k: v.numpy() for k, v in saved(images, trainable=False).items()
                if k not in ("initial_conv", "proj_head_input")}
     hiddens = outputs["final_avg_pool"]
+    selector = flags.FLAGS.ft_proj_selector  # where a fine-tuned model's classifier reads
     for j in range(flags.FLAGS.num_proj_layers + 1):
         flags.FLAGS.ft_proj_selector = j  # the head returns hiddens_list[ft_proj_selector]
         _, layer = model._projection_head(tf.constant(hiddens), False)
         outputs[f"proj_head_layer{j}"] = layer.numpy()
-    flags.FLAGS.ft_proj_selector = 0
+    flags.FLAGS.ft_proj_selector = selector
     return outputs, saved
+
+
+LAYOUT_MODEL = "r18_1x_se_cifar"
+
+
+def write_saved_model_layout(name, saved, variables):
+    """Saves `saved` (the original's build_saved_model module) and records its checkpoint's
+    object graph and which model variable each of its keys holds (found by value: every recipe
+    value is distinct)."""
+    import tensorflow as tf
+
+    directory = os.path.join(SCRATCH, "saved_model")
+    tf.saved_model.save(saved, directory)
+    reader = tf.train.load_checkpoint(os.path.join(directory, "variables", "variables"))
+    path_of = {v.numpy().tobytes(): p for p, v in variables}
+    keys, paths = [], []
+    for key in sorted(reader.get_variable_to_shape_map()):
+        if not key.endswith(VALUE_SUFFIX):
+            continue
+        value = reader.get_tensor(key)
+        if value.tobytes() in path_of:
+            keys.append(key)
+            paths.append(path_of[value.tobytes()])
+    assert sorted(paths) == sorted(p for p, _ in variables), "a variable has no key"
+    graph = reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH")
+    np.savez_compressed(os.path.join(HERE, f"{name}_saved_model_layout.npz"),
+                        object_graph=np.frombuffer(graph, np.uint8), keys=np.array(keys),
+                        paths=np.array(paths))
+    print(f"{name}: SavedModel layout of {len(keys)} keys, object graph {len(graph)} bytes")
 
 
 def main():
@@ -142,8 +186,8 @@ def main():
     variables = set_recipe_values(model)
     trainable = {id(v) for v in model.trainable_variables}
     description = {
-        "flags": dict(settings, num_classes=NUM_CLASSES, proj_out_dim=128,
-                      proj_head_mode="nonlinear", train_mode="pretrain"),
+        "flags": dict({"train_mode": "pretrain"}, **settings, num_classes=NUM_CLASSES,
+                      proj_out_dim=128, proj_head_mode="nonlinear"),
         "made_by": "tests/data/original/make_reference.py from google-research/simclr tf2/",
         "variables": [{"path": p, "shape": list(v.shape), "trainable": id(v) in trainable}
                       for p, v in variables],
@@ -155,6 +199,8 @@ def main():
     print(name, len(variables), "variables;",
           ", ".join(f"{k} {tuple(v.shape)} max {np.abs(v).max():.3g}"
                     for k, v in sorted(outputs.items())))
+    if name == LAYOUT_MODEL:
+        write_saved_model_layout(name, saved, variables)
     if args.write_originals:
         out = os.path.join(args.write_originals, name)
         step = tf.Variable(1000, dtype=tf.int64)
