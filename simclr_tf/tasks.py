@@ -17,6 +17,8 @@ schedules. So a run and the watcher of its checkpoints always agree on where it 
 
 import dataclasses
 
+from absl import logging
+
 from simclr_tf import data as data_lib
 from simclr_tf.schedules import make_schedule
 
@@ -64,7 +66,6 @@ class Pretraining(Task):
             if info.num_classes:
                 monitor = knn_monitor.KnnMonitor(config, info.num_classes)
             else:
-                from absl import logging
                 logging.warning("eval_every: %s has no labels: no kNN monitor",
                                 config.data.eval_split)
         return pretrain.run_pretraining(config, strategy, stop_requested=stop_requested,
