@@ -2,11 +2,25 @@
 full SimCLR step fed by the real input pipeline, photo-like JPEGs and a threaded request load.
 
 They take explicit arguments (no absl flags), so any bench can import them without taking the
-flags of another bench.
+flags of another bench; `define_step_flags` defines, when a bench calls it, the flags the benches
+of one training step share.
 """
 
 import threading
 import time
+
+
+def define_step_flags(flags, steps_help):
+    """The flags of a bench of one training step (train_throughput, step_profile): the model,
+    the batch, the precision, how many steps a loop runs, and the full step's dataset. Adopted as
+    the calling bench's own (its --help lists them)."""
+    flags.DEFINE_integer("depth", 18, "ResNet depth.")
+    flags.DEFINE_integer("image_size", 32, "View side.")
+    flags.DEFINE_integer("batch", 128, "Global batch (images).")
+    flags.DEFINE_string("precision", "float32", "float32, bfloat16 or float16.")
+    flags.DEFINE_integer("steps", 3, steps_help)
+    flags.DEFINE_string("dataset", "fashion_mnist", "Dataset of the full step.")
+    flags.DEFINE_string("data_dir", None, "tensorflow-datasets directory.")
 
 
 def matmul_gflops(tf, size=2048, dtype=None, repeats=5, chain=1):

@@ -27,15 +27,10 @@ from absl import app, flags  # noqa: E402
 
 import benchlib  # noqa: E402
 
-flags.DEFINE_integer("depth", 18, "ResNet depth.")
-flags.DEFINE_integer("image_size", 32, "View side.")
-flags.DEFINE_integer("batch", 128, "Global batch (images).")
+benchlib.define_step_flags(flags, "Profiled steps of each loop.")
+flags.adopt_module_key_flags(benchlib)
 flags.DEFINE_boolean("cifar_stem", True, "The CIFAR stem (else the ImageNet stem).")
-flags.DEFINE_string("precision", "float32", "float32, bfloat16 or float16.")
-flags.DEFINE_integer("steps", 3, "Profiled steps of each loop.")
 flags.DEFINE_integer("top", 12, "Op types listed per loop.")
-flags.DEFINE_string("dataset", "fashion_mnist", "Dataset of the full step.")
-flags.DEFINE_string("data_dir", None, "tensorflow-datasets directory.")
 FLAGS = flags.FLAGS
 
 # Op type -> kind; the oneDNN ("_Mkl...", "_MklNative...") and fused variants map by substring.

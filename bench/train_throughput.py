@@ -45,18 +45,13 @@ from absl import app, flags  # noqa: E402
 import benchlib  # noqa: E402
 from benchlib import forward_flops_per_view, matmul_gflops  # noqa: E402,F401
 
-flags.DEFINE_integer("depth", 18, "ResNet depth.")
+benchlib.define_step_flags(flags, "Steps per timed loop.")
+flags.adopt_module_key_flags(benchlib)
 flags.DEFINE_integer("width", 1, "Width multiplier.")
-flags.DEFINE_integer("image_size", 32, "View side.")
-flags.DEFINE_integer("batch", 128, "Global batch (images).")
 flags.DEFINE_integer("replicas", 1, "Logical CPU replicas (MirroredStrategy when > 1).")
 flags.DEFINE_boolean("jit", False, "XLA-compile the train step.")
-flags.DEFINE_string("precision", "float32", "float32, bfloat16 or float16.")
-flags.DEFINE_integer("steps", 3, "Steps per timed loop.")
 flags.DEFINE_integer("repeats", 5, "Rounds of timed loops; the fastest loop of each kind counts.")
 flags.DEFINE_boolean("onednn", True, "TF_ENABLE_ONEDNN_OPTS=1 (oneDNN CPU kernels), as the CLI.")
-flags.DEFINE_string("dataset", "fashion_mnist", "Dataset of the full step.")
-flags.DEFINE_string("data_dir", None, "tensorflow-datasets directory.")
 flags.DEFINE_boolean("full_step", True, "Also time the full SimCLR step.")
 flags.DEFINE_boolean("augment_on_device", False,
                      "Full step: make the views inside the step (--augment_on_device).")

@@ -218,7 +218,7 @@ def run_finetuning(config, strategy, source=None, on_checkpoint=None, stop_reque
     trainer = Finetuner(config, strategy, schedule, info.num_classes)
     if source is None:
         logging.warning("No --checkpoint: fine-tuning from random weights (a supervised baseline)")
-    num_labelled = info.num_examples if subset is None else len(subset)
+    num_labelled = tasks.TASKS["finetune"].epoch_examples(config, subset)
     logging.info("Fine-tuning on %d labelled examples (%s), fine_tune_after_block=%d, "
                  "ft_proj_selector=%d", num_labelled,
                  f"{100 * num_labelled / info.num_examples:.3g}% of {config.data.train_split}",

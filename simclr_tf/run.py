@@ -143,10 +143,6 @@ def _warn_about_ignored_flags(strategy):
             "does not start from the linear probe (the schema leaves out head_supervised)")
 
 
-def _fail(message):
-    cli.fail(message)
-
-
 def _expected_replicas(strategy):
     """Replica count known before TensorFlow starts (for early batch-size validation)."""
     if strategy == "mirrored" and FLAGS.num_cpu_replicas > 0:
@@ -204,9 +200,9 @@ def main(argv):
     from simclr_tf.data import DatasetError
 
     if FLAGS.strategy not in distribute.STRATEGIES:
-        _fail(f"strategy must be one of {distribute.STRATEGIES}, got {FLAGS.strategy!r}")
+        cli.fail(f"strategy must be one of {distribute.STRATEGIES}, got {FLAGS.strategy!r}")
     if FLAGS.mode not in MODES:
-        _fail(f"mode must be one of {MODES}, got {FLAGS.mode!r}")
+        cli.fail(f"mode must be one of {MODES}, got {FLAGS.mode!r}")
     try:
         strategy_name, tpu = strategy_from_flags()
         _warn_about_ignored_flags(strategy_name)
@@ -219,7 +215,7 @@ def main(argv):
         if strategy_name == "multi_worker":
             distribute.check_tf_config(os.environ.get("TF_CONFIG", ""))
     except (ValueError, checkpoints.CheckpointError, rundir.NotWritableError) as e:
-        _fail(str(e))
+        cli.fail(str(e))
 
     import keras
 
@@ -262,9 +258,9 @@ def main(argv):
               f"python -m simclr_tf.run {shlex.join(sys.argv[1:])}", file=sys.stderr)
     except (ValueError, DatasetError, checkpoints.CheckpointError, OSError,
             FloatingPointError) as e:
-        _fail(str(e))
+        cli.fail(str(e))
     except tf.errors.OpError as e:
-        _fail(op_error_message(e, config.train.model_dir))
+        cli.fail(op_error_message(e, config.train.model_dir))
 
 
 if __name__ == "__main__":
