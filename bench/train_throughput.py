@@ -48,6 +48,9 @@ from benchlib import forward_flops_per_view, matmul_gflops  # noqa: E402,F401
 benchlib.define_step_flags(flags, "Steps per timed loop.")
 flags.adopt_module_key_flags(benchlib)
 flags.DEFINE_integer("width", 1, "Width multiplier.")
+flags.DEFINE_bool("cifar_stem", None,
+                  "The CIFAR stem (default: as the config derives it, CIFAR at 32 px and below); "
+                  "--nocifar_stem times the embedded default's ImageNet stem at 32 px.")
 flags.DEFINE_integer("replicas", 1, "Logical CPU replicas (MirroredStrategy when > 1).")
 flags.DEFINE_boolean("jit", False, "XLA-compile the train step.")
 flags.DEFINE_integer("repeats", 5, "Rounds of timed loops; the fastest loop of each kind counts.")
@@ -94,11 +97,13 @@ def main(_):
         keras.mixed_precision.set_dtype_policy(f"mixed_{FLAGS.precision}")
     strategy = (distribute.build_strategy("mirrored", FLAGS.replicas) if FLAGS.replicas > 1
                 else tf.distribute.get_strategy())
-    # The CIFAR stem and no blur at 32 px and below, as the config derives them.
+    # No blur at 32 px and below, and the CIFAR stem unless --cifar_stem says, as the config
+    # derives them.
     config = cfg.RunConfig(
         data=cfg.DataConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
                             image_size=FLAGS.image_size),
-        encoder=cfg.EncoderConfig(resnet_depth=FLAGS.depth, width_multiplier=FLAGS.width),
+        encoder=cfg.EncoderConfig(resnet_depth=FLAGS.depth, width_multiplier=FLAGS.width,
+                                  cifar_stem=FLAGS.cifar_stem),
         augment=cfg.AugmentConfig(augment_on_device=FLAGS.augment_on_device),
         train=cfg.TrainConfig(train_batch_size=FLAGS.batch, train_steps=1000,
                               jit_compile=FLAGS.jit, precision=FLAGS.precision),

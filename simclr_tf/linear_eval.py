@@ -45,18 +45,11 @@ class LogisticRegression:
         self.mean = self.std = self.weights = self.bias = None
 
     def fit(self, features, labels):
-        x = np.asarray(features, np.float32)
-        self.mean = x.mean(0)
-        self.std = x.std(0) + 1e-6
-        n = len(x)
-        batch = min(self.batch_size, n)
-        steps = max(self.epochs * -(-n // batch), self.min_steps)
-        w, b = _fit_softmax(
-            tf.constant((x - self.mean) / self.std), tf.constant(np.asarray(labels, np.int32)),
-            self.num_classes, tf.constant(self.l2, tf.float32), tf.constant(steps),
-            tf.constant(batch), tf.constant(self.learning_rate, tf.float32),
-            tf.constant([self.seed, 0], tf.int64))
-        self.weights, self.bias = w.numpy(), b.numpy()
+        fitted, = fit_grid(features, labels, self.num_classes, (self.l2,), epochs=self.epochs,
+                           batch_size=self.batch_size, learning_rate=self.learning_rate,
+                           min_steps=self.min_steps, seed=self.seed)
+        self.mean, self.std, self.weights, self.bias = (fitted.mean, fitted.std, fitted.weights,
+                                                        fitted.bias)
         return self
 
     def scores(self, features):
@@ -64,11 +57,44 @@ class LogisticRegression:
         return x @ self.weights + self.bias
 
 
+def fit_grid(features, labels, num_classes, l2_values, epochs=100, batch_size=1024,
+             learning_rate=0.01, min_steps=300, seed=0):
+    """One fitted `LogisticRegression` per value of `l2_values`, all in one pass.
+
+    Every model sees the same mini-batches, and Adam's update of each weight depends on that
+    weight's own gradient only, so each model is the one fitted alone with its L2 strength (to
+    float rounding); the grid's models share each mini-batch's reads and one wide matmul, which
+    makes a grid of 6 about 4x cheaper than 6 fits.
+    """
+    x = np.asarray(features, np.float32)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    n = len(x)
+    batch = min(batch_size, n)
+    steps = max(epochs * -(-n // batch), min_steps)
+    w, b = _fit_softmax(
+        tf.constant((x - mean) / std), tf.constant(np.asarray(labels, np.int32)), num_classes,
+        tf.constant(l2_values, tf.float32), tf.constant(steps), tf.constant(batch),
+        tf.constant(learning_rate, tf.float32), tf.constant([seed, 0], tf.int64))
+    w, b = w.numpy(), b.numpy()
+    models = []
+    for g, l2 in enumerate(l2_values):
+        model = LogisticRegression(num_classes, l2, epochs, batch_size, learning_rate, min_steps,
+                                   seed)
+        model.mean, model.std = mean, std
+        model.weights = w[:, g * num_classes:(g + 1) * num_classes]
+        model.bias = b[g * num_classes:(g + 1) * num_classes]
+        models.append(model)
+    return models
+
+
 @tf.function(reduce_retracing=True)
 def _fit_softmax(x, y, num_classes, l2, steps, batch, learning_rate, seed):
-    """Adam on mean cross-entropy + l2 / 2 * ||W||^2 over random mini-batches; returns (W, b)."""
+    """Adam on sum over g of (mean cross-entropy + l2[g] / 2 * ||W_g||^2) over random
+    mini-batches, the G models side by side in W [D, G * C] and b [G * C]; returns (W, b)."""
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     n = tf.shape(x)[0]
+    num_models = tf.shape(l2)[0]
+    l2_per_column = tf.repeat(l2, num_classes)
 
     def adam(param, grad, m, v, lr, t):
         m = beta1 * m + (1 - beta1) * grad
@@ -85,9 +111,11 @@ def _fit_softmax(x, y, num_classes, l2, steps, batch, learning_rate, seed):
             xb, yb = x, y
         with tf.GradientTape() as tape:
             tape.watch([w, b])
-            logits = tf.matmul(xb, w) + b
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
-            loss += 0.5 * l2 * tf.reduce_sum(tf.square(w))
+            logits = tf.reshape(tf.matmul(xb, w) + b, [-1, num_models, num_classes])
+            labels = tf.repeat(yb[:, None], num_models, axis=1)
+            cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            loss = tf.reduce_sum(tf.reduce_mean(cross_entropy, axis=0))
+            loss += 0.5 * tf.reduce_sum(l2_per_column * tf.reduce_sum(tf.square(w), axis=0))
         grad_w, grad_b = tape.gradient(loss, [w, b])
         step = tf.cast(t, tf.float32)
         progress = (step - 1.0) / tf.cast(steps, tf.float32)
@@ -96,8 +124,8 @@ def _fit_softmax(x, y, num_classes, l2, steps, batch, learning_rate, seed):
         b, mb, vb = adam(b, grad_b, mb, vb, lr, step)
         return t + 1, w, b, mw, vw, mb, vb
 
-    w = tf.zeros([tf.shape(x)[1], num_classes])
-    b = tf.zeros([num_classes])
+    w = tf.zeros([tf.shape(x)[1], num_models * num_classes])
+    b = tf.zeros([num_models * num_classes])
     state = (tf.constant(1), w, b, tf.zeros_like(w), tf.zeros_like(w), tf.zeros_like(b),
              tf.zeros_like(b))
     _, w, b, *_ = tf.while_loop(lambda t, *_: t <= steps, body, state)
@@ -123,9 +151,9 @@ def linear_eval_fast(train_features, train_labels, eval_features, eval_labels, n
         cut = max(1, int(round(n * (1 - holdout))))
         fit_idx, val_idx = order[:cut], order[cut:]
         best = -1.0
-        for value in l2_grid:
-            model = LogisticRegression(num_classes, value, epochs, seed=seed).fit(
-                train_features[fit_idx], train_labels[fit_idx])
+        grid = fit_grid(train_features[fit_idx], train_labels[fit_idx], num_classes, l2_grid,
+                        epochs, seed=seed)
+        for value, model in zip(l2_grid, grid):
             acc = topk_accuracy(model.scores(train_features[val_idx]), train_labels[val_idx], 1)
             if acc > best:
                 best, l2 = acc, value

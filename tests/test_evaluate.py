@@ -128,6 +128,28 @@ def test_logistic_regression_reaches_the_optimum():
     assert objective_and_gradient(mini)[0] == pytest.approx(best, rel=1e-3)
 
 
+def test_each_model_of_a_grid_fit_reaches_its_own_optimum():
+    # fit_grid trains the grid's models side by side in one wide matmul: each must still satisfy
+    # its own optimality condition Z^T (P - Y) / n + l2 W = 0 (numpy), not a shared or mixed one.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 200)
+    onehot = np.eye(3)[y]
+    l2_values = (0.01, 0.1, 1.0)
+    models = linear_eval.fit_grid(x, y, 3, l2_values, batch_size=200, min_steps=3000,
+                                  learning_rate=0.05)
+    norms = []
+    for l2, model in zip(l2_values, models):
+        z = (x - model.mean) / model.std
+        logits = z @ model.weights + model.bias
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        assert np.abs(z.T @ (p - onehot) / len(y) + l2 * model.weights).max() < 1e-3
+        assert np.abs((p - onehot).mean(0)).max() < 1e-3
+        norms.append(np.linalg.norm(model.weights))
+    assert norms[0] > norms[1] > norms[2]  # stronger L2, smaller weights
+
+
 def test_extract_counts_every_example_once():
     # 10 examples in batches of 4: the last batch has 2 padded rows (mask 0).
     images = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones([1, 2, 2, 3],
