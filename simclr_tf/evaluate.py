@@ -208,6 +208,7 @@ def evaluate_features(features, config, num_classes, protocols=("knn", "linear")
       (results: `num_examples` and `knn_*` / `linear_*` metrics, the extracted `Features`).
     """
     ev = config.eval
+    features = tf.function(features, reduce_retracing=True)  # traced once for both splits
     eval_h, eval_y = extract(features, eval_batches(config, config.data.eval_split))
     results = {"num_examples": int(len(eval_y))}
     extracted = Features(eval_h, eval_y)
