@@ -677,16 +677,20 @@ def on_eval_dataset(config):
         eval_split=ev.eval_dataset_split))
 
 
-def config_for_evaluation(requested):
+def config_for_evaluation(requested, eval_resize_given=False):
     """The saved config of the run in `requested.train.model_dir`, with the evaluation settings
-    (eval section, eval split, data_dir) of `requested`: the model is rebuilt as it was trained."""
+    (eval section, eval split, data_dir) of `requested`: the model is rebuilt as it was trained.
+    The evaluation resize is the run's own (a converted run's bicubic) unless `requested`'s was
+    given explicitly (`eval_resize_given`)."""
     model_dir = requested.train.model_dir
     saved = load(model_dir)
     return dataclasses.replace(
         saved, eval=requested.eval,
         data=dataclasses.replace(saved.data, eval_split=requested.data.eval_split,
                                  data_dir=requested.data.data_dir or saved.data.data_dir,
-                                 eval_corrupt=requested.data.eval_corrupt),
+                                 eval_corrupt=requested.data.eval_corrupt,
+                                 eval_resize=(requested.data.eval_resize if eval_resize_given
+                                              else saved.data.eval_resize)),
         train=dataclasses.replace(saved.train, model_dir=model_dir))
 
 

@@ -209,7 +209,7 @@ def main(argv):
         config = config_from_flags()
         cfg.validate(config, _expected_replicas(strategy_name), strategy_name)
         if FLAGS.mode == "eval":  # the model as it was trained, with these eval settings
-            config = cfg.config_for_evaluation(config)
+            config = cfg.config_for_evaluation(config, FLAGS["eval_resize"].present)
             cfg.validate(config)
         rundir.check_writable(config.train.model_dir)
         if strategy_name == "multi_worker":

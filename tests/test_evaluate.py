@@ -193,6 +193,17 @@ def test_config_for_evaluation_keeps_the_trained_model_and_takes_eval_settings(t
     assert config.train.model_dir == str(tmp_path)
 
 
+def test_config_for_evaluation_keeps_the_runs_resize_unless_one_is_given(tmp_path):
+    # A converted run evaluates with bicubic resizes; --mode=eval without --eval_resize keeps it,
+    # and an explicit --eval_resize (once silently dropped) is what the evaluation uses.
+    cfg.save(cfg.RunConfig(data=cfg.DataConfig(eval_resize="bicubic")), str(tmp_path))
+    requested = cfg.RunConfig(train=cfg.TrainConfig(model_dir=str(tmp_path)))
+    assert requested.data.eval_resize == "bilinear"  # the flag's default
+    assert cfg.config_for_evaluation(requested).data.eval_resize == "bicubic"
+    assert cfg.config_for_evaluation(requested, eval_resize_given=True).data.eval_resize == (
+        "bilinear")
+
+
 def test_write_results(tmp_path):
     config = cfg.RunConfig(train=cfg.TrainConfig(model_dir=str(tmp_path)))
     path = results_lib.write_results(config, {"step": 7, "top1": 0.5, "top5": 0.9,
