@@ -63,8 +63,8 @@ def fit_grid(features, labels, num_classes, l2_values, epochs=100, batch_size=10
 
     Every model sees the same mini-batches, and Adam's update of each weight depends on that
     weight's own gradient only, so each model is the one fitted alone with its L2 strength (to
-    float rounding); the grid's models share each mini-batch's reads and one wide matmul, which
-    makes a grid of 6 about 4x cheaper than 6 fits.
+    float rounding); the grid's models share each mini-batch's gather and one wide matmul, so a
+    grid costs little more than one fit.
     """
     x = np.asarray(features, np.float32)
     mean, std = x.mean(0), x.std(0) + 1e-6
