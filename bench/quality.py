@@ -25,11 +25,10 @@ train-test resolution discrepancy"):
    at `--curve_points` checkpoints a kNN accuracy with a 5,000-image bank (the curve), at the end
    the fast linear evaluation and kNN with the whole train split, and the linear probe trained
    during pretraining.
-   With `--nocifar_stem --image_size=32` the step is 2.7x cheaper and SimCLR runs 3 epochs in
-   18 minutes, but its linear evaluation was lower (86.0% against 86.7% re-fitted with the
-   current 100-epoch logistic regression; kNN 79.4% against 78.8%; supervised 88.3% against
-   86.1%; both runs with the earlier uniform-area crops), so the CIFAR stem at 16 px stays the
-   default.
+   With `--nocifar_stem --image_size=32 --eval_image_size=48` (the default run's encoder) the
+   step is 2.8x cheaper and SimCLR runs 15 epochs in 18 minutes in bfloat16, but its linear
+   evaluation was lower (89.4% against 90.4%, kNN 83.1% both; supervised frozen f 92.4% /
+   91.1%; docs/quality.md, 2026-12-07), so the CIFAR stem at 16 px stays the default.
 4. supervised: the same encoder plus a linear layer trained with all labels (crop + flip,
    cross-entropy, momentum SGD with weight decay) for the same time budget; its test accuracy at
    the training size (its classifier was fitted to h of 16-px images), and its f frozen and
