@@ -126,13 +126,15 @@ def classifier_for_evaluation(model, config):
 
 
 def extract(fn, dataset, max_examples=0):
-    """Runs `fn` (images -> [B, ...]) over a masked dataset.
+    """Runs `fn` (images -> [B, ...]) over a masked dataset, compiled: a plain function is traced
+    for this call, a `tf.function` is used as it is (so its trace serves every call given it).
 
     Returns:
       (outputs [N, ...], labels [N]) as numpy, padded rows dropped; at most `max_examples` rows
       (0 = all).
     """
-    step = tf.function(fn, reduce_retracing=True)
+    step = (fn if isinstance(fn, tf.types.experimental.PolymorphicFunction)
+            else tf.function(fn, reduce_retracing=True))
     outputs, labels, count = [], [], 0
     for batch in dataset:
         keep = batch[data_lib.MASK].numpy() > 0

@@ -136,3 +136,23 @@ def test_main_command_ends_with_a_result_and_next_commands_that_run(tmp_path, cl
     assert re.search(r"top-1 \d+\.\d%, top-5 \d+\.\d%", finetune.stdout), finetune.stdout
     export = re.search(r"hub\.KerasLayer\('([^']+)'\)", out).group(1)
     assert tf.saved_model.contains_saved_model(export)
+
+
+def test_features_are_traced_once_for_both_splits(tmp_path, image_folder):
+    # evaluate_features extracts the eval split and the bank with one tf.function: the features
+    # function's Python body runs once (one trace), not once per split.
+    config = cfg.RunConfig(
+        data=cfg.DataConfig(dataset=image_folder(tmp_path / "images", per_class=4, size=8,
+                                                 classes=("a", "b", "c")),
+                            image_size=8, eval_split="train"),
+        eval=cfg.EvalConfig(eval_batch_size=4, knn_k=3))
+    traces = []
+
+    def features(images):
+        traces.append(1)
+        return tf.reshape(images, [tf.shape(images)[0], -1])
+
+    results, _ = evaluate.evaluate_features(features, config, 3, ("knn",))
+    assert results["num_examples"] == 12 and len(traces) == 1
+    images, _ = evaluate.extract(tf.function(features), evaluate.eval_batches(config, "train"))
+    assert images.shape == (12, 8 * 8 * 3)
