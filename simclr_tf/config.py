@@ -677,20 +677,29 @@ def on_eval_dataset(config):
         eval_split=ev.eval_dataset_split))
 
 
-def config_for_evaluation(requested, eval_resize_given=False):
+def config_for_evaluation(requested, given=frozenset()):
     """The saved config of the run in `requested.train.model_dir`, with the evaluation settings
     (eval section, eval split, data_dir) of `requested`: the model is rebuilt as it was trained.
-    The evaluation resize is the run's own (a converted run's bicubic) unless `requested`'s was
-    given explicitly (`eval_resize_given`)."""
+
+    Two settings describe how the run's f is evaluated rather than what an evaluation asks, and
+    stay the run's own unless named in `given` (the flags given explicitly): the evaluation resize
+    (a converted run's bicubic) and the evaluation image size (the 48 px a run on 32-px views
+    chose, where f is worth several points more than at 32).
+    """
     model_dir = requested.train.model_dir
     saved = load(model_dir)
+
+    def chosen(section_name, name):
+        section = requested if name in given else saved
+        return getattr(getattr(section, section_name), name)
+
     return dataclasses.replace(
-        saved, eval=requested.eval,
+        saved, eval=dataclasses.replace(requested.eval,
+                                        eval_image_size=chosen("eval", "eval_image_size")),
         data=dataclasses.replace(saved.data, eval_split=requested.data.eval_split,
                                  data_dir=requested.data.data_dir or saved.data.data_dir,
                                  eval_corrupt=requested.data.eval_corrupt,
-                                 eval_resize=(requested.data.eval_resize if eval_resize_given
-                                              else saved.data.eval_resize)),
+                                 eval_resize=chosen("data", "eval_resize")),
         train=dataclasses.replace(saved.train, model_dir=model_dir))
 
 

@@ -209,7 +209,8 @@ def main(argv):
         config = config_from_flags()
         cfg.validate(config, _expected_replicas(strategy_name), strategy_name)
         if FLAGS.mode == "eval":  # the model as it was trained, with these eval settings
-            config = cfg.config_for_evaluation(config, FLAGS["eval_resize"].present)
+            given = frozenset(name for name in FLAGS if FLAGS[name].present)
+            config = cfg.config_for_evaluation(config, given)
             cfg.validate(config)
         rundir.check_writable(config.train.model_dir)
         if strategy_name == "multi_worker":

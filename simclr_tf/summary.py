@@ -5,6 +5,7 @@ import os
 import shlex
 
 from simclr_tf import checkpoints
+from simclr_tf import config as config_lib
 from simclr_tf import tasks
 
 _ROWS = (("linear", "linear evaluation"), ("knn", "kNN"), ("probe", "probe of pretraining"))
@@ -108,6 +109,16 @@ def _pictures(config, results):
             + ", ".join(seen) + "."]
 
 
+def _measured_the_same_way(config):
+    """The run's evaluation flags a `--mode=eval` command must repeat to evaluate as the run did
+    (it takes the command's evaluation settings, save the run's resize and image size)."""
+    settings = [("eval_split", config.data.eval_split, config_lib.DataConfig().eval_split)]
+    settings += [(name, getattr(config.eval, name), getattr(config_lib.EvalConfig(), name))
+                 for name in ("eval_protocols", "eval_baselines", "eval_batch_size")]
+    return [f"--{name}={shlex.quote(str(value))}" for name, value, default in settings
+            if value != default]
+
+
 def _next_steps(config, export):
     model_dir = config.train.model_dir
     data = [f"--dataset={config.data.dataset}", f"--image_size={config.data.image_size}"]
@@ -116,12 +127,13 @@ def _next_steps(config, export):
     if config.data.data_dir:
         data.append(f"--data_dir={config.data.data_dir}")
     command = "python -m simclr_tf.run"
+    again = " ".join([f"{command} --mode=eval --model_dir={shlex.quote(model_dir)}",
+                      *_measured_the_same_way(config)])
     if not tasks.task_for(config).evaluates_frozen_f:
-        return ["Next:", f"  evaluate again: {command} --mode=eval "
-                         f"--model_dir={shlex.quote(model_dir)}"]
+        return ["Next:", f"  evaluate again: {again}"]
     lines = ["Next:",
-             f"  evaluate again, with the whole train split as the bank: {command} --mode=eval "
-             f"--model_dir={shlex.quote(model_dir)} --knn_bank_size=0"]
+             f"  evaluate again, with the whole train split as the bank: {again} "
+             "--knn_bank_size=0"]
     tuned = shlex.quote(model_dir.rstrip("/") + "_finetune_1pct")
     lines.append(
         f"  fine-tune on 1% of the labels: {command} --train_mode=finetune "

@@ -193,15 +193,25 @@ def test_config_for_evaluation_keeps_the_trained_model_and_takes_eval_settings(t
     assert config.train.model_dir == str(tmp_path)
 
 
-def test_config_for_evaluation_keeps_the_runs_resize_unless_one_is_given(tmp_path):
-    # A converted run evaluates with bicubic resizes; --mode=eval without --eval_resize keeps it,
-    # and an explicit --eval_resize (once silently dropped) is what the evaluation uses.
-    cfg.save(cfg.RunConfig(data=cfg.DataConfig(eval_resize="bicubic")), str(tmp_path))
-    requested = cfg.RunConfig(train=cfg.TrainConfig(model_dir=str(tmp_path)))
-    assert requested.data.eval_resize == "bilinear"  # the flag's default
-    assert cfg.config_for_evaluation(requested).data.eval_resize == "bicubic"
-    assert cfg.config_for_evaluation(requested, eval_resize_given=True).data.eval_resize == (
-        "bilinear")
+def test_config_for_evaluation_keeps_the_runs_resize_and_size_unless_given(tmp_path):
+    # A converted run evaluates with bicubic resizes, and a run on 32-px views chose 48 px for its
+    # evaluation; --mode=eval without those flags keeps them, and an explicit flag (once silently
+    # dropped for the resize) is what the evaluation uses. The other eval settings are the
+    # command's.
+    cfg.save(cfg.RunConfig(data=cfg.DataConfig(image_size=32, eval_resize="bicubic"),
+                           eval=cfg.EvalConfig(eval_image_size=48, knn_bank_size=20000)),
+             str(tmp_path))
+    requested = cfg.RunConfig(train=cfg.TrainConfig(model_dir=str(tmp_path)),
+                              eval=cfg.EvalConfig(knn_bank_size=0))
+    assert requested.data.eval_resize == "bilinear"  # the flags' defaults
+    assert requested.eval.eval_image_size == 0
+    kept = cfg.config_for_evaluation(requested)
+    assert (kept.data.eval_resize, kept.eval.eval_image_size) == ("bicubic", 48)
+    assert kept.eval.knn_bank_size == 0
+    given = cfg.config_for_evaluation(requested, given={"eval_resize", "eval_image_size"})
+    assert (given.data.eval_resize, given.eval.eval_image_size) == ("bilinear", 0)
+    assert cfg.config_for_evaluation(requested, given={"eval_image_size"}).data.eval_resize == (
+        "bicubic")
 
 
 def test_write_results(tmp_path):
@@ -326,9 +336,12 @@ def test_watching_a_run_of_train_examples_counted_in_epochs_ends_at_its_last_che
     config = cfg.load(str(run))
     assert watch.total_steps(config) == 5
     watched = cli("--mode=eval", f"--model_dir={run}", "--eval_protocols=knn", "--eval_timeout=0",
-                  timeout=300)
+                  "--eval_image_size=12", timeout=300)
     assert watched.returncode == 0, watched.stderr[-2000:]
     assert "(step 5)" in watched.stderr
+    # An evaluation setting the run also has (its image size, its resize) given explicitly is
+    # the command's.
+    assert "images at 12 px" in watched.stdout, watched.stdout
 
 
 def test_small_images_evaluated_larger_are_not_centre_cropped(tmp_path):

@@ -86,6 +86,18 @@ def test_summary_reads_as_a_result(tmp_path):
     assert "kNN" not in text and "fine-tune on 1%" not in text
     assert f"evaluate again: python -m simclr_tf.run --mode=eval --model_dir={tmp_path}" in text
 
+    # --mode=eval takes the command's evaluation settings: the suggested command repeats the
+    # run's, so that it measures the same way.
+    held_out = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, eval_split="train[50000:]"),
+        eval=dataclasses.replace(config.eval, eval_protocols="knn,linear",
+                                 eval_baselines="raw_pixels", eval_batch_size=1024))
+    text = summary.text(held_out, results)
+    assert (f"evaluate again, with the whole train split as the bank: python -m simclr_tf.run "
+            f"--mode=eval --model_dir={tmp_path} --eval_split='train[50000:]' "
+            "--eval_protocols=knn,linear --eval_baselines=raw_pixels --eval_batch_size=1024 "
+            "--knn_bank_size=0") in text
+
 
 @pytest.mark.slow
 def test_main_command_ends_with_a_result_and_next_commands_that_run(tmp_path, cli):
@@ -129,7 +141,10 @@ def test_main_command_ends_with_a_result_and_next_commands_that_run(tmp_path, cl
     evaluation = cli(*shlex.split(commands["eval"])[3:], *SMALL, "--knn_bank_size=300",
                      "--projector_examples=0", "--neighbour_queries=0")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    assert "linear evaluation" in evaluation.stdout
+    # Measured as the run measured: at its 48 px, next to raw pixels.
+    assert "images at 48 px" in evaluation.stdout, evaluation.stdout
+    assert re.search(r"f is [+-]\d+\.\d points from raw pixels by the linear evaluation",
+                     evaluation.stdout), evaluation.stdout
     finetune = cli(*shlex.split(commands["finetune"])[3:], *SMALL, "--train_steps=2",
                    f"--model_dir={tmp_path / 'ft'}")
     assert finetune.returncode == 0, finetune.stderr[-3000:]
