@@ -373,17 +373,50 @@ def test_raw_pixels_of_gray_images_keep_one_channel_and_the_same_cosines():
     rng = np.random.default_rng(0)
     gray = np.repeat(rng.random((6, 4, 4, 1), np.float32), 3, axis=-1)
     bank_gray = np.repeat(rng.random((5, 4, 4, 1), np.float32), 3, axis=-1)
-    flat = [evaluate.raw_pixels(tf.constant(x)).numpy() for x in (gray, bank_gray)]
-    queries, bank, l2_divisor = evaluate.distinct_channels(*flat)
+    compact = [evaluate.gray_pixels(tf.constant(x)).numpy() for x in (gray, bank_gray)]
+    queries, bank, l2_divisor = evaluate.gray_only(*compact)
     assert l2_divisor == 3
     np.testing.assert_array_equal(queries, gray[..., 0].reshape(6, -1))
     np.testing.assert_array_equal(bank, bank_gray[..., 0].reshape(5, -1))
+    flat = [evaluate.raw_pixels(tf.constant(x)).numpy() for x in (gray, bank_gray)]
     whole = knn.nearest(flat[0], flat[1], 3)
     reduced = knn.nearest(queries, bank, 3)
     np.testing.assert_array_equal(whole.indices.numpy(), reduced.indices.numpy())
     np.testing.assert_allclose(whole.values.numpy(), reduced.values.numpy(), rtol=1e-6)
     # One coloured pixel anywhere, in the bank or the queries, keeps all three channels.
-    tinted = bank_gray.copy()
-    tinted[4, 3, 3, 2] += 0.1
-    kept = evaluate.distinct_channels(flat[0], evaluate.raw_pixels(tf.constant(tinted)).numpy())
-    assert kept[0].shape == (6, 48) and kept[1].shape == (5, 48) and kept[2] == 1
+    for images, other in ((bank_gray, gray), (gray, bank_gray)):
+        tinted = images.copy()
+        tinted[-1, 3, 3, 2] += 0.1
+        with pytest.raises(evaluate.HasColour):
+            evaluate.gray_only(evaluate.gray_pixels(tf.constant(other)).numpy(),
+                               evaluate.gray_pixels(tf.constant(tinted)).numpy())
+
+
+def test_raw_pixel_baseline_extracts_gray_images_once_and_evaluates_them_as_before(
+        tmp_path, image_folder):
+    # Gray images (tiled to three equal channels by the loader) are extracted as one channel: the
+    # evaluation is the one of all three channels reduced to one afterwards, with l2 / 3 (the
+    # reduction this replaced). Colour images keep all three channels.
+    def evaluated(dataset):
+        config = cfg.RunConfig(data=cfg.DataConfig(dataset=dataset, image_size=8,
+                                                   eval_split="train"),
+                               eval=cfg.EvalConfig(eval_batch_size=8, knn_k=3))
+        baseline = evaluate.evaluate_baselines(config, 3, ["raw_pixels"])
+        return config, {k[len("raw_pixels_"):]: v for k, v in baseline.items()}
+
+    def reference(config, reduce=None):
+        found, _ = evaluate.evaluate_features(evaluate.raw_pixels, config, 3, reduce=reduce)
+        return {k: v for k, v in found.items() if k != "num_examples"}
+
+    colour = image_folder(tmp_path / "colour", per_class=8, size=8, classes=("a", "b", "c"))
+    config, found = evaluated(colour)
+    assert found == reference(config)
+    gray = tmp_path / "gray"
+    for path in (tmp_path / "colour").rglob("*.png"):
+        target = gray / path.relative_to(tmp_path / "colour")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image = tf.io.decode_png(tf.io.read_file(str(path)), channels=3)
+        tf.io.write_file(str(target), tf.io.encode_png(tf.image.rgb_to_grayscale(image)))
+    config, found = evaluated(f"folder:{gray}")
+    assert found == reference(config, lambda queries, bank: (queries[:, 0::3], bank[:, 0::3], 3))
+    assert found["linear_l2"] in [value / 3 for value in linear_eval.L2_GRID]
