@@ -1,6 +1,7 @@
 """The few lines a command ends with: what was trained, what f is worth next to the baselines
 measured in the same run, where the checkpoint and the export are, and what to run next."""
 
+import dataclasses
 import os
 import shlex
 
@@ -109,12 +110,19 @@ def _pictures(config, results):
             + ", ".join(seen) + "."]
 
 
+# Evaluation settings a repeated evaluation need not repeat: the bank it changes, and the ones
+# that do not change what is measured.
+_NOT_REPEATED = ("knn_bank_size", "eval_every", "eval_timeout")
+
+
 def _measured_the_same_way(config):
-    """The run's evaluation flags a `--mode=eval` command must repeat to evaluate as the run did
-    (it takes the command's evaluation settings, save the run's resize and image size)."""
-    settings = [("eval_split", config.data.eval_split, config_lib.DataConfig().eval_split)]
-    settings += [(name, getattr(config.eval, name), getattr(config_lib.EvalConfig(), name))
-                 for name in ("eval_protocols", "eval_baselines", "eval_batch_size")]
+    """The run's evaluation flags, those not at their defaults, that a `--mode=eval` command
+    repeats to measure as the run did (it takes the command's evaluation settings)."""
+    defaults = config_lib.RunConfig()
+    settings = [(name, getattr(config.data, name), getattr(defaults.data, name))
+                for name in ("eval_split", "eval_corrupt")]
+    settings += [(field.name, getattr(config.eval, field.name), getattr(defaults.eval, field.name))
+                 for field in dataclasses.fields(config.eval) if field.name not in _NOT_REPEATED]
     return [f"--{name}={shlex.quote(str(value))}" for name, value, default in settings
             if value != default]
 

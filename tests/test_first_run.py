@@ -95,7 +95,7 @@ def test_summary_reads_as_a_result(tmp_path):
     text = summary.text(held_out, results)
     assert (f"evaluate again, with the whole train split as the bank: python -m simclr_tf.run "
             f"--mode=eval --model_dir={tmp_path} --eval_split='train[50000:]' "
-            "--eval_protocols=knn,linear --eval_baselines=raw_pixels --eval_batch_size=1024 "
+            "--eval_batch_size=1024 --eval_protocols=knn,linear --eval_baselines=raw_pixels "
             "--knn_bank_size=0") in text
 
 
