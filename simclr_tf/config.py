@@ -42,7 +42,7 @@ CORRUPTIONS = {
     "salt_pepper": ("P", "a fraction P in [0, 1] of pixels set to black or white"),
     "blur": ("SIGMA", "a Gaussian sigma > 0 in pixels"),
 }
-# Smallest input side for which every block group of f keeps at least one pixel.
+# Smallest input side that f's strides divide evenly down to one pixel (resnet.min_image_size).
 MIN_IMAGE_SIZE = {"CIFAR": 8, "ImageNet": 32}
 # image_size at or below which the CIFAR stem and no blur are the defaults (the paper's CIFAR-10).
 SMALL_IMAGE_SIZE = 32

@@ -176,7 +176,9 @@ def validate(depth, width_multiplier, sk_ratio, se_ratio):
 
 
 def min_image_size(cifar_stem):
-    """Smallest input side for which every block group keeps at least one pixel."""
+    """Smallest input side that the encoder's strides divide evenly down to one pixel. A policy,
+    not a hard limit: smaller sides run (every map keeps at least one pixel), their block groups on
+    maps that are partly padding."""
     return 8 if cifar_stem else 32
 
 
