@@ -271,6 +271,13 @@ def gray_only(eval_h, bank_h):
     return eval_h[:, :-1], bank_h[:, :-1], 3
 
 
+def _first_batch_is_gray(config):
+    """Whether the eval split's first batch is all gray, so that the raw-pixel baseline tries one
+    channel (a colour dataset is then not extracted twice)."""
+    batch = next(iter(eval_batches(config, config.data.eval_split)))
+    return not np.any(gray_pixels(batch[data_lib.IMAGE])[:, -1].numpy())
+
+
 def random_encoder(config, bn_batches=30, bn_batch_size=64):
     """f at random initialisation (seeded by `train.seed`), at the evaluation image size, with
     its batch-norm moving statistics estimated on `bn_batches` batches of `bn_batch_size`
@@ -295,9 +302,11 @@ def evaluate_baselines(config, num_classes, names):
     for name in names:
         logging.info("Baseline %s: kNN and linear evaluation on the same images", name)
         if name == "raw_pixels":
+            features, reduce = ((gray_pixels, gray_only) if _first_batch_is_gray(config)
+                                else (raw_pixels, None))
             try:
-                found, _ = evaluate_features(gray_pixels, config, num_classes, reduce=gray_only)
-            except HasColour:
+                found, _ = evaluate_features(features, config, num_classes, reduce=reduce)
+            except HasColour:  # gray at first, colour further on: all three channels after all
                 found, _ = evaluate_features(raw_pixels, config, num_classes)
         else:
             encoder = random_encoder(config)

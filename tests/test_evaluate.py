@@ -393,7 +393,7 @@ def test_raw_pixels_of_gray_images_keep_one_channel_and_the_same_cosines():
 
 
 def test_raw_pixel_baseline_extracts_gray_images_once_and_evaluates_them_as_before(
-        tmp_path, image_folder):
+        tmp_path, image_folder, monkeypatch):
     # Gray images (tiled to three equal channels by the loader) are extracted as one channel: the
     # evaluation is the one of all three channels reduced to one afterwards, with l2 / 3 (the
     # reduction this replaced). Colour images keep all three channels.
@@ -404,12 +404,18 @@ def test_raw_pixel_baseline_extracts_gray_images_once_and_evaluates_them_as_befo
         baseline = evaluate.evaluate_baselines(config, 3, ["raw_pixels"])
         return config, {k[len("raw_pixels_"):]: v for k, v in baseline.items()}
 
+    original_extract = evaluate.extract
+
     def reference(config, reduce=None):
         found, _ = evaluate.evaluate_features(evaluate.raw_pixels, config, 3, reduce=reduce)
         return {k: v for k, v in found.items() if k != "num_examples"}
 
     colour = image_folder(tmp_path / "colour", per_class=8, size=8, classes=("a", "b", "c"))
+    extracted = []
+    monkeypatch.setattr(evaluate, "extract", lambda fn, *args, **kwargs: (
+        extracted.append(fn), original_extract(fn, *args, **kwargs))[1])
     config, found = evaluated(colour)
+    assert len(extracted) == 2  # the eval split and the bank, once: colour is seen up front
     assert found == reference(config)
     gray = tmp_path / "gray"
     for path in (tmp_path / "colour").rglob("*.png"):
